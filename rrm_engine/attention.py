@@ -1,0 +1,132 @@
+"""The paged KV cache layout, the per-step attention metadata, and the attention backends.
+
+Layout (shared with kernels/, which takes these tensors raw):
+  k_cache, v_cache: [num_layers, num_blocks, block_size, num_kv_heads, head_dim]
+  A token's slot is block * block_size + offset; per layer, k_cache[l].view(-1, Hkv, D)[slot].
+  block_tables[b, i] is the i-th block of sequence b (int32, padded with 0 past its length).
+
+A step packs the new tokens of B sequences into T rows (varlen): sequence b owns rows
+query_start_loc[b] : query_start_loc[b+1], which are the last q_len tokens of its seq_lens[b]
+tokens of context. New K/V are written to slot_mapping before attention reads the cache.
+
+Shared-prefix levels are an optional hint for the cascade decode kernel: block_tables always
+hold every sequence's full table, so a backend that ignores the hint stays exact.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class KVCache:
+    k: torch.Tensor  # [num_layers, num_blocks, block_size, num_kv_heads, head_dim]
+    v: torch.Tensor
+
+    @classmethod
+    def allocate(cls, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
+                 head_dim: int, dtype: torch.dtype, device: torch.device | str) -> "KVCache":
+        shape = (num_layers, num_blocks, block_size, num_kv_heads, head_dim)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+    @property
+    def block_size(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def num_blocks(self) -> int:
+        return self.k.shape[1]
+
+
+@dataclass
+class PrefixLevel:
+    """One level of shared prefixes: groups of sequences whose tokens [start, start+len) are
+    the same blocks. Levels are nested: level i+1 starts where level i ends."""
+    block_tables: torch.Tensor  # [G, max_blocks] int32, the blocks of each group's segment
+    lens: torch.Tensor  # [G] int32, tokens in each group's segment (whole blocks)
+    seq_group: torch.Tensor  # [B] int32, group of each sequence at this level, -1 if none
+
+
+@dataclass
+class AttentionMetadata:
+    positions: torch.Tensor  # [T] int64
+    slot_mapping: torch.Tensor  # [T] int64
+    query_start_loc: torch.Tensor  # [B+1] int32
+    seq_lens: torch.Tensor  # [B] int32, context length including this step's tokens
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    query_lens_host: list[int]  # the same facts on the host, so no device sync is needed
+    seq_lens_host: list[int]
+    prefix_levels: list[PrefixLevel] = field(default_factory=list)
+
+    @property
+    def is_decode(self) -> bool:
+        return all(q == 1 for q in self.query_lens_host)
+
+    @property
+    def max_seq_len(self) -> int:
+        return max(self.seq_lens_host)
+
+
+class AttentionBackend(Protocol):
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 cache: KVCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """q [T, Hq, D], k/v [T, Hkv, D] for this step's tokens; writes k/v into the cache at
+        meta.slot_mapping, returns attention output [T, Hq, D]."""
+        ...
+
+
+def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Training path (autograd): q [B, L, Hq, D], k/v [B, L, Hkv, D], right-padded sequences."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         is_causal=True, scale=scale, enable_gqa=True)
+    return out.transpose(1, 2)
+
+
+def store_kv(layer: int, k: torch.Tensor, v: torch.Tensor, cache: KVCache, slot_mapping: torch.Tensor) -> None:
+    hkv, d = k.shape[1], k.shape[2]
+    cache.k[layer].view(-1, hkv, d)[slot_mapping] = k.to(cache.k.dtype)
+    cache.v[layer].view(-1, hkv, d)[slot_mapping] = v.to(cache.v.dtype)
+
+
+def gather_kv(layer: int, cache: KVCache, block_tables: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, max_len, Hkv, D] views of each sequence's context (garbage past its length)."""
+    nb = -(-max_len // cache.block_size)
+    bt = block_tables[:, :nb].long()
+    b = bt.shape[0]
+    k = cache.k[layer][bt].reshape(b, nb * cache.block_size, *cache.k.shape[3:])[:, :max_len]
+    v = cache.v[layer][bt].reshape(b, nb * cache.block_size, *cache.v.shape[3:])[:, :max_len]
+    return k, v
+
+
+class TorchAttention:
+    """Reference backend in plain torch; runs anywhere. Decode is batched with a length mask;
+    prefill/extend runs one SDPA per sequence (a reference, not a fast path)."""
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 cache: KVCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        store_kv(layer, k, v, cache, meta.slot_mapping)
+        if meta.is_decode:
+            return self._decode(layer, q, cache, meta, scale)
+        out = torch.empty_like(q)
+        start = 0
+        for b, (ql, sl) in enumerate(zip(meta.query_lens_host, meta.seq_lens_host)):
+            kb, vb = gather_kv(layer, cache, meta.block_tables[b:b + 1], sl)
+            qb = q[start:start + ql].transpose(0, 1).unsqueeze(0)  # [1, Hq, ql, D]
+            # query i sits at position sl - ql + i and sees keys 0 .. sl - ql + i
+            mask = torch.ones(ql, sl, dtype=torch.bool, device=q.device).tril(diagonal=sl - ql)
+            o = F.scaled_dot_product_attention(qb, kb.transpose(1, 2).to(q.dtype), vb.transpose(1, 2).to(q.dtype),
+                                               attn_mask=mask, scale=scale, enable_gqa=True)
+            out[start:start + ql] = o[0].transpose(0, 1)
+            start += ql
+        return out
+
+    def _decode(self, layer: int, q: torch.Tensor, cache: KVCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        kb, vb = gather_kv(layer, cache, meta.block_tables, meta.max_seq_len)
+        ar = torch.arange(kb.shape[1], device=q.device)
+        mask = (ar[None, :] < meta.seq_lens[:, None].to(q.device))[:, None, None, :]  # [B, 1, 1, L]
+        o = F.scaled_dot_product_attention(q.unsqueeze(2), kb.transpose(1, 2).to(q.dtype), vb.transpose(1, 2).to(q.dtype),
+                                           attn_mask=mask, scale=scale, enable_gqa=True)  # [B, Hq, 1, D]
+        return o[:, :, 0]

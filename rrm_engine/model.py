@@ -6,6 +6,8 @@ Two ways in, same parameters:
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -113,6 +115,8 @@ class Decoder(nn.Module):
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.backend: AttentionBackend = TorchAttention()
         self.gradient_checkpointing = False
+        # set by tensor parallelism: turns this rank's vocab slice of the logits into full logits
+        self.gather_logits: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -131,4 +135,5 @@ class Decoder(nn.Module):
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head_weight)
+        logits = F.linear(hidden, self.lm_head_weight)
+        return self.gather_logits(logits) if self.gather_logits is not None else logits

@@ -1,0 +1,133 @@
+"""Paged prefill / extend attention: each sequence's new tokens (the last q_len of its context)
+attend causally to its cached prefix and to themselves, read straight from the paged cache.
+
+Varlen packing: sequence b owns q rows query_start_loc[b] : query_start_loc[b+1]; seq_lens[b]
+counts its whole context including those rows. New K/V must already be in the cache.
+
+One program owns BLOCK_M query rows of one (sequence, query head) and streams KV tiles of
+BLOCK_N tokens (a tile may span several pages) with an fp32 online softmax in base 2. Query row
+i sits at position seq_len - q_len + i and sees keys 0 .. that position; KV tiles past the last
+row's position are never loaded.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .paged_decode import LOG2E, check_paged_inputs, gather_context
+
+
+@triton.jit
+def _prefill_kernel(
+    Q, K, V, BT, QSL, SEQ_LENS, O,
+    scale_log2,
+    stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_btb,
+    stride_ot, stride_oh,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    mb = tl.program_id(0)
+    b = tl.program_id(1)
+    h = tl.program_id(2)
+    hk = h // GROUP
+    q_start = tl.load(QSL + b)
+    q_len = tl.load(QSL + b + 1) - q_start
+    if mb * BLOCK_M >= q_len:
+        return
+    seq_len = tl.load(SEQ_LENS + b)
+    ctx = seq_len - q_len  # tokens before the first new one
+
+    rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < q_len
+    pos = ctx + rows
+    d = tl.arange(0, D_PAD)
+    dmask = d < HEAD_DIM
+    q = tl.load(Q + (q_start + rows)[:, None] * stride_qt + h * stride_qh + d[None, :],
+                mask=rmask[:, None] & dmask[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    hi = tl.minimum(seq_len, ctx + (mb + 1) * BLOCK_M)  # one past the last visible key of this row block
+    for n0 in range(0, hi, BLOCK_N):
+        offs = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs < hi
+        page = tl.load(BT + b * stride_btb + offs // PAGE, mask=nmask, other=0)
+        tok = offs % PAGE
+        kv_mask = nmask[:, None] & dmask[None, :]
+        k = tl.load(K + page[:, None] * stride_kb + tok[:, None] * stride_kt + hk * stride_kh + d[None, :],
+                    mask=kv_mask, other=0.0)
+        v = tl.load(V + page[:, None] * stride_vb + tok[:, None] * stride_vt + hk * stride_vh + d[None, :],
+                    mask=kv_mask, other=0.0)
+        qk = tl.dot(q, tl.trans(k)).to(tl.float32) * scale_log2
+        visible = (offs[None, :] <= pos[:, None]) & nmask[None, :]
+        qk = tl.where(visible, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        # padding rows (past q_len) may see nothing yet: keep their arithmetic finite
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(qk - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+        m_i = m_new
+
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(O + (q_start + rows)[:, None] * stride_ot + h * stride_oh + d[None, :], out.to(O.dtype.element_ty),
+             mask=rmask[:, None] & dmask[None, :])
+
+
+def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                            query_start_loc: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                            max_query_len: int) -> torch.Tensor:
+    """q [T, Hq, D] (packed new tokens) -> [T, Hq, D]. Needs 1 <= q_len[b] <= seq_lens[b]."""
+    if q.dim() != 3:
+        raise ValueError(f"q must be [T, Hq, D], got {tuple(q.shape)}")
+    b = block_tables.shape[0]
+    check_paged_inputs(q, k_cache, v_cache, block_tables, seq_lens, b)
+    if query_start_loc.shape != (b + 1,) or query_start_loc.dtype != torch.int32:
+        raise ValueError(f"query_start_loc must be int32 [{b + 1}], got {query_start_loc.dtype} "
+                         f"{tuple(query_start_loc.shape)}")
+    if max_query_len < 1:
+        raise ValueError(f"max_query_len must be >= 1, got {max_query_len}")
+    t, hq, d = q.shape
+    out = torch.empty_like(q)
+    if t == 0 or b == 0:
+        return out
+    page, hkv = k_cache.shape[1], k_cache.shape[2]
+    block_m = 64 if max_query_len > 32 else 16
+    block_n = 64
+    grid = (triton.cdiv(max_query_len, block_m), b, hq)
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out, scale * LOG2E,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        GROUP=hq // hkv, HEAD_DIM=d, D_PAD=triton.next_power_of_2(d), PAGE=page,
+        BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=4 if d <= 64 else 8, num_stages=2,
+    )
+    return out
+
+
+def paged_prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                                query_start_loc: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                                max_query_len: int) -> torch.Tensor:
+    out = torch.empty_like(q)
+    qsl = query_start_loc.tolist()
+    g = q.shape[1] // k_cache.shape[2]
+    for b, n in enumerate(seq_lens.tolist()):
+        qb = q[qsl[b]:qsl[b + 1]].float()
+        ql = qb.shape[0]
+        k = gather_context(k_cache, block_tables[b], 0, n).float().repeat_interleave(g, dim=1)
+        v = gather_context(v_cache, block_tables[b], 0, n).float().repeat_interleave(g, dim=1)
+        s = torch.einsum("mhd,nhd->hmn", qb, k) * scale
+        visible = torch.ones(ql, n, dtype=torch.bool, device=q.device).tril(diagonal=n - ql)
+        s = s.masked_fill(~visible, float("-inf"))
+        out[qsl[b]:qsl[b + 1]] = torch.einsum("hmn,nhd->mhd", s.softmax(-1), v).to(q.dtype)
+    return out

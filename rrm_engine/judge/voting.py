@@ -1,0 +1,88 @@
+"""Majority voting over k votes of one comparison.
+
+Votes are always stored in the caller's order: verdict 1 means response a (the first argument) won,
+whatever order the prompt showed; a swapped vote has its verdict and p_first mapped back.
+
+Tie rule (documented once, used everywhere): more valid votes wins; on equal counts the mean soft
+score p_first decides (it differs from 0.5 only when forced votes carry probabilities); if that is
+exactly 0.5 too, or no vote is valid, the winner is None. Invalid votes are counted with their
+reasons and never count for either side.
+"""
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Literal, Sequence
+
+SwapMode = Literal["random", "split", "none"]
+SWAP_MODES = ("random", "split", "none")
+
+
+@dataclass
+class Vote:
+    verdict: int | None  # 1: response a better, 2: response b better, None: invalid
+    reason: str  # verdict.Reason, plus "error" when the engine failed the request
+    text: str
+    tokens: int  # generated tokens of this vote, forced continuation included
+    p_first: float | None  # P(response a better): 1.0/0.0 for a read verdict, soft for a forced one
+    swapped: bool = False  # the prompt showed b first
+    forced: bool = False  # the verdict was read from log-probs after forcing "</think> \\boxed{Assistant "
+
+
+@dataclass
+class Tally:
+    counts: tuple[int, int]  # valid votes for a, for b
+    invalid: int
+    invalid_reasons: dict[str, int] = field(default_factory=dict)
+    p_first: float | None = None  # mean p_first over valid votes
+    winner: int | None = None  # 0: a, 1: b, None: tie or no valid vote
+
+
+def unswap(verdict: int | None, p_first: float | None, swapped: bool) -> tuple[int | None, float | None]:
+    """Map a verdict read in presentation order back to the caller's order."""
+    if not swapped:
+        return verdict, p_first
+    return (None if verdict is None else 3 - verdict), (None if p_first is None else 1.0 - p_first)
+
+
+def tally(votes: Sequence[Vote]) -> Tally:
+    a = sum(v.verdict == 1 for v in votes)
+    b = sum(v.verdict == 2 for v in votes)
+    invalid = Counter(v.reason for v in votes if v.verdict is None)
+    soft = [v.p_first for v in votes if v.verdict is not None and v.p_first is not None]
+    p_first = sum(soft) / len(soft) if soft else None
+    if a != b:
+        winner: int | None = 0 if a > b else 1
+    elif p_first is not None and p_first != 0.5:
+        winner = 0 if p_first > 0.5 else 1
+    else:
+        winner = None
+    return Tally((a, b), sum(invalid.values()), dict(invalid), p_first, winner)
+
+
+def decided(votes: Sequence[Vote], total: int) -> bool:
+    """True once the remaining votes cannot change the winner (they could at most tie it: not decided)."""
+    a = sum(v.verdict == 1 for v in votes)
+    b = sum(v.verdict == 2 for v in votes)
+    return abs(a - b) > total - len(votes)
+
+
+def presentation_orders(k: int, swap: SwapMode, rng: random.Random) -> list[bool]:
+    """swapped flag of each of the k votes.
+
+    random: one coin per comparison (p=0.5, as in the paper's evaluation); all k votes share that
+            order, hence one prompt whose KV is computed once and forked k times.
+    split:  half the votes in each order (alternating, so an early stop still sees both orders);
+            odd k puts the extra vote in the given order.
+    none:   the given order.
+    """
+    if k < 1:
+        raise ValueError(f"votes must be >= 1, got {k}")
+    if swap == "none":
+        return [False] * k
+    if swap == "split":
+        return [i % 2 == 1 for i in range(k)]
+    if swap == "random":
+        return [rng.random() < 0.5] * k
+    raise ValueError(f"swap must be one of {SWAP_MODES}, got {swap!r}")

@@ -1,0 +1,62 @@
+"""Verdict parsing on nasty outputs."""
+from __future__ import annotations
+
+import pytest
+
+from rrm_engine.judge.verdict import parse_verdict, read_verdict
+
+
+@pytest.mark.parametrize(
+    "text, finish, expected",
+    [
+        ("think...\n</think>\n\n\\boxed{Assistant 1}", "stop", (1, "ok")),
+        ("x</think>\\boxed{Assistant 2}", None, (2, "ok")),
+        # verdict in the thinking, a different one after </think>: only the latter counts
+        ("I'd say \\boxed{Assistant 1}.\n</think>\n\\boxed{Assistant 2}", "stop", (2, "ok")),
+        # several </think>: the text after the last one
+        ("a</think>\\boxed{Assistant 1}</think>\\boxed{Assistant 2}", "stop", (2, "ok")),
+        # several boxes after </think>: the last one
+        ("</think>\\boxed{Assistant 2} no wait \\boxed{Assistant 1}", "stop", (1, "ok")),
+        # nested braces are matched, the wrapper removed
+        ("</think>\\boxed{\\text{Assistant 2}}", "stop", (2, "ok")),
+        ("</think>\\boxed{\\textbf{ assistant  1 }}.", "stop", (1, "ok")),
+        ("</think>\\boxed{Assistant {1}}", "stop", (None, "unknown_content")),
+        ("</think>\\boxed{Assistant 1 and Assistant 2}", "stop", (None, "unknown_content")),
+        ("</think>\\boxed{}", "stop", (None, "unknown_content")),
+        ("</think>\\boxed{1}", "stop", (None, "unknown_content")),
+        ("</think>\\boxed { Assistant2 }", "stop", (2, "ok")),
+        # \fbox only as a fallback
+        ("</think>\\fbox{Assistant 1}", "stop", (1, "ok")),
+        ("</think>\\fbox{Assistant 1} \\boxed{Assistant 2}", "stop", (2, "ok")),
+        # missing </think>
+        ("\\boxed{Assistant 1}", "stop", (None, "no_think_end")),
+        ("long thinking \\boxed{Assistant 1} and more", "length", (None, "truncated")),
+        # empty
+        ("", "stop", (None, "empty")),
+        ("  \n ", "stop", (None, "empty")),
+        # no box after </think>
+        ("</think> Assistant 1 is better", "stop", (None, "no_box")),
+        # cut inside the box: the last box never closes, an earlier one is not used
+        ("</think>\\boxed{Assistant 1} hmm \\boxed{Assis", "length", (None, "truncated")),
+        ("</think>\\boxed{Assistant 1", "stop", (None, "no_box")),
+        # unicode: full-width text folds, other scripts do not crash
+        ("思考…</think>\\boxed{Ａｓｓｉｓｔａｎｔ　２}", "stop", (2, "ok")),
+        ("🙂</think>\\boxed{助手 1}", "stop", (None, "unknown_content")),
+    ],
+)
+def test_read_verdict(text, finish, expected):
+    assert read_verdict(text, finish) == expected
+
+
+def test_no_think_section_mode():
+    assert read_verdict("\\boxed{Assistant 2}", "stop", require_think_end=False) == (2, "ok")
+    # a </think> still splits when present
+    assert read_verdict("\\boxed{Assistant 2}</think>\\boxed{Assistant 1}", require_think_end=False) == (1, "ok")
+    assert read_verdict("meh", "length", require_think_end=False) == (None, "truncated")
+
+
+def test_parse_verdict_is_strict():
+    assert parse_verdict("t</think>\\boxed{Assistant 1}") == 1
+    assert parse_verdict("\\boxed{Assistant 1}") is None
+    with pytest.raises(ValueError):
+        read_verdict(None)  # type: ignore[arg-type]

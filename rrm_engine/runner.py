@@ -1,0 +1,119 @@
+"""Turns a Schedule into the decoder's tensors (attention.py's AttentionMetadata), runs the
+decoder, and returns the logits of the rows that sample.
+
+Only rows that sample reach the LM head: the last token of each sequence whose (chunked)
+prefill completes this step and every decode row. Decode batches also carry the fork-group
+prefix level (the k votes of one prompt share their prompt's full blocks) for the shared-prefix
+kernel; backends that ignore the hint stay exact because block_tables are always complete.
+
+CUDA graphs are not implemented yet: decode runs eagerly on every device (see the report).
+"""
+from __future__ import annotations
+
+import torch
+
+from .attention import AttentionMetadata, KVCache, PrefixLevel, TorchAttention
+from .model import Decoder
+from .scheduler import Schedule
+
+
+class ModelRunner:
+    def __init__(self, model: Decoder, cache: KVCache):
+        self.model = model
+        self.cache = cache
+        self.block_size = cache.block_size
+        self.device = cache.k.device
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy-on-write: duplicate whole blocks (all layers) before this step writes into them."""
+        if not copies:
+            return
+        src = torch.tensor([s for s, _ in copies], dtype=torch.int64, device=self.device)
+        dst = torch.tensor([d for _, d in copies], dtype=torch.int64, device=self.device)
+        self.cache.k[:, dst] = self.cache.k[:, src]
+        self.cache.v[:, dst] = self.cache.v[:, src]
+
+    def build(self, schedule: Schedule) -> tuple[torch.Tensor, AttentionMetadata, list[int]]:
+        """input_ids [T], metadata, and for each scheduled sequence its sampling row (-1: none)."""
+        bs, dev = self.block_size, self.device
+        ids: list[int] = []
+        starts, q_lens, seq_lens, rows = [], [], [], []
+        for s in schedule.seqs:
+            start = s.seq.num_computed
+            ids.extend(s.seq.tokens[start:start + s.num_new])
+            starts.append(start)
+            q_lens.append(s.num_new)
+            seq_lens.append(start + s.num_new)
+            rows.append(len(ids) - 1 if s.samples else -1)
+        max_blocks = max(-(-n // bs) for n in seq_lens)
+        table = torch.zeros(len(seq_lens), max_blocks, dtype=torch.int32)
+        for b, s in enumerate(schedule.seqs):
+            n = -(-seq_lens[b] // bs)
+            table[b, :n] = torch.tensor(s.seq.block_table[:n], dtype=torch.int32)
+        q_lens_t = torch.tensor(q_lens, dtype=torch.int64)
+        qsl = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
+        torch.cumsum(q_lens_t, 0, out=qsl[1:])
+        # token t of sequence b sits at position starts[b] + (t - qsl[b])
+        seq_of_token = torch.repeat_interleave(torch.arange(len(q_lens)), q_lens_t)
+        positions = torch.arange(len(ids)) - qsl[:-1].long()[seq_of_token] + torch.tensor(starts)[seq_of_token]
+        slots = table[seq_of_token, positions // bs].long() * bs + positions % bs
+        meta = AttentionMetadata(
+            positions=positions.to(dev, non_blocking=True),
+            slot_mapping=slots.to(dev, non_blocking=True),
+            query_start_loc=qsl.to(dev, non_blocking=True),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(dev, non_blocking=True),
+            block_tables=table.to(dev, non_blocking=True),
+            query_lens_host=q_lens,
+            seq_lens_host=seq_lens,
+        )
+        if meta.is_decode and not isinstance(self.model.backend, TorchAttention):
+            meta.prefix_levels = self._fork_level(schedule, seq_lens)
+        input_ids = torch.tensor(ids, dtype=torch.int64).to(dev, non_blocking=True)
+        return input_ids, meta, rows
+
+    def _fork_level(self, schedule: Schedule, seq_lens: list[int]) -> list[PrefixLevel]:
+        """Group decode rows by request; each group's segment is the leading blocks all its
+        members hold (the prompt's full blocks shared by the fork)."""
+        groups: dict[int, list[int]] = {}
+        for b, s in enumerate(schedule.seqs):
+            groups.setdefault(id(s.seq.request), []).append(b)
+        seg_tables, seg_lens = [], []
+        seq_group = [-1] * len(schedule.seqs)
+        for members in groups.values():
+            if len(members) < 2:
+                continue
+            tables = [schedule.seqs[b].seq.block_table for b in members]
+            limit = min((seq_lens[b] - 1) // self.block_size for b in members)  # only blocks before the new token
+            n = 0
+            while n < limit and all(t[n] == tables[0][n] for t in tables):
+                n += 1
+            if n == 0:
+                continue
+            for b in members:
+                seq_group[b] = len(seg_tables)
+            seg_tables.append(tables[0][:n])
+            seg_lens.append(n * self.block_size)
+        if not seg_tables:
+            return []
+        width = max(len(t) for t in seg_tables)
+        bt = torch.zeros(len(seg_tables), width, dtype=torch.int32)
+        for g, t in enumerate(seg_tables):
+            bt[g, :len(t)] = torch.tensor(t, dtype=torch.int32)
+        dev = self.device
+        return [PrefixLevel(block_tables=bt.to(dev), lens=torch.tensor(seg_lens, dtype=torch.int32).to(dev),
+                            seq_group=torch.tensor(seq_group, dtype=torch.int32).to(dev))]
+
+    @torch.inference_mode()
+    def run(self, schedule: Schedule) -> tuple[torch.Tensor, list[int]]:
+        """Returns logits [R, V] (fp32) of the sampling rows and, per scheduled sequence, its
+        index into them (-1 when it does not sample this step)."""
+        self.copy_blocks(schedule.copies)
+        input_ids, meta, rows = self.build(schedule)
+        hidden = self.model(input_ids, meta.positions, self.cache, meta)
+        sample_rows = [r for r in rows if r >= 0]
+        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, dtype=torch.int64, device=self.device)])
+        index, k = [], 0
+        for r in rows:
+            index.append(k if r >= 0 else -1)
+            k += r >= 0
+        return logits.float(), index

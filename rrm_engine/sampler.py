@@ -1,0 +1,95 @@
+"""From logits rows to tokens: builds the per-sample tensors for kernels.sampling and, for the
+samples that ask, the model's log-probs (top-k and chosen ids). Everything the host needs comes
+back in one transfer, the step's single host sync."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kernels.sampling import sample as fused_sample
+
+from .sampling_params import SamplingParams
+
+_MASK63 = (1 << 63) - 1
+
+
+def sample_seed(base_seed: int, index: int) -> int:
+    """Seed of sample `index` of a request: a fixed mix of (base_seed, index) (splitmix64 steps)."""
+    x = (base_seed * 0x9E3779B97F4A7C15 + index + 1) & 0xFFFFFFFFFFFFFFFF
+    for _ in range(2):
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 31
+    return x & _MASK63
+
+
+@dataclass
+class SampleRequest:
+    row: int  # logits row
+    params: SamplingParams
+    seed: int
+    offset: int  # the sequence's generated-token index
+
+
+@dataclass
+class SampleResult:
+    token: int
+    logprob: float  # under the sampling distribution log_softmax(logits / T) (T = 1 when greedy)
+    extra: dict[int, float] | None  # model log-probs (log_softmax of raw logits), when asked
+
+
+def sample(logits: torch.Tensor, reqs: list[SampleRequest]) -> list[SampleResult]:
+    dev = logits.device
+    p = [r.params for r in reqs]
+    row_index = torch.tensor([r.row for r in reqs], dtype=torch.int64).to(dev, non_blocking=True)
+    temperature = torch.tensor([x.temperature for x in p], dtype=torch.float32).to(dev, non_blocking=True)
+    top_k = torch.tensor([x.top_k for x in p], dtype=torch.int32).to(dev, non_blocking=True)
+    top_p = torch.tensor([x.top_p for x in p], dtype=torch.float32).to(dev, non_blocking=True)
+    min_p = torch.tensor([x.min_p for x in p], dtype=torch.float32).to(dev, non_blocking=True)
+    seeds = torch.tensor([r.seed for r in reqs], dtype=torch.int64).to(dev, non_blocking=True)
+    offsets = torch.tensor([r.offset for r in reqs], dtype=torch.int64).to(dev, non_blocking=True)
+    if all(x.temperature == 0 for x in p) and not logits.is_cuda:
+        # greedy batch on CPU: argmax and log_softmax, without the filtered sampler's sort and uniforms
+        rows = logits.index_select(0, row_index)
+        tokens = rows.argmax(dim=1)
+        logprobs = torch.log_softmax(rows, dim=1).gather(1, tokens[:, None])[:, 0]
+    else:
+        # validation costs a host sync: on GPU skip it (our inputs are validated when added)
+        tokens, logprobs = fused_sample(logits, row_index, temperature, top_k, top_p, min_p, seeds, offsets,
+                                        validate=not logits.is_cuda,
+                                        all_greedy=all(x.temperature == 0 for x in p))
+    parts = [tokens.double(), logprobs.double()]
+    extra_at = [i for i, x in enumerate(p) if x.logprobs is not None or x.logprob_token_ids]
+    layout: list[tuple[int, int]] = []  # per extra sample: (top count, id count)
+    if extra_at:
+        idx = torch.tensor(extra_at, dtype=torch.int64).to(dev, non_blocking=True)
+        logp = torch.log_softmax(logits.index_select(0, row_index[idx]).float(), dim=1)
+        parts.append(logp.gather(1, tokens[idx][:, None])[:, 0].double())
+        k = max((p[i].logprobs or 0) for i in extra_at)
+        if k:
+            vals, ids = logp.topk(k, dim=1)
+            parts += [ids.double().flatten(), vals.double().flatten()]
+        m = max(len(p[i].logprob_token_ids) for i in extra_at)
+        if m:
+            want = torch.tensor([p[i].logprob_token_ids + [0] * (m - len(p[i].logprob_token_ids)) for i in extra_at],
+                                dtype=torch.int64).to(dev, non_blocking=True)
+            parts.append(logp.gather(1, want).double().flatten())
+    flat = torch.cat(parts).tolist()  # the one host sync
+    b = len(reqs)
+    out = [SampleResult(int(flat[i]), flat[b + i], None) for i in range(b)]
+    if extra_at:
+        e, pos = len(extra_at), 2 * b
+        chosen, pos = flat[pos:pos + e], pos + e
+        k = max((p[i].logprobs or 0) for i in extra_at)
+        top_ids, top_vals = flat[pos:pos + e * k], flat[pos + e * k:pos + 2 * e * k]
+        pos += 2 * e * k
+        m = max(len(p[i].logprob_token_ids) for i in extra_at)
+        for j, i in enumerate(extra_at):
+            d = {out[i].token: chosen[j]}
+            for t in range((p[i].logprobs or 0)):
+                d.setdefault(int(top_ids[j * k + t]), top_vals[j * k + t])
+            for t, tok in enumerate(p[i].logprob_token_ids):
+                d.setdefault(tok, flat[pos + j * m + t])
+            out[i].extra = d
+    return out

@@ -53,7 +53,9 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def _check_inputs(logits: torch.Tensor, row_index: torch.Tensor, temperature: torch.Tensor,
                   top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
-                  seeds: torch.Tensor, offsets: torch.Tensor, check_values: bool) -> None:
+                  seeds: torch.Tensor, offsets: torch.Tensor, check_values: bool, scan_logits: bool = True) -> None:
+    """Shapes/dtypes always; with check_values also the values (one host sync), scanning the
+    logits for NaN/+inf unless scan_logits is False (the Triton kernel flags those itself)."""
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
         raise ValueError(f"logits must be a 2-D tensor [rows, vocab], got {getattr(logits, 'shape', type(logits))}")
     if logits.dtype not in _FLOAT_DTYPES:
@@ -81,8 +83,9 @@ def _check_inputs(logits: torch.Tensor, row_index: torch.Tensor, temperature: to
         return
     r = logits.shape[0]
     problems = []
-    bad_rows = (torch.isnan(logits) | torch.isposinf(logits)).any(dim=1)
-    dead_rows = torch.isneginf(logits).all(dim=1)
+    scanned = logits if scan_logits else logits[:, :0]
+    bad_rows = (torch.isnan(scanned) | torch.isposinf(scanned)).any(dim=1)
+    dead_rows = torch.isneginf(scanned).all(dim=1) & scan_logits
     checks = torch.stack([
         bad_rows.any(), dead_rows.any(),
         ((row_index < 0) | (row_index >= r)).any(),
@@ -167,16 +170,179 @@ def top_logprobs_ref(logits: torch.Tensor, row_index: torch.Tensor, temperature:
 
 def sample(logits: torch.Tensor, row_index: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
            top_p: torch.Tensor, min_p: torch.Tensor, seeds: torch.Tensor, offsets: torch.Tensor,
-           *, validate: bool = True, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+           *, validate: bool = True, backend: str = "auto", all_greedy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The sampler the engine calls. backend: "auto" (Triton on CUDA, torch reference on CPU),
     "triton" (forced; on CPU needs TRITON_INTERPRET=1), "torch". validate=False skips the value
-    checks (one host sync), e.g. inside a CUDA graph where the caller has checked its inputs."""
+    checks (one host sync), e.g. inside a CUDA graph where the caller has checked its inputs.
+    all_greedy=True (the caller knows every temperature is 0) takes the one-pass greedy path."""
     if backend == "torch" or (backend == "auto" and not logits.is_cuda):
         return sample_ref(logits, row_index, temperature, top_k, top_p, min_p, seeds, offsets, validate=validate)
     if backend not in ("auto", "triton"):
         raise ValueError(f"unknown sampling backend {backend!r}; choose 'auto', 'triton' or 'torch'")
-    return sample_triton(logits, row_index, temperature, top_k, top_p, min_p, seeds, offsets, validate=validate)
+    return sample_triton(logits, row_index, temperature, top_k, top_p, min_p, seeds, offsets, validate=validate,
+                         all_greedy=all_greedy)
 
 
-def sample_triton(*args, **kwargs):  # replaced by the Triton kernel in the next commit
-    raise NotImplementedError("the Triton sampling kernel is not committed yet; use backend='torch'")
+# --------------------------------------------------------------------------------------- triton
+
+NUM_PROBES = 16  # thresholds tested per pass of the search: each pass shrinks the interval ~17x
+
+
+@triton.jit
+def _order_key(x):
+    """fp32 -> int64 with the same order (x + 0.0 first folds -0.0 into +0.0)."""
+    bits = (x + 0.0).to(tl.int32, bitcast=True)
+    return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)
+
+
+@triton.jit
+def _load_scaled(base, live, idx, V, t):
+    """[BB, BLOCK] fp32 logits / T of BB samples (base: their row pointers); -inf past the row."""
+    x = tl.load(base[:, None] + idx[None, :], mask=live[:, None] & (idx < V)[None, :], other=float("-inf"))
+    return tl.math.div_rn(x.to(tl.float32), t[:, None]) + 0.0
+
+
+@triton.jit
+def _search(base, live, V, t, row_max, lo, hi, lo_mass, target, BY_MASS: tl.constexpr,
+            BLOCK: tl.constexpr, NUM_PROBES: tl.constexpr):
+    """Per sample, the largest key c in [lo, hi) with measure(x >= c) >= target, given that lo
+    satisfies it and hi does not (a sample with hi == lo + 1 is already done). measure = count of
+    tokens, or (BY_MASS) the sum of exp(x - row_max). Returns (c, the mass of {x >= c})."""
+    j = (tl.arange(0, NUM_PROBES) + 1).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    while tl.max(hi - lo, axis=0) > 1:
+        probes = lo[:, None] + ((hi - lo)[:, None] * j[None, :]) // (NUM_PROBES + 1)  # [BB, P], in [lo, hi)
+        count = tl.zeros(probes.shape, dtype=tl.float32)
+        mass = tl.zeros(probes.shape, dtype=tl.float32)
+        for start in range(0, V, BLOCK):
+            x = _load_scaled(base, live, start + offs, V, t)
+            above = _order_key(x)[:, :, None] >= probes[:, None, :]  # [BB, BLOCK, P]
+            count += tl.sum(above.to(tl.float32), axis=1)
+            mass += tl.sum(tl.where(above, tl.exp(x - row_max[:, None])[:, :, None], 0.0), axis=1)
+        measure = mass if BY_MASS else count
+        ok = measure >= target[:, None]
+        new_lo = tl.max(tl.where(ok, probes, lo[:, None]), axis=1)
+        found_mass = tl.max(tl.where(ok & (probes == new_lo[:, None]), mass, 0.0), axis=1)
+        lo_mass = tl.where(new_lo == lo, lo_mass, found_mass)
+        hi = tl.min(tl.where(ok, hi[:, None], probes), axis=1)
+        lo = new_lo
+    return lo, lo_mass
+
+
+@triton.jit
+def _sample_kernel(logits_ptr, stride_row, row_index_ptr, temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr,
+                   seeds_ptr, offsets_ptr, tokens_ptr, logprobs_ptr, status_ptr, B, V,
+                   GREEDY_ONLY: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK: tl.constexpr,
+                   SEARCH_BLOCK: tl.constexpr, NUM_PROBES: tl.constexpr):
+    # BLOCK_B samples per program: 1 for a large vocabulary, many for a small one
+    bs = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    live = bs < B
+    base = logits_ptr + tl.load(row_index_ptr + bs, mask=live, other=0) * stride_row
+    offs = tl.arange(0, BLOCK)
+    if GREEDY_ONLY:
+        t = tl.zeros([BLOCK_B], dtype=tl.float32)
+    else:
+        t = tl.load(temperature_ptr + bs, mask=live, other=0.0).to(tl.float32)
+    greedy = t == 0.0
+    t = tl.where(greedy, 1.0, t)
+
+    # pass 1: per lane max (with its first index), min, sum of exp(x - max); bad values
+    m_lane = tl.full([BLOCK_B, BLOCK], float("-inf"), tl.float32)
+    s_lane = tl.zeros([BLOCK_B, BLOCK], dtype=tl.float32)
+    min_lane = tl.full([BLOCK_B, BLOCK], float("inf"), tl.float32)
+    arg_lane = tl.zeros([BLOCK_B, BLOCK], dtype=tl.int32)
+    bad_lane = tl.zeros([BLOCK_B, BLOCK], dtype=tl.int32)
+    for start in range(0, V, BLOCK):
+        idx = start + offs
+        x = _load_scaled(base, live, idx, V, t)
+        bad_lane |= ((x != x) | (x == float("inf"))).to(tl.int32)
+        m_new = tl.maximum(m_lane, x)
+        s_lane = tl.where(m_new > float("-inf"), s_lane * tl.exp(m_lane - m_new) + tl.exp(x - m_new), 0.0)
+        arg_lane = tl.where(x > m_lane, idx[None, :], arg_lane)  # strict: keeps each lane's first max
+        m_lane = m_new
+        min_lane = tl.where((idx < V)[None, :], tl.minimum(min_lane, x), min_lane)
+    row_max = tl.max(m_lane, axis=1)
+    row_sum = tl.sum(tl.where(m_lane > float("-inf"), s_lane * tl.exp(m_lane - row_max[:, None]), 0.0), axis=1)
+    log_z = row_max + tl.log(row_sum)
+    token = tl.min(tl.where(m_lane == row_max[:, None], arg_lane, V), axis=1)  # first index of the max
+    token_x = row_max
+    status = tl.max(bad_lane, axis=1) | (row_max == float("-inf")).to(tl.int32)
+    tl.store(status_ptr + bs, status, mask=live)
+
+    if not GREEDY_ONLY:
+        sampled = live & ~greedy & (status == 0)
+        if tl.max(sampled.to(tl.int32), axis=0) > 0:
+            k = tl.load(top_k_ptr + bs, mask=live, other=0).to(tl.int64)
+            top_p = tl.load(top_p_ptr + bs, mask=live, other=1.0).to(tl.float32)
+            min_p = tl.load(min_p_ptr + bs, mask=live, other=0.0).to(tl.float32)
+            top_key = _order_key(row_max) + 1
+            # the kept set is {x >= thresh}; thresholds are order keys; start from "everything"
+            thresh = _order_key(tl.min(min_lane, axis=1))
+            kept_mass = row_sum
+            k_on = sampled & (k > 0) & (k < V)
+            thresh, kept_mass = _search(base, live, V, t, row_max, thresh, tl.where(k_on, top_key, thresh + 1),
+                                        kept_mass, tl.where(k_on, k.to(tl.float32), 0.0), False,
+                                        SEARCH_BLOCK, NUM_PROBES)
+            p_on = sampled & (top_p < 1.0)
+            thresh, kept_mass = _search(base, live, V, t, row_max, thresh, tl.where(p_on, top_key, thresh + 1),
+                                        kept_mass, tl.where(p_on, top_p * kept_mass, 0.0), True,
+                                        SEARCH_BLOCK, NUM_PROBES)
+            log_min_p = tl.where(min_p > 0.0, tl.log(tl.maximum(min_p, 1e-30)), float("-inf"))  # -inf when off
+            h1, h2 = row_keys_tl(tl.load(seeds_ptr + bs, mask=live, other=0),
+                                 tl.load(offsets_ptr + bs, mask=live, other=0))
+            # exponential race over the kept set: argmax of x - log(-log u)
+            best = tl.full([BLOCK_B, BLOCK], float("-inf"), tl.float32)
+            best_idx = tl.zeros([BLOCK_B, BLOCK], dtype=tl.int32)
+            best_x = tl.zeros([BLOCK_B, BLOCK], dtype=tl.float32)
+            for start in range(0, V, BLOCK):
+                idx = start + offs
+                x = _load_scaled(base, live, idx, V, t)
+                keep = ((_order_key(x) >= thresh[:, None]) & (x - row_max[:, None] >= log_min_p[:, None])
+                        & (idx < V)[None, :])
+                u = uniform_tl(h1[:, None], h2[:, None], idx[None, :])
+                score = tl.where(keep, x - tl.log(-tl.log(u)), float("-inf"))
+                better = score > best
+                best_idx = tl.where(better, idx[None, :], best_idx)
+                best_x = tl.where(better, x, best_x)
+                best = tl.maximum(best, score)
+            top = tl.max(best, axis=1)
+            race_token = tl.min(tl.where(best == top[:, None], best_idx, V), axis=1)
+            race_x = tl.max(tl.where(best_idx == race_token[:, None], best_x, float("-inf")), axis=1)
+            token = tl.where(sampled, race_token, token)
+            token_x = tl.where(sampled, race_x, token_x)
+    tl.store(tokens_ptr + bs, token.to(tl.int64), mask=live)
+    tl.store(logprobs_ptr + bs, token_x - log_z, mask=live)
+
+
+def sample_triton(logits: torch.Tensor, row_index: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+                  top_p: torch.Tensor, min_p: torch.Tensor, seeds: torch.Tensor, offsets: torch.Tensor,
+                  *, validate: bool = True, all_greedy: bool = False,
+                  block: int | None = None, block_b: int | None = None,
+                  num_probes: int = NUM_PROBES) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton sampler (no sort; one program per sample, or per few samples of a small vocab). all_greedy=True takes the greedy fast
+    path (one pass: argmax + logsumexp) without reading the sampling parameters. With validate,
+    bad logits are reported after the kernel from a per-sample status flag it writes (one sync)."""
+    # the kernel trusts the parameters (a bad row index would read out of bounds): check them first
+    _check_inputs(logits, row_index, temperature, top_k, top_p, min_p, seeds, offsets, validate, scan_logits=False)
+    b, v = row_index.shape[0], logits.shape[1]
+    tokens = torch.empty(b, dtype=torch.int64, device=logits.device)
+    logprobs = torch.empty(b, dtype=torch.float32, device=logits.device)
+    status = torch.empty(b, dtype=torch.int32, device=logits.device)
+    if b == 0:
+        return tokens, logprobs
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    blk = block or min(2048, triton.next_power_of_2(v))
+    # several samples per program when the vocabulary is small, so tiles stay ~4K elements
+    bb = block_b or max(1, min(64, triton.next_power_of_2(b), 4096 // blk))
+    search_blk = max(1, min(blk, 4096 // (bb * num_probes)))
+    grid = (triton.cdiv(b, bb),)
+    _sample_kernel[grid](logits, logits.stride(0), row_index, temperature, top_k, top_p, min_p, seeds, offsets,
+                         tokens, logprobs, status, b, v, GREEDY_ONLY=all_greedy, BLOCK_B=bb, BLOCK=blk,
+                         SEARCH_BLOCK=search_blk, NUM_PROBES=num_probes)
+    if validate:
+        bad = status.nonzero().flatten()
+        if bad.numel():
+            rows = sorted(set(row_index[bad].tolist()))
+            raise ValueError(f"logits rows {rows} contain NaN or +inf, or are entirely -inf")
+    return tokens, logprobs

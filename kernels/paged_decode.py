@@ -10,6 +10,9 @@ Split-K: long contexts are cut into `num_splits` token ranges; each range writes
 shared-prefix kernel, whose parts are prefix passes plus a per-sequence suffix.
 
 All softmax arithmetic is fp32 in base 2 (exp2/log2; scores pre-multiplied by log2(e)).
+fp32 inputs ask tl.dot for IEEE precision (no silent TF32 on a GPU: fp32 is the exact path);
+fp16/bf16 keep the default, which the tensor cores serve. Page ids are widened to int64 before they scale a
+stride, so large caches cannot overflow the address arithmetic.
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ def _decode_split_kernel(
     split_len,
     GROUP: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_START: tl.constexpr, DIRECT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0)
     hk = tl.program_id(1)
@@ -66,20 +70,20 @@ def _decode_split_kernel(
         offs = n0 + tl.arange(0, BLOCK_N)
         nmask = offs < hi
         # a tile may span several pages: gather each token's page from the block table
-        page = tl.load(BT + b * stride_btb + offs // PAGE, mask=nmask, other=0)
+        page = tl.load(BT + b * stride_btb + offs // PAGE, mask=nmask, other=0).to(tl.int64)
         tok = offs % PAGE
         kv_mask = nmask[:, None] & dmask[None, :]
         k = tl.load(K + page[:, None] * stride_kb + tok[:, None] * stride_kt + hk * stride_kh + d[None, :],
                     mask=kv_mask, other=0.0)
         v = tl.load(V + page[:, None] * stride_vb + tok[:, None] * stride_vt + hk * stride_vh + d[None, :],
                     mask=kv_mask, other=0.0)
-        qk = tl.dot(q, tl.trans(k)).to(tl.float32) * scale_log2
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION).to(tl.float32) * scale_log2
         qk = tl.where(nmask[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION).to(tl.float32)
         m_i = m_new
 
     nonempty = l_i > 0
@@ -152,6 +156,10 @@ def choose_num_splits(max_seq_len: int, num_seqs: int, num_kv_heads: int) -> int
     return max(1, min(by_len, by_occupancy, MAX_SPLITS))
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # the latter is ignored for 16-bit inputs
+
+
 def block_n_for(page: int) -> int:
     # >= 16 so tl.dot is legal on GPU; a tile may cover several small pages
     return max(16, min(64, page))
@@ -180,7 +188,7 @@ def launch_decode_split(q, k_cache, v_cache, block_tables, seq_lens, kv_start, s
         lse_parts.stride(0), lse_parts.stride(1),
         split_len,
         GROUP=group, G_PAD=g_pad_for(group), HEAD_DIM=d, D_PAD=triton.next_power_of_2(d),
-        PAGE=page, BLOCK_N=block_n_for(page), HAS_START=kv_start is not None, DIRECT=False,
+        PAGE=page, BLOCK_N=block_n_for(page), HAS_START=kv_start is not None, DIRECT=False, DOT_PRECISION=dot_precision(q.dtype),
         num_warps=4,
     )
 
@@ -238,7 +246,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             0, out.stride(0), out.stride(1), 0, 0,
             split_len,
             GROUP=group, G_PAD=g_pad_for(group), HEAD_DIM=d, D_PAD=triton.next_power_of_2(d),
-            PAGE=page, BLOCK_N=block_n_for(page), HAS_START=False, DIRECT=True,
+            PAGE=page, BLOCK_N=block_n_for(page), HAS_START=False, DIRECT=True, DOT_PRECISION=dot_precision(q.dtype),
             num_warps=4,
         )
         return out

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .paged_decode import LOG2E, check_paged_inputs, gather_context
+from .paged_decode import LOG2E, check_paged_inputs, dot_precision, gather_context
 
 
 @triton.jit
@@ -28,7 +28,7 @@ def _prefill_kernel(
     stride_btb,
     stride_ot, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     mb = tl.program_id(0)
     b = tl.program_id(1)
@@ -56,14 +56,14 @@ def _prefill_kernel(
     for n0 in range(0, hi, BLOCK_N):
         offs = n0 + tl.arange(0, BLOCK_N)
         nmask = offs < hi
-        page = tl.load(BT + b * stride_btb + offs // PAGE, mask=nmask, other=0)
+        page = tl.load(BT + b * stride_btb + offs // PAGE, mask=nmask, other=0).to(tl.int64)
         tok = offs % PAGE
         kv_mask = nmask[:, None] & dmask[None, :]
         k = tl.load(K + page[:, None] * stride_kb + tok[:, None] * stride_kt + hk * stride_kh + d[None, :],
                     mask=kv_mask, other=0.0)
         v = tl.load(V + page[:, None] * stride_vb + tok[:, None] * stride_vt + hk * stride_vh + d[None, :],
                     mask=kv_mask, other=0.0)
-        qk = tl.dot(q, tl.trans(k)).to(tl.float32) * scale_log2
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION).to(tl.float32) * scale_log2
         visible = (offs[None, :] <= pos[:, None]) & nmask[None, :]
         qk = tl.where(visible, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -72,7 +72,7 @@ def _prefill_kernel(
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(qk - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION).to(tl.float32)
         m_i = m_new
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -109,7 +109,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         block_tables.stride(0),
         out.stride(0), out.stride(1),
         GROUP=hq // hkv, HEAD_DIM=d, D_PAD=triton.next_power_of_2(d), PAGE=page,
-        BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_M=block_m, BLOCK_N=block_n, DOT_PRECISION=dot_precision(q.dtype),
         num_warps=4 if d <= 64 else 8, num_stages=2,
     )
     return out

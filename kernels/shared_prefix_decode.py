@@ -27,8 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .paged_decode import (LOG2E, attend_ref, block_n_for, check_paged_inputs, choose_num_splits, gather_context,
-                           launch_decode_split, merge_parts, split_len_for)
+from .paged_decode import (LOG2E, attend_ref, block_n_for, check_paged_inputs, choose_num_splits, dot_precision,
+                           gather_context, launch_decode_split, merge_parts, split_len_for)
 
 
 @triton.jit
@@ -43,7 +43,7 @@ def _prefix_pass_kernel(
     stride_lp, stride_lb,
     split_len,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     grp = tl.program_id(0)
     hk = tl.program_id(1)
@@ -71,20 +71,20 @@ def _prefix_pass_kernel(
         for n0 in range(lo, hi, BLOCK_N):
             offs = n0 + tl.arange(0, BLOCK_N)
             nmask = offs < hi
-            page = tl.load(GBT + grp * stride_gbt + offs // PAGE, mask=nmask, other=0)
+            page = tl.load(GBT + grp * stride_gbt + offs // PAGE, mask=nmask, other=0).to(tl.int64)
             tok = offs % PAGE
             kv_mask = nmask[:, None] & dmask[None, :]
             k = tl.load(K + page[:, None] * stride_kb + tok[:, None] * stride_kt + hk * stride_kh + d[None, :],
                         mask=kv_mask, other=0.0)
             v = tl.load(V + page[:, None] * stride_vb + tok[:, None] * stride_vt + hk * stride_vh + d[None, :],
                         mask=kv_mask, other=0.0)
-            qk = tl.dot(q, tl.trans(k)).to(tl.float32) * scale_log2
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION).to(tl.float32) * scale_log2
             qk = tl.where(nmask[None, :], qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(qk - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION).to(tl.float32)
             m_i = m_new
         out = acc / l_i[:, None]
         lse = m_i + tl.log2(l_i)
@@ -184,7 +184,7 @@ def shared_prefix_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cac
                 lse_parts.stride(0), lse_parts.stride(1),
                 split_len,
                 GROUP=group, HEAD_DIM=d, D_PAD=triton.next_power_of_2(d), PAGE=page,
-                BLOCK_M=block_m, BLOCK_N=bn, num_warps=4,
+                BLOCK_M=block_m, BLOCK_N=bn, DOT_PRECISION=dot_precision(q.dtype), num_warps=4,
             )
         base += splits
     launch_decode_split(q, k_cache, v_cache, block_tables, seq_lens, suffix_start, scale,

@@ -118,7 +118,7 @@ def filter_mask_ref(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, m
     """[B, V] bool: the tokens the filters keep for temperature-scaled fp32 logits x [B, V]."""
     bsz, v = x.shape
     sorted_x, order = x.sort(dim=1, descending=True)
-    keep = torch.ones_like(x, dtype=torch.bool)
+    keep = x > float("-inf")  # masked vocabulary entries are never drawn
     k = top_k.long()
     k_on = (k > 0) & (k < v)
     kth = sorted_x.gather(1, (k.clamp(1, v) - 1)[:, None])  # [B, 1]

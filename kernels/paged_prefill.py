@@ -4,9 +4,11 @@ attend causally to its cached prefix and to themselves, read straight from the p
 Varlen packing: sequence b owns q rows query_start_loc[b] : query_start_loc[b+1]; seq_lens[b]
 counts its whole context including those rows. New K/V must already be in the cache.
 
-One program owns BLOCK_M query rows of one (sequence, query head) and streams KV tiles of
-BLOCK_N tokens (a tile may span several pages) with an fp32 online softmax in base 2. Query row
-i sits at position seq_len - q_len + i and sees keys 0 .. that position; KV tiles past the last
+GQA-aware: one program owns BLOCK_M rows of (new token, query head) pairs of one kv head, so
+each KV tile is loaded once for all g query heads of its group. It streams KV tiles of BLOCK_N
+tokens (a tile may span several pages) with an fp32 online softmax in base 2. Query token i sits
+at position seq_len - q_len + i and sees keys 0 .. that position: the tiles every row sees in
+full run without masks, only the tiles on the diagonal are masked, and tiles past the last
 row's position are never loaded.
 """
 from __future__ import annotations
@@ -16,6 +18,34 @@ import triton
 import triton.language as tl
 
 from .paged_decode import LOG2E, check_paged_inputs, dot_precision, gather_context
+
+
+@triton.jit
+def _attend_tile(q, m_i, l_i, acc, K, V, BT, n0, hi, pos, b, hk, d, dmask, scale_log2,
+                 stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_btb,
+                 PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One online-softmax step over keys [n0, n0 + BLOCK_N); MASKED applies the causal and length
+    masks (diagonal tiles), otherwise every row sees every key of the tile."""
+    offs = n0 + tl.arange(0, BLOCK_N)
+    nmask = offs < hi
+    page = tl.load(BT + b * stride_btb + offs // PAGE, mask=nmask, other=0).to(tl.int64)
+    tok = offs % PAGE
+    kv_mask = nmask[:, None] & dmask[None, :]
+    k = tl.load(K + page[:, None] * stride_kb + tok[:, None] * stride_kt + hk * stride_kh + d[None, :],
+                mask=kv_mask, other=0.0)
+    v = tl.load(V + page[:, None] * stride_vb + tok[:, None] * stride_vt + hk * stride_vh + d[None, :],
+                mask=kv_mask, other=0.0)
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION).to(tl.float32) * scale_log2
+    if MASKED:
+        qk = tl.where((offs[None, :] <= pos[:, None]) & nmask[None, :], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    # a row may see nothing of a diagonal tile yet (m = -inf): keep its arithmetic finite
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(qk - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION).to(tl.float32)
+    return m_new, l_i, acc
 
 
 @triton.jit
@@ -32,52 +62,43 @@ def _prefill_kernel(
 ):
     mb = tl.program_id(0)
     b = tl.program_id(1)
-    h = tl.program_id(2)
-    hk = h // GROUP
+    hk = tl.program_id(2)
     q_start = tl.load(QSL + b)
     q_len = tl.load(QSL + b + 1) - q_start
-    if mb * BLOCK_M >= q_len:
+    if mb * BLOCK_M >= q_len * GROUP:
         return
     seq_len = tl.load(SEQ_LENS + b)
     ctx = seq_len - q_len  # tokens before the first new one
 
     rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < q_len
-    pos = ctx + rows
+    rmask = rows < q_len * GROUP
+    tok_i = rows // GROUP  # new token of each row
+    head = hk * GROUP + rows % GROUP
+    pos = ctx + tok_i
     d = tl.arange(0, D_PAD)
     dmask = d < HEAD_DIM
-    q = tl.load(Q + (q_start + rows)[:, None] * stride_qt + h * stride_qh + d[None, :],
-                mask=rmask[:, None] & dmask[None, :], other=0.0)
+    q_ptrs = (q_start + tok_i)[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :]
+    q = tl.load(Q + q_ptrs, mask=rmask[:, None] & dmask[None, :], other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
-    hi = tl.minimum(seq_len, ctx + (mb + 1) * BLOCK_M)  # one past the last visible key of this row block
-    for n0 in range(0, hi, BLOCK_N):
-        offs = n0 + tl.arange(0, BLOCK_N)
-        nmask = offs < hi
-        page = tl.load(BT + b * stride_btb + offs // PAGE, mask=nmask, other=0).to(tl.int64)
-        tok = offs % PAGE
-        kv_mask = nmask[:, None] & dmask[None, :]
-        k = tl.load(K + page[:, None] * stride_kb + tok[:, None] * stride_kt + hk * stride_kh + d[None, :],
-                    mask=kv_mask, other=0.0)
-        v = tl.load(V + page[:, None] * stride_vb + tok[:, None] * stride_vt + hk * stride_vh + d[None, :],
-                    mask=kv_mask, other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION).to(tl.float32) * scale_log2
-        visible = (offs[None, :] <= pos[:, None]) & nmask[None, :]
-        qk = tl.where(visible, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        # padding rows (past q_len) may see nothing yet: keep their arithmetic finite
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(qk - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION).to(tl.float32)
-        m_i = m_new
+    first = ctx + (mb * BLOCK_M) // GROUP  # position of the tile's first token
+    last = ctx + ((mb + 1) * BLOCK_M - 1) // GROUP
+    full_end = ((first + 1) // BLOCK_N) * BLOCK_N  # keys below it are visible to every row
+    hi = tl.minimum(seq_len, last + 1)
+    for n0 in range(0, full_end, BLOCK_N):
+        m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, K, V, BT, n0, hi, pos, b, hk, d, dmask, scale_log2,
+                                     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_btb,
+                                     PAGE, BLOCK_N, False, DOT_PRECISION)
+    for n0 in range(full_end, hi, BLOCK_N):
+        m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, K, V, BT, n0, hi, pos, b, hk, d, dmask, scale_log2,
+                                     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_btb,
+                                     PAGE, BLOCK_N, True, DOT_PRECISION)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(O + (q_start + rows)[:, None] * stride_ot + h * stride_oh + d[None, :], out.to(O.dtype.element_ty),
-             mask=rmask[:, None] & dmask[None, :])
+    o_ptrs = (q_start + tok_i)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
+    tl.store(O + o_ptrs, out.to(O.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
 
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -98,9 +119,10 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     if t == 0 or b == 0:
         return out
     page, hkv = k_cache.shape[1], k_cache.shape[2]
-    block_m = 64 if max_query_len > 32 else 16
+    group = hq // hkv
+    block_m = 64 if max_query_len * group > 32 else 16
     block_n = 64
-    grid = (triton.cdiv(max_query_len, block_m), b, hq)
+    grid = (triton.cdiv(max_query_len * group, block_m), b, hkv)
     _prefill_kernel[grid](
         q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out, scale * LOG2E,
         q.stride(0), q.stride(1),
@@ -108,7 +130,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
         out.stride(0), out.stride(1),
-        GROUP=hq // hkv, HEAD_DIM=d, D_PAD=triton.next_power_of_2(d), PAGE=page,
+        GROUP=group, HEAD_DIM=d, D_PAD=triton.next_power_of_2(d), PAGE=page,
         BLOCK_M=block_m, BLOCK_N=block_n, DOT_PRECISION=dot_precision(q.dtype),
         num_warps=4 if d <= 64 else 8, num_stages=2,
     )

@@ -129,7 +129,9 @@ def _check_levels(levels: Sequence[Any], num_seqs: int, page: int, device: torch
 def _members(seq_group: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
     """CSR of each group's member sequences: members[member_start[g]:member_start[g+1]]."""
     order = torch.argsort(seq_group, stable=True)
-    counts = torch.bincount(seq_group + 1, minlength=num_groups + 1)  # slot 0 counts the -1s
+    # slot 0 counts the -1s; scatter_add, not bincount, which syncs with the host on CUDA
+    counts = torch.zeros(num_groups + 1, dtype=torch.int64, device=seq_group.device)
+    counts.scatter_add_(0, (seq_group + 1).long(), torch.ones_like(seq_group, dtype=torch.int64))
     starts = torch.cumsum(counts, 0).to(torch.int32)  # starts[g] = first member of group g in order
     return order.to(torch.int32), starts
 

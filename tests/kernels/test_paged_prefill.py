@@ -5,12 +5,12 @@ from kernels.paged_prefill import paged_prefill_attention, paged_prefill_attenti
 from paged_data import make_cache, scattered_tables
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=3e-3, rtol=3e-3)}
-# (kv heads, q heads per kv head, head_dim, page size); a program per q head, so few heads keep the
-# interpreter fast
-SHAPES = [(2, 1, 16, 16), (1, 4, 32, 8), (1, 7, 64, 16), (1, 1, 128, 32)]
+# (kv heads, q heads per kv head, head_dim, page size)
+SHAPES = [(2, 1, 16, 16), (1, 4, 32, 8), (1, 7, 64, 16), (2, 7, 128, 32)]
 # (context incl. new tokens, new tokens): a context of 1, a whole prompt across a page boundary,
-# an extend after a cached prefix, one token after exactly one page, a long ragged extend
-CASES = [(1, 1), (17, 17), (40, 5), (17, 1), (70, 66)]
+# an extend after a cached prefix, one token after exactly one page, a long ragged extend, a short
+# extend after a cached prefix longer than one 64-key tile (which then runs unmasked)
+CASES = [(1, 1), (17, 17), (40, 5), (17, 1), (70, 66), (100, 2)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -147,6 +147,10 @@ def check_paged_inputs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
             raise ValueError(f"{name} must be contiguous in head_dim")
     if not (q.device == k_cache.device == v_cache.device == block_tables.device == seq_lens.device):
         raise ValueError("q, caches, block_tables and seq_lens must be on one device")
+    if seq_lens.device.type == "cpu" and num_seqs:  # value checks are free here; on a GPU they would sync
+        cap = block_tables.shape[1] * page
+        if (seq_lens < 1).any() or (seq_lens > cap).any():
+            raise ValueError(f"seq_lens must lie in [1, {cap}] (block_tables width x block_size), got {seq_lens.tolist()}")
 
 
 def choose_num_splits(max_seq_len: int, num_seqs: int, num_kv_heads: int) -> int:

@@ -112,6 +112,13 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     if query_start_loc.shape != (b + 1,) or query_start_loc.dtype != torch.int32:
         raise ValueError(f"query_start_loc must be int32 [{b + 1}], got {query_start_loc.dtype} "
                          f"{tuple(query_start_loc.shape)}")
+    if query_start_loc.device.type == "cpu" and b:
+        q_lens = query_start_loc[1:] - query_start_loc[:-1]
+        if int(query_start_loc[0]) != 0 or int(query_start_loc[-1]) != q.shape[0] or (q_lens < 0).any():
+            raise ValueError(f"query_start_loc must rise from 0 to T={q.shape[0]}, got {query_start_loc.tolist()}")
+        if (q_lens > seq_lens).any() or (q_lens > max_query_len).any():
+            raise ValueError(f"new tokens per sequence {q_lens.tolist()} must be <= seq_lens {seq_lens.tolist()} "
+                             f"and <= max_query_len {max_query_len}")
     if max_query_len < 1:
         raise ValueError(f"max_query_len must be >= 1, got {max_query_len}")
     t, hq, d = q.shape

@@ -7,7 +7,7 @@ from paged_data import make_cache, scattered_tables
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=3e-3, rtol=3e-3)}
 
 # (kv heads, q heads per kv head, head_dim, page size)
-SHAPES = [(2, 1, 16, 16), (1, 4, 32, 8), (1, 7, 64, 16), (2, 7, 128, 32)]
+SHAPES = [(2, 1, 16, 16), (1, 4, 32, 8), (1, 7, 64, 16), (2, 7, 128, 32), (1, 2, 16, 128)]
 # ragged: a context of 1, exactly one page, one past a page boundary, several pages
 LENS = [1, 16, 17, 5, 70]
 
@@ -53,5 +53,9 @@ def test_decode_rejects_bad_input():
         paged_decode_attention(torch.zeros(2, 3, 16), kc, kc, bt, lens, 1.0)
     with pytest.raises(ValueError, match="dtype"):
         paged_decode_attention(q.half(), kc, kc, bt, lens, 1.0)
+    with pytest.raises(ValueError, match="seq_lens must lie"):
+        paged_decode_attention(q, kc, kc, bt, torch.tensor([1, 33], dtype=torch.int32), 1.0)
+    with pytest.raises(ValueError, match="seq_lens must lie"):
+        paged_decode_attention(q, kc, kc, bt, torch.tensor([0, 3], dtype=torch.int32), 1.0)
     with pytest.raises(ValueError, match="power of two"):
         paged_decode_attention(q, torch.zeros(4, 12, 2, 16), torch.zeros(4, 12, 2, 16), bt, lens, 1.0)

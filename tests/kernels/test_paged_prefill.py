@@ -55,6 +55,10 @@ def test_prefill_rejects_bad_input():
         paged_prefill_attention(q, kc, kc, bt, torch.tensor([0, 2, 3]), lens, 1.0, 2)
     with pytest.raises(ValueError, match="query_start_loc"):
         paged_prefill_attention(q, kc, kc, bt, torch.tensor([0, 3], dtype=torch.int32), lens, 1.0, 2)
+    with pytest.raises(ValueError, match="rise from 0"):
+        paged_prefill_attention(q, kc, kc, bt, torch.tensor([0, 2, 4], dtype=torch.int32), lens, 1.0, 2)
+    with pytest.raises(ValueError, match="must be <= seq_lens"):
+        paged_prefill_attention(q, kc, kc, bt, torch.tensor([0, 1, 3], dtype=torch.int32), lens, 1.0, 2)
     with pytest.raises(ValueError, match="max_query_len"):
         paged_prefill_attention(q, kc, kc, bt, torch.tensor([0, 2, 3], dtype=torch.int32), lens, 1.0, 0)
     with pytest.raises(ValueError, match="head_dim"):

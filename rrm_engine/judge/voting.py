@@ -28,6 +28,7 @@ class Vote:
     p_first: float | None  # P(response a better): 1.0/0.0 for a read verdict, soft for a forced one
     swapped: bool = False  # the prompt showed b first
     forced: bool = False  # the verdict was read from log-probs after forcing "</think> \\boxed{Assistant "
+    token_ids: list[int] = field(default_factory=list)  # the generated tokens (forced text excluded)
 
 
 @dataclass

@@ -172,13 +172,20 @@ def sample(logits: torch.Tensor, row_index: torch.Tensor, temperature: torch.Ten
            top_p: torch.Tensor, min_p: torch.Tensor, seeds: torch.Tensor, offsets: torch.Tensor,
            *, validate: bool = True, backend: str = "auto", all_greedy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The sampler the engine calls. backend: "auto" (Triton on CUDA, torch reference on CPU),
-    "triton" (forced; on CPU needs TRITON_INTERPRET=1), "torch". validate=False skips the value
+    "triton" (forced; on CPU needs TRITON_INTERPRET=1), "torch", or "csrc" (CUDA C++ greedy
+    path, all_greedy only; JIT-built on first use, see kernels/csrc_ops.py). validate=False skips the value
     checks (one host sync), e.g. inside a CUDA graph where the caller has checked its inputs.
     all_greedy=True (the caller knows every temperature is 0) takes the one-pass greedy path."""
     if backend == "torch" or (backend == "auto" and not logits.is_cuda):
         return sample_ref(logits, row_index, temperature, top_k, top_p, min_p, seeds, offsets, validate=validate)
+    if backend == "csrc":
+        if not all_greedy:
+            raise ValueError("backend='csrc' implements the greedy path only: pass all_greedy=True")
+        from .csrc_ops import greedy_argmax_lse
+        _check_inputs(logits, row_index, temperature, top_k, top_p, min_p, seeds, offsets, validate)
+        return greedy_argmax_lse(logits, row_index)
     if backend not in ("auto", "triton"):
-        raise ValueError(f"unknown sampling backend {backend!r}; choose 'auto', 'triton' or 'torch'")
+        raise ValueError(f"unknown sampling backend {backend!r}; choose 'auto', 'triton', 'torch' or 'csrc'")
     return sample_triton(logits, row_index, temperature, top_k, top_p, min_p, seeds, offsets, validate=validate,
                          all_greedy=all_greedy)
 

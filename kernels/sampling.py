@@ -117,10 +117,13 @@ def _check_inputs(logits: torch.Tensor, row_index: torch.Tensor, temperature: to
 def filter_mask_ref(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     """[B, V] bool: the tokens the filters keep for temperature-scaled fp32 logits x [B, V]."""
     bsz, v = x.shape
-    sorted_x, order = x.sort(dim=1, descending=True)
     keep = x > float("-inf")  # masked vocabulary entries are never drawn
     k = top_k.long()
     k_on = (k > 0) & (k < v)
+    if not bool((k_on | (top_p < 1)).any()):  # no sort needed: only min-p (one host check)
+        log_min_p = torch.log(min_p.float())[:, None]
+        return keep & ((x - x.max(dim=1, keepdim=True).values) >= log_min_p)
+    sorted_x, order = x.sort(dim=1, descending=True)
     kth = sorted_x.gather(1, (k.clamp(1, v) - 1)[:, None])  # [B, 1]
     keep &= ~k_on[:, None] | (x >= kth)
     # top-p over the distribution renormalised on the top-k set
@@ -177,6 +180,13 @@ def sample(logits: torch.Tensor, row_index: torch.Tensor, temperature: torch.Ten
     checks (one host sync), e.g. inside a CUDA graph where the caller has checked its inputs.
     all_greedy=True (the caller knows every temperature is 0) takes the one-pass greedy path."""
     if backend == "torch" or (backend == "auto" and not logits.is_cuda):
+        # greedy-only batch: argmax + log_softmax, no filters, no random numbers (on CPU the
+        # all-zero check costs nothing; on CUDA pass all_greedy instead of syncing)
+        if all_greedy or (not logits.is_cuda and row_index.numel() and bool((temperature == 0).all())):
+            _check_inputs(logits, row_index, temperature, top_k, top_p, min_p, seeds, offsets, validate)
+            x = logits.index_select(0, row_index.long()).float()
+            tokens = x.argmax(dim=1)
+            return tokens, torch.log_softmax(x, dim=1).gather(1, tokens[:, None])[:, 0]
         return sample_ref(logits, row_index, temperature, top_k, top_p, min_p, seeds, offsets, validate=validate)
     if backend == "csrc":
         if not all_greedy:

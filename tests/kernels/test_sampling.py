@@ -189,8 +189,6 @@ def test_greedy_is_argmax_with_unscaled_logprob(backend):
     kw = params(4, temperature=0.0, top_k=3, top_p=0.5, min_p=0.2)
     expected_lp = torch.log_softmax(logits[rows], 1).gather(1, logits[rows].argmax(1)[:, None])[:, 0]
     for all_greedy in (False, True):
-        if all_greedy and backend == "torch":
-            continue
         tokens, lp = sample(logits, rows, **kw, backend=backend, all_greedy=all_greedy)
         assert tokens.tolist() == logits[rows].argmax(1).tolist()
         assert tokens[1] == 10

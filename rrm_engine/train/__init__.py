@@ -1,7 +1,9 @@
 """GRPO training of reward reasoning models on the same Decoder the engine serves.
 
-grpo.py (advantages, loss) <- trainer.py (the step) -> rollout.py (prompts, rewards) -> engine;
-data.py (pairs), logprobs.py (training forward), checkpoint.py (HF dir + trainer state), cli.py.
+trainer.py (the step) uses grpo.py (advantages, loss), rollout.py (prompts in random order,
+rule-based reward) through engine_sampler.py (the engine around the trainer's own Decoder),
+logprobs.py (dense training forward + chunked selective log-softmax), data.py (pairs),
+checkpoint.py (HF model dir + trainer state); cli.py is `python -m rrm_engine train`.
 """
 from .data import PairStream, PreferencePair
 from .grpo import group_advantages, grpo_loss, k3_kl

@@ -25,6 +25,9 @@ SALT_TOKEN = 0x68E31DA4
 # u = (bits >> 9 + 0.5) * 2**-23: 23 random bits plus a half step is exact in fp32 and lies
 # strictly inside (0, 1), so -log(-log(u)) is always finite.
 U_SCALE = 2.0 ** -23
+# The largest Gumbel noise -log(-log(u)) can reach: u <= 1 - 2**-24 gives 16.64; 17 leaves room
+# for fp32 rounding. Used to prune tokens that cannot win the race.
+GUMBEL_MAX = 17.0
 
 
 def _mix_torch(x: torch.Tensor) -> torch.Tensor:
@@ -45,13 +48,22 @@ def row_keys_torch(seeds: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Te
     return h1, h2
 
 
+def uniform_at_torch(seeds: torch.Tensor, offsets: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """float32 uniforms in (0, 1) at token indices idx, broadcasting seeds/offsets against idx."""
+    return uniform_from_keys_torch(*row_keys_torch(seeds, offsets), idx)
+
+
+def uniform_from_keys_torch(h1: torch.Tensor, h2: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """As uniform_at_torch, from row_keys_torch's keys (compute them once per row, then gather)."""
+    bits = _mix_torch(((idx.long() ^ SALT_TOKEN) + h2) & MASK32)
+    bits = _mix_torch(bits ^ h1)
+    return ((bits >> 9).to(torch.float32) + 0.5) * U_SCALE
+
+
 def uniform_torch(seeds: torch.Tensor, offsets: torch.Tensor, vocab: int) -> torch.Tensor:
     """[B, vocab] float32 uniforms in (0, 1) for samples with these seeds/offsets."""
-    h1, h2 = row_keys_torch(seeds, offsets)
     j = torch.arange(vocab, device=seeds.device, dtype=torch.int64)[None, :]
-    bits = _mix_torch(((j ^ SALT_TOKEN) + h2[:, None]) & MASK32)
-    bits = _mix_torch(bits ^ h1[:, None])
-    return ((bits >> 9).to(torch.float32) + 0.5) * U_SCALE
+    return uniform_at_torch(seeds[:, None], offsets[:, None], j)
 
 
 @triton.jit

@@ -44,7 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .rng import row_keys_tl, uniform_tl, uniform_torch
+from .rng import GUMBEL_MAX, row_keys_tl, row_keys_torch, uniform_from_keys_torch, uniform_tl
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -83,9 +83,10 @@ def _check_inputs(logits: torch.Tensor, row_index: torch.Tensor, temperature: to
         return
     r = logits.shape[0]
     problems = []
-    scanned = logits if scan_logits else logits[:, :0]
-    bad_rows = (torch.isnan(scanned) | torch.isposinf(scanned)).any(dim=1)
-    dead_rows = torch.isneginf(scanned).all(dim=1) & scan_logits
+    # one reduction finds both: max propagates NaN, is +inf with an +inf, -inf for a dead row
+    row_max = logits.amax(dim=1) if scan_logits else torch.zeros(r, device=logits.device)
+    bad_rows = torch.isnan(row_max) | torch.isposinf(row_max)
+    dead_rows = torch.isneginf(row_max)
     checks = torch.stack([
         bad_rows.any(), dead_rows.any(),
         ((row_index < 0) | (row_index >= r)).any(),
@@ -140,10 +141,32 @@ def filter_mask_ref(x: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, m
     return keep
 
 
+def gumbel_race_ref(x: torch.Tensor, keep: torch.Tensor | None, seeds: torch.Tensor,
+                    offsets: torch.Tensor) -> torch.Tensor:
+    """argmax over kept tokens of x - log(-log u(seed, offset, token)), first index on ties.
+
+    Exact but pruned: the noise never exceeds GUMBEL_MAX, and the row's best kept x with its own
+    noise is a lower bound on the winning score, so only tokens within GUMBEL_MAX of that bound
+    can win; the uniforms are hashed for those alone (a few per row instead of the vocabulary)."""
+    b = x.shape[0]
+    xm = x if keep is None else x.masked_fill(~keep, float("-inf"))
+    top = xm.argmax(dim=1)
+    top_x = xm.gather(1, top[:, None])[:, 0]
+    h1, h2 = row_keys_torch(seeds, offsets)
+    bound = top_x - torch.log(-torch.log(uniform_from_keys_torch(h1, h2, top)))
+    rows, cols = (xm + GUMBEL_MAX >= bound[:, None]).nonzero(as_tuple=True)
+    score = xm[rows, cols] - torch.log(-torch.log(uniform_from_keys_torch(h1[rows], h2[rows], cols)))
+    best = torch.full((b,), float("-inf"), device=x.device).scatter_reduce(0, rows, score, "amax")
+    won = score == best[rows]
+    return torch.full((b,), x.shape[1], dtype=torch.int64, device=x.device).scatter_reduce(
+        0, rows[won], cols[won], "amin")
+
+
 def sample_ref(logits: torch.Tensor, row_index: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
                top_p: torch.Tensor, min_p: torch.Tensor, seeds: torch.Tensor, offsets: torch.Tensor,
                *, validate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pure-torch sampler (sorts; runs anywhere). See the module docstring for the semantics."""
+    """Pure-torch sampler (sorts only when top-k / top-p are on; runs anywhere, and is the CPU
+    path). See the module docstring for the semantics."""
     _check_inputs(logits, row_index, temperature, top_k, top_p, min_p, seeds, offsets, validate)
     b, v = row_index.shape[0], logits.shape[1]
     if b == 0:
@@ -151,12 +174,11 @@ def sample_ref(logits: torch.Tensor, row_index: torch.Tensor, temperature: torch
     greedy = temperature == 0
     t = torch.where(greedy, torch.ones_like(temperature), temperature).float()
     x = logits.index_select(0, row_index.long()).float() / t[:, None]
-    logp = torch.log_softmax(x, dim=1)
-    keep = filter_mask_ref(x, top_k, top_p, min_p)
-    u = uniform_torch(seeds, offsets, v)
-    race = torch.where(keep, x - torch.log(-torch.log(u)), torch.tensor(float("-inf"), device=x.device))
-    tokens = torch.where(greedy, x.argmax(dim=1), race.argmax(dim=1))
-    return tokens, logp.gather(1, tokens[:, None])[:, 0]
+    any_filter = bool(((top_k > 0) & (top_k < v) | (top_p < 1) | (min_p > 0)).any())  # one host check
+    keep = filter_mask_ref(x, top_k, top_p, min_p) if any_filter else None
+    tokens = torch.where(greedy, x.argmax(dim=1), gumbel_race_ref(x, keep, seeds, offsets))
+    logprobs = x.gather(1, tokens[:, None])[:, 0] - torch.logsumexp(x, dim=1)
+    return tokens, logprobs
 
 
 def top_logprobs_ref(logits: torch.Tensor, row_index: torch.Tensor, temperature: torch.Tensor,

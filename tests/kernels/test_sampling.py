@@ -11,8 +11,12 @@ import math
 import pytest
 import torch
 
-from kernels.rng import uniform_torch
-from kernels.sampling import filter_mask_ref, sample, sample_ref, sample_triton, top_logprobs_ref
+import triton
+import triton.language as tl
+
+from kernels.rng import row_keys_tl, uniform_tl, uniform_torch
+from kernels.sampling import (filter_mask_ref, gumbel_race_ref, sample, sample_ref, sample_triton,
+                              top_logprobs_ref)
 
 ALPHA = 1e-3  # chi-square significance level; every draw is seeded, so each test is deterministic
 
@@ -250,3 +254,33 @@ def test_top_logprobs_are_the_largest_of_the_scaled_distribution():
     torch.testing.assert_close(vals, full.gather(1, ids))
     assert ids[:, 0].tolist() == full.argmax(1).tolist()
     assert (vals[:, :-1] >= vals[:, 1:]).all()
+
+
+@pytest.mark.parametrize("spread", [0.01, 1.0, 30.0])  # nearly flat rows keep every token a candidate
+def test_pruned_race_equals_the_full_race(spread):
+    gen = torch.Generator().manual_seed(4)
+    b, v = 64, 500
+    x = torch.randn(b, v, generator=gen) * spread
+    keep = torch.rand(b, v, generator=gen) < 0.7
+    keep[:, 0] = True
+    seeds, offsets = torch.randint(0, 1 << 60, (b,), generator=gen), torch.randint(0, 1 << 20, (b,), generator=gen)
+    for k in (keep, None):
+        noisy = x - torch.log(-torch.log(uniform_torch(seeds, offsets, v)))
+        full = (noisy if k is None else noisy.masked_fill(~k, float("-inf"))).argmax(dim=1)
+        assert torch.equal(gumbel_race_ref(x, k, seeds, offsets), full)
+
+
+@triton.jit
+def _uniform_probe(seeds, offsets, out, V: tl.constexpr):
+    b = tl.program_id(0)
+    h1, h2 = row_keys_tl(tl.load(seeds + b), tl.load(offsets + b))
+    idx = tl.arange(0, V)
+    tl.store(out + b * V + idx, uniform_tl(h1, h2, idx))
+
+
+def test_triton_and_torch_uniforms_agree_bit_for_bit():
+    seeds = torch.tensor([0, 1, -5, (1 << 62) + 12345, -(1 << 63)], dtype=torch.int64)
+    offsets = torch.tensor([0, 7, 1 << 40, 3, -1], dtype=torch.int64)
+    out = torch.empty(5, 64)
+    _uniform_probe[(5,)](seeds, offsets, out, V=64)
+    assert torch.equal(out, uniform_torch(seeds, offsets, 64))

@@ -103,6 +103,19 @@ def test_kl_to_frozen_reference(tiny_qwen2_dir, pairs_file):
     assert all(not p.requires_grad for p in ref.parameters())
 
 
+def test_sampling_temperature_and_several_updates_per_batch(tiny_qwen2_dir, pairs_file):
+    parity = lambda text, *_: 1 + len(text) % 2
+    tr, _ = _trainer(tiny_qwen2_dir, pairs_file, verdict_fn=parity, temperature=0.7, updates_per_batch=2,
+                     pairs_per_step=2, group_size=4, max_tokens=3)
+    m = tr.step()
+    # at T != 1 the engine reports per-sequence sums under log_softmax(logits / T): they must
+    # match the trainer's tempered log-probs too
+    assert m["logprob_mismatch_max"] < 1e-4
+    assert m["grad_norm"] > 0
+    # the second update sees the ratio move off 1 (the first update changed the policy)
+    assert m["ratio_max"] > 1.0 + 1e-4
+
+
 def test_grpo_learns_the_verdict(tiny_qwen2_dir, tmp_path):
     """Seeded learning check. The tiny random model is given a verdict prior: the LM-head rows of
     "1" and "2" get the same large component along the mean final hidden state of the prompts, so
@@ -138,5 +151,6 @@ def test_grpo_learns_the_verdict(tiny_qwen2_dir, tmp_path):
     assert 0.4 < start < 0.6
     rewards = [tr.step()["reward_mean"] for _ in range(15)]
     end = p_correct()
+    print(f"P(correct verdict) {start:.3f} -> {end:.3f}; reward per step {rewards}")
     assert end > start + 0.3, (start, end, rewards)
     assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.3, rewards

@@ -11,19 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..model import Decoder
+from kernels.selective_log_softmax import selective_log_softmax
 
-try:
-    from kernels.selective_log_softmax import selective_log_softmax
-except ImportError:  # STAND-IN until kernels/selective_log_softmax.py lands; same contract
-    def selective_log_softmax(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                              temperature: float = 1.0, chunk_size: int = 1024) -> torch.Tensor:
-        out = []
-        for s in range(0, hidden.shape[0], chunk_size):
-            logits = (hidden[s:s + chunk_size] @ weight.t()).float() / temperature
-            lbl = labels[s:s + chunk_size]
-            out.append(logits.gather(1, lbl[:, None])[:, 0] - torch.logsumexp(logits, dim=1))
-        return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+from ..model import Decoder
 
 
 @dataclass

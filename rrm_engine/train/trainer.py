@@ -86,10 +86,11 @@ class GRPOTrainer:
     def _autocast(self):
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
 
-    def _logprobs(self, model: Decoder, rollouts: list[Rollout]) -> torch.Tensor:
+    def _logprobs(self, model: Decoder, rollouts: list[Rollout]) -> tuple[torch.Tensor, torch.Tensor]:
+        """([B, R] response log-probs, [B, R] bool mask of real response tokens)."""
         batch = pack([r.prompt_ids for r in rollouts], [r.completion.token_ids for r in rollouts], self.device, self.pad_id)
         with self._autocast():
-            return response_logprobs(model, batch, self.cfg.temperature, self.cfg.logprob_chunk_size)
+            return response_logprobs(model, batch, self.cfg.temperature, self.cfg.logprob_chunk_size), batch.response_mask
 
     @staticmethod
     def _mismatch(chunk: list[Rollout], logp: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
@@ -134,9 +135,9 @@ class GRPOTrainer:
         with torch.no_grad():
             for i, sl in enumerate(parts):
                 if cfg.updates_per_batch > 1:
-                    old[i] = self._logprobs(self.model, rollouts[sl])
+                    old[i] = self._logprobs(self.model, rollouts[sl])[0]
                 if self.ref_model is not None and cfg.kl_coef != 0.0:
-                    ref[i] = self._logprobs(self.ref_model, rollouts[sl])
+                    ref[i] = self._logprobs(self.ref_model, rollouts[sl])[0]
 
         mismatch_max, mismatch_sum = 0.0, 0.0
         for update in range(cfg.updates_per_batch):
@@ -146,10 +147,7 @@ class GRPOTrainer:
                 if total_tokens == 0:
                     break
                 chunk = rollouts[sl]
-                logp = self._logprobs(self.model, chunk)
-                mask = torch.zeros_like(logp, dtype=torch.bool)
-                for j, r in enumerate(chunk):
-                    mask[j, :len(r.completion.token_ids)] = True
+                logp, mask = self._logprobs(self.model, chunk)
                 if update == 0:
                     mm = self._mismatch(chunk, logp.detach(), mask)
                     mismatch_max, mismatch_sum = max(mismatch_max, mm[0]), mismatch_sum + mm[1]
@@ -187,7 +185,8 @@ class GRPOTrainer:
             "logprob_mismatch_max": mismatch_max,
             "logprob_mismatch_mean": mismatch_sum / max(total_tokens, 1),
             "rollout_tokens_per_s": total_tokens / max(t_rollout, 1e-9),
-            "tokens_per_s": sum(len(r.prompt_ids) for r in rollouts) / max(dt, 1e-9) + total_tokens / max(dt, 1e-9),
+            # whole step (rollout + training), prompt and response tokens
+            "tokens_per_s": (sum(len(r.prompt_ids) for r in rollouts) + total_tokens) / max(dt, 1e-9),
             "step_time_s": dt,
         }
 

@@ -323,9 +323,13 @@ def _sample_kernel(logits_ptr, stride_row, row_index_ptr, temperature_ptr, top_k
                                         kept_mass, tl.where(k_on, k.to(tl.float32), 0.0), False,
                                         SEARCH_BLOCK, NUM_PROBES)
             p_on = sampled & (top_p < 1.0)
-            thresh, kept_mass = _search(base, live, V, t, row_max, thresh, tl.where(p_on, top_key, thresh + 1),
+            # a lower bracket that already satisfies top-p: the tokens below row_max - log(V / (1 - p))
+            # hold at most (1 - p) of exp(0) <= kept_mass (margin e^-1 for rounding). It saves passes.
+            p_floor = row_max - tl.log(V / tl.maximum(1.0 - top_p, 1e-30)) - 1.0
+            p_lo = tl.where(p_on, tl.maximum(thresh, _order_key(p_floor)), thresh)
+            thresh, kept_mass = _search(base, live, V, t, row_max, p_lo, tl.where(p_on, top_key, p_lo + 1),
                                         kept_mass, tl.where(p_on, top_p * kept_mass, 0.0), True,
-                                        SEARCH_BLOCK, NUM_PROBES)
+                                        SEARCH_BLOCK, NUM_PROBES)  # (its mass output is unused from here)
             log_min_p = tl.where(min_p > 0.0, tl.log(tl.maximum(min_p, 1e-30)), float("-inf"))  # -inf when off
             h1, h2 = row_keys_tl(tl.load(seeds_ptr + bs, mask=live, other=0),
                                  tl.load(offsets_ptr + bs, mask=live, other=0))

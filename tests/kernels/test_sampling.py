@@ -153,6 +153,9 @@ def test_triton_matches_reference_token_for_token(dtype, ties):
     tri_tokens, tri_lp = sample_triton(logits, rows, **kw, block=64)
     assert torch.equal(tri_tokens, ref_tokens)
     torch.testing.assert_close(tri_lp, ref_lp, rtol=1e-5, atol=1e-5)
+    # one sample per program, the layout a large vocabulary gets on a GPU
+    one = sample_triton(logits, rows[:6], **{k: v[:6] for k, v in kw.items()}, block=64, block_b=1)
+    assert torch.equal(one[0], ref_tokens[:6])
     full = torch.log_softmax(logits[rows].float() / torch.where(kw["temperature"] == 0, 1.0, kw["temperature"])[:, None], 1)
     torch.testing.assert_close(ref_lp, full.gather(1, ref_tokens[:, None])[:, 0], rtol=1e-5, atol=1e-5)
 

@@ -161,7 +161,7 @@ class Engine:
             else:
                 wants.append(SampleRequest(row, req.params, seq.seed, seq.num_generated))
                 owners.append((seq, seq.index))
-        results = sample(logits, wants)
+        results = sample(logits, wants) if wants else []
         self.scheduler.step_done(sched)
         # fork first (siblings copy the leader's blocks), then append and stop: a leader that
         # finishes at once (max_tokens=1) must not release its blocks before its siblings share them

@@ -46,10 +46,11 @@ class ModelRunner:
             seq_lens.append(start + s.num_new)
             rows.append(len(ids) - 1 if s.samples else -1)
         max_blocks = max(-(-n // bs) for n in seq_lens)
-        table = torch.zeros(len(seq_lens), max_blocks, dtype=torch.int32)
-        for b, s in enumerate(schedule.seqs):
-            n = -(-seq_lens[b] // bs)
-            table[b, :n] = torch.tensor(s.seq.block_table[:n], dtype=torch.int32)
+        padded = []
+        for s, n in zip(schedule.seqs, seq_lens):
+            nb = -(-n // bs)
+            padded.append(s.seq.block_table[:nb] + [0] * (max_blocks - nb))
+        table = torch.tensor(padded, dtype=torch.int32)
         q_lens_t = torch.tensor(q_lens, dtype=torch.int64)
         qsl = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
         torch.cumsum(q_lens_t, 0, out=qsl[1:])

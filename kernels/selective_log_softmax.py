@@ -47,12 +47,14 @@ def _chunk_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: flo
 class _SelectiveLogSoftmax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, temperature: float,
-                chunk_size: int, ignore_index: int) -> torch.Tensor:
+                chunk_size: int, ignore_index: int, use_triton: bool) -> torch.Tensor:
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(out)
+        # the Triton reduction reads the chunk's logits in their own dtype: no fp32 [chunk, V] copy
+        reduce = _token_logprobs_triton if use_triton else _chunk_logprobs
         for s in range(0, hidden.shape[0], chunk_size):
             e = s + chunk_size
-            out[s:e], lse[s:e] = _chunk_logprobs(hidden[s:e] @ weight.T, labels[s:e], temperature, ignore_index)
+            out[s:e], lse[s:e] = reduce(hidden[s:e] @ weight.T, labels[s:e], temperature, ignore_index)
         ctx.save_for_backward(hidden, weight, labels, lse)
         ctx.temperature, ctx.chunk_size, ctx.ignore_index = temperature, chunk_size, ignore_index
         return out
@@ -77,14 +79,17 @@ class _SelectiveLogSoftmax(torch.autograd.Function):
                 grad_h[s:e] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
             if need_w:
                 grad_w += g.T @ h.float()
-        return grad_h, grad_w.to(weight.dtype) if need_w else None, None, None, None, None
+        return grad_h, grad_w.to(weight.dtype) if need_w else None, None, None, None, None, None
 
 
 def selective_log_softmax(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                           temperature: float = 1.0, chunk_size: int = 1024,
-                          ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+                          ignore_index: int = IGNORE_INDEX, backend: str = "auto") -> torch.Tensor:
     """log_softmax(hidden @ weight.T / temperature)[i, labels[i]] -> [N] fp32, chunk by chunk,
-    differentiable w.r.t. hidden and weight (each chunk's logits recomputed in backward)."""
+    differentiable w.r.t. hidden and weight (each chunk's logits recomputed in backward).
+    backend: the forward's row reduction, "auto" (Triton on CUDA), "triton" or "torch"."""
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"unknown backend {backend!r}; choose 'auto', 'triton' or 'torch'")
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"need hidden [N, H] and weight [V, H], got {tuple(hidden.shape)} and {tuple(weight.shape)}")
     if not temperature > 0:
@@ -92,7 +97,9 @@ def selective_log_softmax(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     _check_labels(labels, hidden.shape[0], weight.shape[0], ignore_index)
-    return _SelectiveLogSoftmax.apply(hidden, weight, labels, float(temperature), int(chunk_size), ignore_index)
+    use_triton = backend == "triton" or (backend == "auto" and hidden.is_cuda)
+    return _SelectiveLogSoftmax.apply(hidden, weight, labels, float(temperature), int(chunk_size), ignore_index,
+                                      use_triton)
 
 
 def selective_log_softmax_ref(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -106,7 +113,7 @@ def selective_log_softmax_ref(hidden: torch.Tensor, weight: torch.Tensor, labels
 # ---------------------------------------------------------------- logits -> log p(label), Triton
 
 @triton.jit
-def _token_logprob_kernel(logits_ptr, stride_row, labels_ptr, out_ptr, V, inv_t, ignore_index,
+def _token_logprob_kernel(logits_ptr, stride_row, labels_ptr, out_ptr, lse_ptr, V, inv_t, ignore_index,
                           BLOCK: tl.constexpr):
     row = tl.program_id(0)
     base = logits_ptr + row.to(tl.int64) * stride_row
@@ -125,6 +132,21 @@ def _token_logprob_kernel(logits_ptr, stride_row, labels_ptr, out_ptr, V, inv_t,
     valid = label != ignore_index
     picked = tl.load(base + tl.where(valid, label, 0)).to(tl.float32) * inv_t
     tl.store(out_ptr + row, tl.where(valid, picked - lse, 0.0))
+    tl.store(lse_ptr + row, lse)
+
+
+def _token_logprobs_triton(logits: torch.Tensor, labels: torch.Tensor, temperature: float,
+                           ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(label), log-normaliser) per row, reading each row once in its own dtype."""
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    n, v = logits.shape
+    out = torch.empty(n, dtype=torch.float32, device=logits.device)
+    lse = torch.empty_like(out)
+    if n:
+        _token_logprob_kernel[(n,)](logits, logits.stride(0), labels, out, lse, v, 1.0 / temperature, ignore_index,
+                                    BLOCK=min(4096, triton.next_power_of_2(v)))
+    return out, lse
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
@@ -145,10 +167,4 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: floa
         return out
     if backend not in ("auto", "triton"):
         raise ValueError(f"unknown backend {backend!r}; choose 'auto', 'triton' or 'torch'")
-    if logits.stride(1) != 1:
-        logits = logits.contiguous()
-    out = torch.empty(n, dtype=torch.float32, device=logits.device)
-    if n:
-        _token_logprob_kernel[(n,)](logits, logits.stride(0), labels, out, v, 1.0 / temperature, ignore_index,
-                                    BLOCK=min(4096, triton.next_power_of_2(v)))
-    return out
+    return _token_logprobs_triton(logits, labels, temperature, ignore_index)[0]

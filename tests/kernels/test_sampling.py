@@ -153,6 +153,9 @@ def test_triton_matches_reference_token_for_token(dtype, ties):
     tri_tokens, tri_lp = sample_triton(logits, rows, **kw, block=64)
     assert torch.equal(tri_tokens, ref_tokens)
     torch.testing.assert_close(tri_lp, ref_lp, rtol=1e-5, atol=1e-5)
+    x = logits[rows].float() / torch.where(kw["temperature"] == 0, 1.0, kw["temperature"])[:, None]
+    kept = filter_mask_ref(x, kw["top_k"], kw["top_p"], kw["min_p"]).gather(1, tri_tokens[:, None])[:, 0]
+    assert (kept | (kw["temperature"] == 0)).all(), "the Triton sampler drew a filtered-out token"
     # one sample per program, the layout a large vocabulary gets on a GPU
     one = sample_triton(logits, rows[:6], **{k: v[:6] for k, v in kw.items()}, block=64, block_b=1)
     assert torch.equal(one[0], ref_tokens[:6])

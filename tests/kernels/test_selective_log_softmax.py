@@ -79,3 +79,18 @@ def test_bad_input_raises():
         selective_log_softmax(h, torch.randn(10, 5), torch.tensor([0, 1, 2]))
     with pytest.raises(ValueError, match="temperature"):
         token_logprobs(torch.randn(3, 10), torch.tensor([0, 1, 2]), temperature=0.0)
+
+
+def test_triton_reduction_inside_the_autograd_function():
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(11, 8, generator=gen, requires_grad=True)
+    weight = torch.randn(70, 8, generator=gen, requires_grad=True)
+    labels = torch.randint(0, 70, (11,), generator=gen)
+    labels[4] = IGNORE_INDEX
+    out = selective_log_softmax(hidden, weight, labels, 1.3, chunk_size=4, backend="triton")
+    gh, gw = torch.autograd.grad(out.sum(), (hidden, weight))
+    ref = selective_log_softmax_ref(hidden, weight, labels, 1.3)
+    rh, rw = torch.autograd.grad(ref.sum(), (hidden, weight))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gh, rh, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gw, rw, rtol=1e-4, atol=1e-5)

@@ -2,9 +2,10 @@
 decoder, and returns the logits of the rows that sample.
 
 Only rows that sample reach the LM head: the last token of each sequence whose (chunked)
-prefill completes this step and every decode row. Decode batches also carry the fork-group
-prefix level (the k votes of one prompt share their prompt's full blocks) for the shared-prefix
-kernel; backends that ignore the hint stay exact because block_tables are always complete.
+prefill completes this step and every decode row. Decode batches also carry two levels of
+shared prefixes (query prefix across requests, then each fork group's prompt) for the
+shared-prefix kernel; backends that ignore the hint stay exact because block_tables are always
+complete (the torch backend ignores it, so the levels are not built for it).
 
 CUDA graphs are not implemented yet: decode runs eagerly on every device (see the report).
 """
@@ -68,41 +69,57 @@ class ModelRunner:
             seq_lens_host=seq_lens,
         )
         if meta.is_decode and not isinstance(self.model.backend, TorchAttention):
-            meta.prefix_levels = self._fork_level(schedule, seq_lens)
+            meta.prefix_levels = self._prefix_levels(schedule, seq_lens)
         input_ids = torch.tensor(ids, dtype=torch.int64).to(dev, non_blocking=True)
         return input_ids, meta, rows
 
-    def _fork_level(self, schedule: Schedule, seq_lens: list[int]) -> list[PrefixLevel]:
-        """Group decode rows by request; each group's segment is the leading blocks all its
-        members hold (the prompt's full blocks shared by the fork)."""
-        groups: dict[int, list[int]] = {}
-        for b, s in enumerate(schedule.seqs):
-            groups.setdefault(id(s.seq.request), []).append(b)
-        seg_tables, seg_lens = [], []
-        seq_group = [-1] * len(schedule.seqs)
-        for members in groups.values():
+    def _prefix_levels(self, schedule: Schedule, seq_lens: list[int]) -> list[PrefixLevel]:
+        """Two nested levels of shared blocks among decode rows (whole blocks before each row's
+        new token):
+          level 0: rows whose tables start with the same block: their longest common run
+                   (e.g. the system prompt + query shared by all comparisons of one query);
+          level 1: inside a level-0 group that spans several requests, the rows of one request
+                   (the k votes of one comparison) share their prompt's blocks beyond level 0.
+        A cluster holding one request only gets its fork prefix at level 0 and no level 1."""
+        bs = self.block_size
+        tables = [s.seq.block_table for s in schedule.seqs]
+        limits = [(n - 1) // bs for n in seq_lens]  # blocks strictly before the new token
+        clusters: dict[int, list[int]] = {}
+        for b, t in enumerate(tables):
+            if limits[b] > 0:
+                clusters.setdefault(t[0], []).append(b)
+        level0: list[tuple[list[int], list[int]]] = []  # (members, blocks)
+        level1: list[tuple[list[int], list[int]]] = []
+        for members in clusters.values():
             if len(members) < 2:
                 continue
-            tables = [schedule.seqs[b].seq.block_table for b in members]
-            limit = min((seq_lens[b] - 1) // self.block_size for b in members)  # only blocks before the new token
-            n = 0
-            while n < limit and all(t[n] == tables[0][n] for t in tables):
-                n += 1
-            if n == 0:
-                continue
+            n0 = _common_run([tables[b] for b in members], min(limits[b] for b in members))
+            level0.append((members, tables[members[0]][:n0]))
+            by_request: dict[int, list[int]] = {}
             for b in members:
-                seq_group[b] = len(seg_tables)
-            seg_tables.append(tables[0][:n])
-            seg_lens.append(n * self.block_size)
-        if not seg_tables:
-            return []
-        width = max(len(t) for t in seg_tables)
-        bt = torch.zeros(len(seg_tables), width, dtype=torch.int32)
-        for g, t in enumerate(seg_tables):
-            bt[g, :len(t)] = torch.tensor(t, dtype=torch.int32)
+                by_request.setdefault(id(schedule.seqs[b].seq.request), []).append(b)
+            if len(by_request) < 2:
+                continue
+            for group in by_request.values():
+                if len(group) < 2:
+                    continue
+                n1 = _common_run([tables[b] for b in group], min(limits[b] for b in group))
+                if n1 > n0:
+                    level1.append((group, tables[group[0]][n0:n1]))
+        return [self._level(groups, len(tables)) for groups in (level0, level1) if groups]
+
+    def _level(self, groups: list[tuple[list[int], list[int]]], num_rows: int) -> PrefixLevel:
+        width = max(len(blocks) for _, blocks in groups)
+        seq_group = [-1] * num_rows
+        for g, (members, _) in enumerate(groups):
+            for b in members:
+                seq_group[b] = g
         dev = self.device
-        return [PrefixLevel(block_tables=bt.to(dev), lens=torch.tensor(seg_lens, dtype=torch.int32).to(dev),
-                            seq_group=torch.tensor(seq_group, dtype=torch.int32).to(dev))]
+        return PrefixLevel(
+            block_tables=torch.tensor([blocks + [0] * (width - len(blocks)) for _, blocks in groups],
+                                      dtype=torch.int32).to(dev),
+            lens=torch.tensor([len(blocks) * self.block_size for _, blocks in groups], dtype=torch.int32).to(dev),
+            seq_group=torch.tensor(seq_group, dtype=torch.int32).to(dev))
 
     @torch.inference_mode()
     def run(self, schedule: Schedule) -> tuple[torch.Tensor, list[int]]:
@@ -118,3 +135,11 @@ class ModelRunner:
             index.append(k if r >= 0 else -1)
             k += r >= 0
         return logits.float(), index
+
+
+def _common_run(tables: list[list[int]], limit: int) -> int:
+    """Number of leading blocks that all tables hold in common, at most limit."""
+    n, first = 0, tables[0]
+    while n < limit and all(t[n] == first[n] for t in tables):
+        n += 1
+    return n

@@ -1,0 +1,146 @@
+"""The judging workload of the throughput benchmark: queries, candidates, and the recorded prompts.
+
+Texts come from the PandaLM test set (../shared/data/pandalm_testset_v1.json) when it is present,
+else from a seeded synthetic generator. Candidates are padded with further real responses and cut
+at a token count, so that one comparison prompt (the judge's own RRM prompt: system + query + two
+candidates) is close to --prompt-len tokens.
+
+`RecordingLLM` wraps an rrm_engine.LLM for the judge: it forces every request to the benchmark's
+fixed generation length (ignore_eos, max_tokens = gen-len) so every system does the same work, and
+records each comparison prompt the judge submitted, its n, and when it was added and finished. The
+baselines then replay exactly those prompts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PANDALM = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "pandalm_testset_v1.json"
+
+_WORDS = ("the model answer response query result value system method function data process example "
+          "first second because however therefore which would should could between through during "
+          "important simple clear step analysis reason evidence detail accurate helpful concise user "
+          "question explain describe compare improve write list summary table number code test").split()
+
+
+@dataclass
+class Workload:
+    queries: list[str]
+    candidates: list[list[str]]  # per query
+    source: str  # "pandalm" or "synthetic"
+
+
+def _pandalm_rows() -> list[dict] | None:
+    if not PANDALM.is_file():
+        return None
+    rows = json.loads(PANDALM.read_text())
+    return [r for r in rows if r.get("response1") and r.get("response2")]
+
+
+def _synthetic_text(rng: random.Random, words: int) -> str:
+    sentences, n = [], 0
+    while n < words:
+        k = rng.randint(6, 16)
+        s = " ".join(rng.choice(_WORDS) for _ in range(k))
+        sentences.append(s[0].upper() + s[1:] + ".")
+        n += k
+    return " ".join(sentences)
+
+
+def _cut(tokenizer: Any, text: str, max_tokens: int) -> str:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer.decode(ids[:max_tokens], skip_special_tokens=True) if len(ids) > max_tokens else text
+
+
+def make_workload(builder: Any, num_queries: int, num_candidates: int, prompt_len: int, seed: int = 0) -> Workload:
+    """Q queries with N candidates each; builder is the judge's PromptBuilder (it measures lengths)."""
+    if num_queries < 1 or num_candidates < 2:
+        raise ValueError(f"need >= 1 query and >= 2 candidates, got {num_queries} and {num_candidates}")
+    rng = random.Random(seed)
+    rows = _pandalm_rows()
+    tok = builder.tokenizer
+    queries, cands = [], []
+    for q in range(num_queries):
+        if rows:
+            row = rows[rng.randrange(len(rows))]
+            query = row["instruction"] + (("\n\n" + row["input"]) if row.get("input") else "")
+            pool = [row["response1"], row["response2"]]
+            filler = lambda: rows[rng.randrange(len(rows))][rng.choice(("response1", "response2"))]  # noqa: E731
+        else:
+            query = _synthetic_text(rng, 20)
+            pool = []
+            filler = lambda: _synthetic_text(rng, 60)  # noqa: E731
+        # what one prompt costs without the candidates; they share the rest equally
+        base = len(builder.build(query, "", "").token_ids)
+        per_cand = max(1, (prompt_len - base) // 2)
+        longs = []
+        for c in range(num_candidates):
+            text = pool[c] if c < len(pool) else filler()
+            while len(tok(text, add_special_tokens=False)["input_ids"]) < per_cand + 16:
+                text += "\n\n" + filler()
+            longs.append(text)
+        # the separators around the candidates cost a few tokens more than `base` saw: correct once
+        over = len(builder.build(query, _cut(tok, longs[0], per_cand), _cut(tok, longs[1], per_cand)).token_ids) - prompt_len
+        per_cand = max(1, per_cand - over // 2)
+        texts = [_cut(tok, t, per_cand) for t in longs]
+        queries.append(query)
+        cands.append(texts)
+    return Workload(queries, cands, "pandalm" if rows else "synthetic")
+
+
+@dataclass
+class Recorded:
+    """One request the judge submitted: a comparison prompt with its votes."""
+    prompt_ids: list[int]
+    n: int
+    t_added: float
+    t_done: float | None = None
+
+
+@dataclass
+class RecordingLLM:
+    """The LLM as the judge sees it (its public caller-driven API), with fixed-length generation
+    and a record of every prompt and of each step's time and counters."""
+    llm: Any
+    gen_len: int
+    records: dict[str, Recorded] = field(default_factory=dict)
+    step_log: list[tuple[float, dict]] = field(default_factory=list)  # (seconds, metrics delta)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.llm.tokenizer
+
+    def add_request(self, prompt: list[int], params: Any, request_id: str | None = None) -> str:
+        if params.max_tokens == 1 and params.logprob_token_ids:
+            raise RuntimeError("the judge asked for a forced verdict: the benchmark runs it strict (nothing forced)")
+        params = dataclasses.replace(params, ignore_eos=True, max_tokens=self.gen_len)
+        rid = self.llm.add_request(prompt, params, request_id=request_id)
+        self.records[rid] = Recorded(list(prompt), params.n, time.perf_counter())
+        return rid
+
+    def step(self) -> list[Any]:
+        before = self.llm.metrics()
+        t0 = time.perf_counter()
+        outs = self.llm.step()
+        t1 = time.perf_counter()
+        after = self.llm.metrics()
+        self.step_log.append((t1 - t0, {k: after[k] - before[k] for k in
+                                        ("prefill_tokens_computed", "decode_tokens_computed", "generated_tokens")}))
+        for out in outs:
+            if out.finished and out.request_id in self.records:
+                self.records[out.request_id].t_done = t1
+        return outs
+
+    def abort(self, request_id: str) -> Any:
+        return self.llm.abort(request_id)
+
+    def has_unfinished(self) -> bool:
+        return self.llm.has_unfinished()
+
+    def metrics(self) -> dict:
+        return self.llm.metrics()

@@ -1,0 +1,58 @@
+"""Smoke test of `python -m bench.throughput` end to end on the tiny random Qwen2 (no timing asserts):
+the report's structure and the invariants that make the comparison fair and the sharing real."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import throughput
+
+VOTES, GEN, CANDIDATES = 2, 4, 3
+
+
+@pytest.fixture(scope="module")
+def report(tiny_qwen2_dir, smollm2_tokenizer, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "r.json"
+    throughput.main(["--model", str(tiny_qwen2_dir), "--queries", "1", "--candidates", str(CANDIDATES),
+                     "--votes", str(VOTES), "--gen-len", str(GEN), "--prompt-len", "200", "--method", "both",
+                     "--json", str(out), "--quiet"])
+    return json.loads(out.read_text())
+
+
+def test_report_structure(report):
+    run = report["run"]
+    assert set(run["systems"]) == {"a", "b", "c"}
+    assert set(run["ratios"]) == {"c/a", "c/b"}
+    for s in run["systems"].values():
+        for key in ("comparisons_per_s", "generated_tokens_per_s", "prefill_tokens_computed",
+                    "prefill_tokens_requested", "kv_peak_bytes", "p50_s_per_comparison", "p99_s_per_comparison"):
+            assert s[key] >= 0, key
+        assert s["p50_s_per_comparison"] <= s["p99_s_per_comparison"]
+    assert run["roofline_c"] is not None and 0 < run["roofline_c"]["fraction"]
+    assert report["ceilings"]["copy_bytes_per_s"] > 0 and report["ceilings"]["mm_flops_per_s"] > 0
+
+
+def test_same_work_and_sharing(report):
+    run = report["run"]
+    # knockout over 3 candidates: 2 matches; ELO round robin: 3 pairs
+    assert run["params"]["comparisons"] == 2 + 3
+    a, b, c = (run["systems"][k] for k in "abc")
+    want = run["params"]["comparisons"] * VOTES * GEN
+    assert a["generated_tokens"] == b["generated_tokens"] == c["generated_tokens"] == want
+    requested = c["prefill_tokens_requested"]
+    assert a["prefill_tokens_requested"] == b["prefill_tokens_requested"] == requested
+    # (c) prefills each prompt at most once, less where the radix tree shares the query prefix
+    assert c["prefill_tokens_computed"] < requested
+    # without sharing every vote computes its whole prompt; transformers expands and pads it
+    assert b["prefill_tokens_computed"] >= VOTES * requested
+    assert a["prefill_tokens_computed"] >= VOTES * requested
+    assert c["kv_peak_bytes"] < b["kv_peak_bytes"]
+
+
+@pytest.mark.parametrize("argv", [["--systems", "a,x"], ["--votes", "0"], ["--sweep", "temperature", "1,2"],
+                                  ["--plot", "x.png"], ["--layers", "2"]])
+def test_bad_options_are_refused(argv, capsys):
+    with pytest.raises(SystemExit):
+        throughput.parse_args(argv)
+    assert "error" in capsys.readouterr().err

@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(e, 8192, 1)
 
     d = sub.add_parser("demo", help="a couple of comparisons and a small ranking on the embedded model")
-    _common(d, 48, 1)
+    _common(d, 32, 1)
 
     # --- train hook: the training engineer's parser, when the package provides it -----------------
     try:

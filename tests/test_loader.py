@@ -356,3 +356,11 @@ def test_load_embedded_by_name(embedded_dir):
     assert lm.tokenizer.decode([2]) == "<|im_end|>"
     ids = lm.tokenizer("Hello world")["input_ids"]
     assert ids[0] != lm.config.bos_token_id  # SmolLM2 adds no BOS on its own
+
+
+def test_device_and_dtype_defaults(tiny_qwen2_dir):
+    assert loader.default_dtype("cuda") == torch.bfloat16 and loader.default_dtype("cpu") == torch.float32
+    lm = load(tiny_qwen2_dir)  # no GPU here: cpu, fp32
+    expected = loader.default_device()
+    p = lm.model.lm_head_weight
+    assert p.device.type == expected.type and p.dtype == loader.default_dtype(expected)

@@ -57,10 +57,12 @@ def test_literal_substitution_is_single_pass():
 
 
 def test_embedded_template_does_not_open_think(tokenizer):
-    p = PromptBuilder(tokenizer).build("q", "a", "b")
-    assert not p.opens_think
-    assert p.text.startswith(tokenizer.apply_chat_template([{"role": "system", "content": SYSTEM}], tokenize=False)[:20])
-    assert SYSTEM in p.text
+    b = PromptBuilder(tokenizer)
+    p = b.build("q", "a", "b")
+    msgs = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": fill_template(USER, "q", "a", "b")}]
+    assert p.text == tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    assert not p.opens_think and "<think>" not in p.text
+    assert p.token_ids == tokenizer(p.text, add_special_tokens=False)["input_ids"]
 
 
 def test_custom_user_template(tokenizer):

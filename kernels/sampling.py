@@ -380,9 +380,12 @@ def sample_triton(logits: torch.Tensor, row_index: torch.Tensor, temperature: to
     bb = block_b or max(1, min(64, triton.next_power_of_2(b), 4096 // blk))
     search_blk = max(1, min(blk, 4096 // (bb * num_probes)))
     grid = (triton.cdiv(b, bb),)
+    # 8 warps for a full 2K block: 91 registers/thread (sm_90, ptxas) vs 161 with 4, more warps per
+    # SM to keep loads in flight. A first guess, not yet measured on a GPU.
+    warps = 8 if bb * blk >= 2048 else 4
     _sample_kernel[grid](logits, logits.stride(0), row_index, temperature, top_k, top_p, min_p, seeds, offsets,
                          tokens, logprobs, status, b, v, GREEDY_ONLY=all_greedy, BLOCK_B=bb, BLOCK=blk,
-                         SEARCH_BLOCK=search_blk, NUM_PROBES=num_probes)
+                         SEARCH_BLOCK=search_blk, NUM_PROBES=num_probes, num_warps=warps)
     if validate:
         bad = status.nonzero().flatten()
         if bad.numel():

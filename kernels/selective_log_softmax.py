@@ -145,7 +145,7 @@ def _token_logprobs_triton(logits: torch.Tensor, labels: torch.Tensor, temperatu
     lse = torch.empty_like(out)
     if n:
         _token_logprob_kernel[(n,)](logits, logits.stride(0), labels, out, lse, v, 1.0 / temperature, ignore_index,
-                                    BLOCK=min(4096, triton.next_power_of_2(v)))
+                                    BLOCK=min(4096, triton.next_power_of_2(v)), num_warps=8)  # 4 warps: 121 regs
     return out, lse
 
 

@@ -389,7 +389,9 @@ class Judge:
         valid.sort(key=lambda x: x[1][0])
         for n, (q, a, b) in valid:
             try:
-                _CompareJob(self, q, a, b, k, self._rng("c", n), finish(n)).start(driver)
+                # seeded by content, not batch position: the same item gets the same votes in any batch,
+                # on any replica of a pool
+                _CompareJob(self, q, a, b, k, self._rng("c", q, a, b), finish(n)).start(driver)
             except ValueError as e:
                 results[n] = _failed(f"ValueError: {e}")
         driver.run()
@@ -444,7 +446,7 @@ class _RankJob:
     def advance(self) -> None:
         for m in self.t.ready():
             job = _CompareJob(self.judge, self.query, self.cands[m.i], self.cands[m.j], self.k,
-                              self.judge._rng("r", self.n, m.id), lambda c, m=m: self._report(m, c))
+                              self.judge._rng("r", self.query, *self.cands, m.id), lambda c, m=m: self._report(m, c))
             job.start(self.driver)
         if self.t.done and self.results[self.n] is None:
             self._finish()

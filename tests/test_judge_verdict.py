@@ -60,3 +60,24 @@ def test_parse_verdict_is_strict():
     assert parse_verdict("\\boxed{Assistant 1}") is None
     with pytest.raises(ValueError):
         read_verdict(None)  # type: ignore[arg-type]
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from rrm_engine.judge.prompt import USER, fill_template  # noqa: E402
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.text(), st.sampled_from([1, 2]), st.text(alphabet=st.characters(blacklist_characters="\\{}")))
+def test_reasoning_never_counts(thinking, verdict, tail):
+    # whatever the thinking says (boxes, braces, "</think>" inside it), only the last answer counts
+    text = thinking + "</think>\n\\boxed{Assistant " + str(verdict) + "}" + tail.replace("</think>", "")
+    assert read_verdict(text, "stop") == (verdict, "ok")
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.text(), st.text(), st.text())
+def test_substitution_is_literal(q, a, b):
+    expected = ("## Query\n\n" + q + "\n\n## Assistant responses\n\n### Assistant 1\n\n" + a + "\n\n\n### Assistant 2\n\n"
+                + b + "\n\n" + USER.split("{answer2}\n\n", 1)[1])
+    assert fill_template(USER, q, a, b) == expected

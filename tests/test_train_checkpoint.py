@@ -72,8 +72,10 @@ def test_resume_continues_exactly(tiny_qwen2_dir, pairs_file, tmp_path):
     assert (ckpt / "config.json").is_file() and (ckpt / "model.safetensors").is_file() and (ckpt / TRAINER_STATE).is_file()
     save_checkpoint(first, tmp_path / "ckpt")  # overwriting an existing checkpoint is fine
 
-    resumed = _trainer(ckpt, pairs_file)  # model weights from the checkpoint dir
-    resume(resumed, ckpt, load_weights=False)
+    # a fresh trainer on the initial weights; resume copies the saved ones into its Decoder in place
+    # (the CLI instead loads the checkpoint dir as the model: tests/test_train_cli.py)
+    resumed = _trainer(tiny_qwen2_dir, pairs_file)
+    resume(resumed, ckpt)
     assert resumed.step_count == 2
     r = resumed.step()
     assert r["step"] == 3

@@ -31,14 +31,20 @@ Semantics, shared by both implementations:
   * Greedy: argmax of the row (first index on exact ties).
   * NaN or +inf in a logits row raises ValueError naming the rows; so does a row of all -inf.
 
-The Triton kernel finds the top-k / top-p thresholds without sorting: a search over the
-order-preserving int32 image of the fp32 values, each pass counting (and summing the mass of)
-the tokens above NUM_PROBES probe thresholds at once. The kept set equals the reference's except
-when the accumulated mass lands within fp32 rounding of top_p exactly (summation order differs).
+Implementations:
+  * sample_ref (torch; the CPU path): sorts only when top-k / top-p are on, and hashes uniforms
+    only for tokens that can still win the race (see gumbel_race_ref).
+  * sample_triton: no sort. Pass 1 gives max, argmax, log-normaliser and bad-value flags; then
+    the top-k and top-p thresholds are found by a search over the order-preserving integer image
+    of the fp32 values, each pass counting (and summing the mass of) the tokens above NUM_PROBES
+    probe thresholds at once (~8 passes for 32 bits; top-p starts from a provable lower bracket);
+    a last pass runs the race. Greedy rows stop after pass 1. The kept set equals the reference's
+    except when the accumulated mass lands within fp32 rounding of top_p (summation order differs).
+  * sample(..., backend="csrc", all_greedy=True): the CUDA C++ greedy kernel in csrc/.
+Not yet run on a GPU: correctness is tested in Triton's interpreter, and CI compiles the kernel
+for sm_90 (tests/test_csrc_build.py); launch parameters are first guesses.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 import triton

@@ -22,6 +22,7 @@ import torch
 
 from .attention import KVCache
 from .block_pool import BlockPool
+from .decode_graphs import StaticDecode
 from .detokenizer import IncrementalDetokenizer
 from .metrics import Metrics
 from .model import Decoder
@@ -37,7 +38,7 @@ from .sequence import Request, Sequence, Status
 class Engine:
     def __init__(self, model: Decoder, tokenizer, eos_token_ids: tuple[int, ...], *, num_blocks: int,
                  block_size: int = 16, enable_prefix_caching: bool = True, max_num_batched_tokens: int = 2048,
-                 max_num_seqs: int = 256, seed: int = 0):
+                 max_num_seqs: int = 256, seed: int = 0, cuda_graphs: bool = False):
         for name, v in (("num_blocks", num_blocks), ("block_size", block_size),
                         ("max_num_batched_tokens", max_num_batched_tokens), ("max_num_seqs", max_num_seqs)):
             if not isinstance(v, int) or v < 1:
@@ -49,11 +50,13 @@ class Engine:
         p = next(model.parameters())
         # tensor-parallel shards hold fewer heads: size the cache from the module, not the config
         kv_heads = model.model.layers[0].self_attn.k_proj.weight.shape[0] // cfg.head_dim
-        self.cache = KVCache.allocate(cfg.num_layers, num_blocks, block_size, kv_heads, cfg.head_dim, p.dtype, p.device)
+        # one block more than the pool hands out: the scratch block that padded decode rows write to
+        self.cache = KVCache.allocate(cfg.num_layers, num_blocks + 1, block_size, kv_heads, cfg.head_dim, p.dtype, p.device)
         self.pool = BlockPool(num_blocks, block_size)
         self.tree = RadixCache(self.pool) if enable_prefix_caching else None
         self.scheduler = Scheduler(self.pool, self.tree, max_num_batched_tokens, max_num_seqs)
-        self.runner = ModelRunner(model, self.cache)
+        static = StaticDecode(model, self.cache, max_num_seqs, self.max_model_len, scratch_block=num_blocks) if cuda_graphs else None
+        self.runner = ModelRunner(model, self.cache, static)
         self.requests: dict[str, Request] = {}
         self._arrival = itertools.count()
         self._seq_ids = itertools.count()

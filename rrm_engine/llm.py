@@ -14,7 +14,7 @@ from .engine import Engine
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 
-_CPU_DEFAULT_KV_TOKENS = 32768
+_CPU_DEFAULT_KV_TOKENS = 16384  # 0.75 GB of fp32 KV for SmolLM2-135M
 _GPU_KV_FRACTION = 0.85  # of the memory free after loading the weights
 
 
@@ -22,7 +22,12 @@ class LLM:
     def __init__(self, model="embedded", device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                  kv_cache_tokens: int | None = None, enable_prefix_caching: bool = True, block_size: int = 16,
                  max_num_batched_tokens: int = 2048, max_num_seqs: int = 256, attention_backend: str = "auto",
-                 seed: int = 0):
+                 seed: int = 0, cuda_graphs: bool = False, tensor_parallel_size: int = 1):
+        """cuda_graphs: run pure decode steps as CUDA graphs replayed at padded batch sizes (1, 2,
+        4, ...); off by default until validated on a GPU. On CPU it runs the same padded path eagerly.
+        tensor_parallel_size > 1: this process is one rank of an initialised torch.distributed group of
+        that size (torchrun or rrm_engine.distributed.tensor_parallel_launch); every rank runs the same
+        calls on the same inputs (see rrm_engine/distributed/tensor_parallel.py, docs/SCALE_OUT.md)."""
         from .loader import LoadedModel, load
 
         if isinstance(model, (str, os.PathLike)):
@@ -35,15 +40,22 @@ class LLM:
         self.tokenizer = loaded.tokenizer
         decoder = loaded.model
         decoder.eval()
+        if tensor_parallel_size != 1:  # shard first: the KV cache below is sized from the shard's model.cfg
+            from .distributed.tensor_parallel import shard_for_engine
+            shard_for_engine(decoder, tensor_parallel_size)
         decoder.backend = _make_backend(attention_backend, next(decoder.parameters()).device)
         if kv_cache_tokens is None:
             kv_cache_tokens = _default_kv_tokens(decoder, block_size)
+            if tensor_parallel_size != 1:  # ranks must schedule alike: size every cache by the fullest GPU
+                from .distributed.tensor_parallel import agree_min
+                kv_cache_tokens = agree_min(kv_cache_tokens, next(decoder.parameters()).device)
         if not isinstance(kv_cache_tokens, int) or kv_cache_tokens < block_size:
             raise ValueError(f"kv_cache_tokens must be an integer >= block_size ({block_size}), got {kv_cache_tokens!r}")
         self.engine = Engine(decoder, loaded.tokenizer, tuple(loaded.eos_token_ids),
                              num_blocks=kv_cache_tokens // block_size, block_size=block_size,
                              enable_prefix_caching=enable_prefix_caching,
-                             max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs, seed=seed)
+                             max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs, seed=seed,
+                             cuda_graphs=cuda_graphs)
         self._pending: list[RequestOutput] = []  # outputs of caller-driven requests seen inside generate()
 
     # ------------------------------------------------------------------------- generation

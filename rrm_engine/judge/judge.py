@@ -18,6 +18,7 @@ adaptive voting (`adaptive=True`) aborts the comparison's requests once the majo
 """
 from __future__ import annotations
 
+import inspect
 import math
 import random
 import time
@@ -294,11 +295,16 @@ class Judge:
             self.forced_ids(True)  # fail now, not mid-batch, if the tokenizer cannot express it
 
     @classmethod
-    def from_pretrained(cls, model: str = "embedded", judge_kwargs: dict | None = None, **llm_kwargs: Any) -> "Judge":
+    def from_pretrained(cls, model: str = "embedded", **kwargs: Any) -> "Judge":
+        """Judge over a new rrm_engine.LLM(model): keyword arguments that Judge takes (votes=,
+        max_tokens=, ...) go to the Judge, the others (device=, dtype=, kv_cache_tokens=, ...) to LLM."""
         llm_cls, _ = _engine_api()
         if llm_cls is None:
             raise RuntimeError("rrm_engine.LLM is not available")
-        return cls(llm_cls(model, **llm_kwargs), **(judge_kwargs or {}))
+        own = set(inspect.signature(cls.__init__).parameters) - {"self", "llm"}
+        judge_kwargs = {k: v for k, v in kwargs.items() if k in own}
+        llm_kwargs = {k: v for k, v in kwargs.items() if k not in own}
+        return cls(llm_cls(model, **llm_kwargs), **judge_kwargs)
 
     # -- helpers ---------------------------------------------------------------------------------
     @staticmethod

@@ -116,6 +116,26 @@ def test_sampling_temperature_and_several_updates_per_batch(tiny_qwen2_dir, pair
     assert m["ratio_max"] > 1.0 + 1e-4
 
 
+def test_skipping_zero_advantage_rollouts_changes_nothing(tiny_qwen2_dir, pairs_file):
+    parity = lambda text, *_: 1 + len(text) % 2
+    kw = dict(verdict_fn=parity, pairs_per_step=3, group_size=2, max_tokens=2, weight_decay=0.1)
+    full, _ = _trainer(tiny_qwen2_dir, pairs_file, skip_zero_advantage=False, **kw)
+    skip, _ = _trainer(tiny_qwen2_dir, pairs_file, **kw)
+    init = full.model.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    a = [full.step() for _ in range(3)]
+    b = [skip.step() for _ in range(3)]
+    assert any(m["trained_rollouts"] < 6 for m in b)  # some groups agreed and were skipped
+    assert all(m["trained_rollouts"] == 6 for m in a)
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-6)
+    for (name, p), q in zip(full.model.state_dict().items(), skip.model.state_dict().values()):
+        # equal up to float noise (micro-batches differ) that Adam's normalisation magnifies;
+        # each step moves parameters by ~lr = 1e-2
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-4, msg=name)
+    moved = (full.model.model.layers[0].self_attn.q_proj.weight - init).abs().max()
+    assert moved > 1e-3
+
+
 def test_grpo_learns_the_verdict(tiny_qwen2_dir, tmp_path):
     """Seeded learning check. The tiny random model is given a verdict prior: the LM-head rows of
     "1" and "2" get the same large component along the mean final hidden state of the prompts, so

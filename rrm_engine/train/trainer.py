@@ -44,6 +44,9 @@ class TrainConfig:
     micro_batch_size: int = 8  # sequences per forward/backward
     logprob_chunk_size: int = 1024
     gradient_checkpointing: bool = False
+    # rollouts with advantage 0 (groups whose rewards all agree) add exactly nothing to the loss
+    # or its gradient when kl_coef == 0: leave them out of the training forward/backward
+    skip_zero_advantage: bool = True
     seed: int = 0
 
     def rollout_config(self) -> RolloutConfig:
@@ -122,8 +125,12 @@ class GRPOTrainer:
         rewards = torch.tensor([r.reward for r in rollouts]).view(cfg.pairs_per_step, cfg.group_size)
         adv = group_advantages(rewards, cfg.adv_eps).flatten().to(self.device)
         lengths = [len(r.completion.token_ids) for r in rollouts]
-        total_tokens = sum(lengths)
-        parts = self._micro_batches(len(rollouts))
+        total_tokens = sum(lengths)  # the token mean is over ALL response tokens, trained or not
+        keep = list(range(len(rollouts)))
+        if cfg.skip_zero_advantage and cfg.kl_coef == 0.0:
+            keep = [i for i in keep if adv[i].item() != 0.0]
+        trained, adv = [rollouts[i] for i in keep], adv[keep]
+        parts = self._micro_batches(len(trained))
 
         self.model.gradient_checkpointing = cfg.gradient_checkpointing
         self.model.train()
@@ -135,18 +142,17 @@ class GRPOTrainer:
         with torch.no_grad():
             for i, sl in enumerate(parts):
                 if cfg.updates_per_batch > 1:
-                    old[i] = self._logprobs(self.model, rollouts[sl])[0]
+                    old[i] = self._logprobs(self.model, trained[sl])[0]
                 if self.ref_model is not None and cfg.kl_coef != 0.0:
-                    ref[i] = self._logprobs(self.ref_model, rollouts[sl])[0]
+                    ref[i] = self._logprobs(self.ref_model, trained[sl])[0]
 
         mismatch_max, mismatch_sum = 0.0, 0.0
+        grad_norm = 0.0
         for update in range(cfg.updates_per_batch):
             stats = LossStats(0.0, 0.0, 0.0, 0.0)
             loss_total = 0.0
             for i, sl in enumerate(parts):
-                if total_tokens == 0:
-                    break
-                chunk = rollouts[sl]
+                chunk = trained[sl]
                 logp, mask = self._logprobs(self.model, chunk)
                 if update == 0:
                     mm = self._mismatch(chunk, logp.detach(), mask)
@@ -158,6 +164,11 @@ class GRPOTrainer:
                 loss_total += loss.item()
                 stats = LossStats(stats.tokens + s.tokens, stats.clipped_tokens + s.clipped_tokens,
                                   stats.kl_sum + s.kl_sum, max(stats.ratio_max, s.ratio_max))
+            for p in self.model.parameters():
+                if p.requires_grad and p.grad is None:
+                    # untouched (e.g. nothing trained this step): a zero gradient, so AdamW's
+                    # momentum and weight decay advance exactly as if the zeros were computed
+                    p.grad = torch.zeros_like(p)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm))
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -174,16 +185,18 @@ class GRPOTrainer:
             "reward_mean": float(rewards.mean()),
             "accuracy": sum(r.correct for r in rollouts) / n,
             "invalid_rate": sum(r.verdict is None for r in rollouts) / n,
-            "kl": stats.kl_sum / max(stats.tokens, 1.0),
-            "clip_fraction": stats.clipped_tokens / max(stats.tokens, 1.0),
-            "ratio_max": stats.ratio_max,
+            "kl": stats.kl_sum / max(total_tokens, 1),
+            "clip_fraction": stats.clipped_tokens / max(total_tokens, 1),
+            "ratio_max": stats.ratio_max if trained else None,
             # Monte-Carlo entropy estimate: mean -log p of the sampled tokens (free; the exact
             # entropy would need the full [tokens, vocab] softmax the chunked path avoids)
             "entropy": -sum(r.completion.sum_logprob for r in rollouts) / max(total_tokens, 1),
             "response_len_mean": total_tokens / n,
-            "grad_norm": grad_norm if total_tokens else 0.0,
-            "logprob_mismatch_max": mismatch_max,
-            "logprob_mismatch_mean": mismatch_sum / max(total_tokens, 1),
+            "grad_norm": grad_norm,
+            "trained_rollouts": len(trained),
+            # measured on the trained rollouts; None when none was trained this step
+            "logprob_mismatch_max": mismatch_max if trained else None,
+            "logprob_mismatch_mean": mismatch_sum / max(sum(len(r.completion.token_ids) for r in trained), 1) if trained else None,
             "rollout_tokens_per_s": total_tokens / max(t_rollout, 1e-9),
             # whole step (rollout + training), prompt and response tokens
             "tokens_per_s": (sum(len(r.prompt_ids) for r in rollouts) + total_tokens) / max(dt, 1e-9),

@@ -173,7 +173,7 @@ def _summary(title: str, rows: Sequence[Any], results: Sequence[Comparison], sec
              ("errors", sum(c.error is not None for c in results)),
              ("invalid votes", sum(c.invalid for c in results)),
              ("forced votes", sum(v.forced for c in results for v in c.votes)),
-             ("generated tokens", sum(c.tokens_used for c in results)), ("seconds", round(seconds, 1))]
+             ("tokens (generated + forced)", sum(c.tokens_used for c in results)), ("seconds", round(seconds, 1))]
     if labelled:
         correct = sum(c.winner == r.label - 1 for r, c in labelled)
         table.append(("accuracy (labelled)", correct / len(labelled)))
@@ -203,7 +203,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
     print_table(f"rank ({args.method})", ("metric", "value"), [
         ("queries", len(results)), ("errors", sum(r.error is not None for r in results)),
         ("matches", sum(len(r.matches) for r in results)), ("invalid matches", sum(r.invalid for r in results)),
-        ("generated tokens", sum(r.tokens_used for r in results)),
+        ("tokens (generated + forced)", sum(r.tokens_used for r in results)),
         ("seconds", round(time.perf_counter() - t0, 1))])
     return 0
 
@@ -231,7 +231,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         ("accuracy", sum(correct) / n), ("accuracy, no decision = 0.5", (sum(correct) + 0.5 * undecided) / n),
         ("no decision", undecided), ("invalid votes", sum(c.invalid for c in results)),
         ("errors", sum(c.error is not None for c in results)),
-        ("generated tokens", sum(c.tokens_used for c in results)), ("seconds", round(time.perf_counter() - t0, 1))])
+        ("tokens (generated + forced)", sum(c.tokens_used for c in results)), ("seconds", round(time.perf_counter() - t0, 1))])
     if args.rewardbench:
         right: dict[str, int] = defaultdict(int)
         total: dict[str, int] = defaultdict(int)

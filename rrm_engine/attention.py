@@ -101,14 +101,38 @@ def gather_kv(layer: int, cache: KVCache, block_tables: torch.Tensor, max_len: i
     return k, v
 
 
+def attend_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                    scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Partial attention that can be merged later: q [N, Hkv, M, D], k/v [N, Hkv, L, D], mask
+    broadcastable to [N, Hkv, M, L] (True = attend). Returns out [N, Hkv, M, D] and the
+    log-sum-exp of the scores [N, Hkv, M] in fp32; a row with nothing to attend gets lse = -inf."""
+    s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    s = s.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse.unsqueeze(-1)).nan_to_num_(0.0)
+    return torch.matmul(p, v.float()), lse
+
+
+def merge_by_lse(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Exact softmax over the union of disjoint key sets from their partial (out, lse) pairs;
+    out [..., D], lse [...]."""
+    lse = torch.stack([l for _, l in parts])
+    m = lse.amax(dim=0)
+    w = torch.exp(lse - m)  # parts with lse = -inf weigh 0
+    return sum(wi.unsqueeze(-1) * o for wi, (o, _) in zip(w, parts)) / w.sum(dim=0).unsqueeze(-1)
+
+
 class TorchAttention:
-    """Reference backend in plain torch; runs anywhere. Decode is batched with a length mask;
-    prefill/extend runs one SDPA per sequence (a reference, not a fast path)."""
+    """Reference backend in plain torch; runs anywhere. Decode is batched with a length mask, and
+    when the runner names shared prefixes (meta.prefix_levels) it reads each prefix once per group
+    instead of once per sequence (cascade); prefill/extend runs one SDPA per sequence."""
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  cache: KVCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         store_kv(layer, k, v, cache, meta.slot_mapping)
         if meta.is_decode:
+            if meta.prefix_levels:
+                return self._cascade_decode(layer, q, cache, meta, scale)
             return self._decode(layer, q, cache, meta, scale)
         out = torch.empty_like(q)
         start = 0
@@ -130,3 +154,56 @@ class TorchAttention:
         o = F.scaled_dot_product_attention(q.unsqueeze(2), kb.transpose(1, 2).to(q.dtype), vb.transpose(1, 2).to(q.dtype),
                                            attn_mask=mask, scale=scale, enable_gqa=True)  # [B, Hq, 1, D]
         return o[:, :, 0]
+
+    def _cascade_decode(self, layer: int, q: torch.Tensor, cache: KVCache, meta: AttentionMetadata,
+                        scale: float) -> torch.Tensor:
+        """Each group's prefix is gathered once and attended by all its members' query heads in one
+        matmul; each sequence's own suffix is attended separately; the parts merge by LSE. The
+        group bookkeeping runs on the host (this backend is the CPU path, where that is free)."""
+        b, hq, d = q.shape
+        hkv, bs = cache.k.shape[3], cache.block_size
+        g = hq // hkv
+        covered = [0] * b  # tokens of each sequence covered by the levels so far
+        parts = []
+        for level in meta.prefix_levels:
+            seq_group, lens = level.seq_group.tolist(), level.lens.tolist()
+            members = [i for i, grp in enumerate(seq_group) if grp >= 0]
+            if not members:
+                continue
+            slot, count = [], [0] * len(lens)
+            for i in members:
+                slot.append(count[seq_group[i]])
+                count[seq_group[i]] += 1
+            gi = torch.tensor([seq_group[i] for i in members], device=q.device)
+            si = torch.tensor(slot, device=q.device)
+            rows = torch.tensor(members, device=q.device)
+            n_groups, m_max = len(lens), max(count)
+            qg = q.new_zeros(n_groups, m_max, hq, d)
+            qg[gi, si] = q[rows]
+            qg = qg.view(n_groups, m_max, hkv, g, d).transpose(1, 2).reshape(n_groups, hkv, m_max * g, d)
+            kp, vp = gather_kv(layer, cache, level.block_tables, max(lens))  # [G, P, Hkv, D]
+            mask = (torch.arange(kp.shape[1], device=q.device)[None, :] < level.lens.to(q.device)[:, None].long())
+            o, lse = attend_with_lse(qg, kp.transpose(1, 2), vp.transpose(1, 2), mask[:, None, None, :], scale)
+            o = o.view(n_groups, hkv, m_max, g, d).transpose(1, 2).reshape(n_groups, m_max, hq, d)
+            lse = lse.view(n_groups, hkv, m_max, g).transpose(1, 2).reshape(n_groups, m_max, hq)
+            out_l = q.new_zeros(b, hq, d, dtype=torch.float32)
+            lse_l = q.new_full((b, hq), float("-inf"), dtype=torch.float32)
+            out_l[rows], lse_l[rows] = o[gi, si], lse[gi, si]
+            parts.append((out_l, lse_l))
+            for i in members:
+                covered[i] += lens[seq_group[i]]
+        # the suffix of each sequence: its own blocks after the shared ones (levels are whole blocks)
+        suffix = [n - c for n, c in zip(meta.seq_lens_host, covered)]
+        nb = -(-max(suffix) // bs) + 1  # +1: a suffix need not start at its first block's offset 0
+        first = torch.tensor([c // bs for c in covered], device=q.device)
+        idx = (first[:, None] + torch.arange(nb, device=q.device)[None, :]).clamp(max=meta.block_tables.shape[1] - 1)
+        bt = meta.block_tables.gather(1, idx).long()
+        ks = cache.k[layer][bt].reshape(b, nb * bs, hkv, d)
+        vs = cache.v[layer][bt].reshape(b, nb * bs, hkv, d)
+        pos = torch.arange(nb * bs, device=q.device)[None, :]
+        start = torch.tensor([c % bs for c in covered], device=q.device)[:, None]
+        mask = (pos >= start) & (pos < start + torch.tensor(suffix, device=q.device)[:, None])
+        o, lse = attend_with_lse(q.view(b, hkv, g, d), ks.transpose(1, 2), vs.transpose(1, 2),
+                                 mask[:, None, None, :], scale)
+        parts.append((o.reshape(b, hq, d), lse.reshape(b, hq)))
+        return merge_by_lse(parts).to(q.dtype)

@@ -4,8 +4,8 @@ decoder, and returns the logits of the rows that sample.
 Only rows that sample reach the LM head: the last token of each sequence whose (chunked)
 prefill completes this step and every decode row. Decode batches also carry two levels of
 shared prefixes (query prefix across requests, then each fork group's prompt) for the
-shared-prefix kernel; backends that ignore the hint stay exact because block_tables are always
-complete (the torch backend ignores it, so the levels are not built for it).
+shared-prefix kernels (Triton, and the torch backend's cascade path); a backend that ignores the
+hint stays exact because block_tables are always complete.
 
 With a StaticDecode (decode_graphs.py, switched on by cuda_graphs=True) pure decode steps run
 through padded static buffers and, on CUDA, replayed graphs; that path skips the prefix levels.
@@ -71,7 +71,7 @@ class ModelRunner:
             query_lens_host=q_lens,
             seq_lens_host=seq_lens,
         )
-        if meta.is_decode and not isinstance(self.model.backend, TorchAttention) and not self._static(meta):
+        if meta.is_decode and not self._static(meta):
             meta.prefix_levels = self._prefix_levels(schedule, seq_lens)
         input_ids = torch.tensor(ids, dtype=torch.int64).to(dev, non_blocking=True)
         return input_ids, meta, rows

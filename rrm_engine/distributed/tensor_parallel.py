@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 from typing import Any, Callable
 
 import torch
@@ -117,14 +118,45 @@ def shard_decoder(model: Decoder, rank: int, world: int, group: Any = None) -> D
     return model
 
 
+def shard_for_engine(model: Decoder, tensor_parallel_size: int, group: Any = None) -> tuple[int, int]:
+    """Check that this process is one rank of a process group of tensor_parallel_size processes and
+    shard `model` for it in place (LLM(..., tensor_parallel_size=N) calls this before it sizes the
+    KV cache). Returns (rank, world)."""
+    if not isinstance(tensor_parallel_size, int) or isinstance(tensor_parallel_size, bool) or tensor_parallel_size < 1:
+        raise ValueError(f"tensor_parallel_size must be an int >= 1, got {tensor_parallel_size!r}")
+    how = ("launch one process per rank with `torchrun --nproc-per-node N script.py` (the script calls "
+           "rrm_engine.distributed.init_tensor_parallel() first) or with "
+           "rrm_engine.distributed.tensor_parallel_launch(fn, N)")
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(f"tensor_parallel_size={tensor_parallel_size} needs an initialised torch.distributed "
+                           f"process group of that size; {how}")
+    world = dist.get_world_size(group)
+    if world != tensor_parallel_size:
+        raise RuntimeError(f"tensor_parallel_size={tensor_parallel_size} but the process group has {world} "
+                           f"ranks; {how}")
+    if model.gather_logits is not None:
+        raise ValueError("this decoder is already sharded for tensor parallelism (load it again)")
+    rank = dist.get_rank(group)
+    shard_decoder(model, rank, world, group)
+    return rank, world
+
+
+def agree_min(value: int, device: torch.device | str = "cpu", group: Any = None) -> int:
+    """The smallest `value` over the ranks. Every rank must size its KV cache alike, or their
+    schedulers (and so their collectives) would part ways."""
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+    return int(t.item())
+
+
 def _worker(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple, queue: Any) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     try:
         init_tensor_parallel()
         result = fn(*args)
-        if rank == 0:
-            queue.put(("ok", result))
+        if rank == 0:  # plain pickle bytes: the queue would pass tensors as shared-memory handles, which
+            queue.put(("ok", pickle.dumps(result)))  # die with this process before the parent opens them
     except BaseException as e:  # report the failure instead of hanging the parent
         queue.put(("error", f"rank {rank}: {type(e).__name__}: {e}"))
         raise
@@ -158,4 +190,4 @@ def tensor_parallel_launch(fn: Callable[..., Any], world: int, *args: Any, timeo
             p.kill()
     if status != "ok" or any(p.exitcode != 0 for p in procs):
         raise RuntimeError(f"tensor-parallel run failed: {result}")
-    return result
+    return pickle.loads(result)

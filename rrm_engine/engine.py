@@ -207,6 +207,7 @@ class Engine:
         tok = res.token
         seq.tokens.append(tok)
         seq.cumulative_logprob += res.logprob
+        seq.sampling_logprobs.append(res.logprob)
         if seq.logprobs is not None:
             seq.logprobs.append(res.extra)
         self._metrics.generated_tokens += 1
@@ -250,7 +251,8 @@ class Engine:
             else:
                 text = ""
             outs.append(CompletionOutput(i, text, gen, seq.finish_reason, seq.cumulative_logprob,
-                                         list(seq.logprobs) if seq.logprobs is not None else None, seq.stop_reason))
+                                         list(seq.logprobs) if seq.logprobs is not None else None, seq.stop_reason,
+                                         list(seq.sampling_logprobs)))
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, finished, req.num_cached_tokens)
 
     # ---------------------------------------------------------------------------- metrics

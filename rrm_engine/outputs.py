@@ -15,6 +15,10 @@ class CompletionOutput:
     # raw logits): the sampled token, the top-`logprobs` tokens and the `logprob_token_ids`
     logprobs: list[dict[int, float]] | None = None
     stop_reason: str | int | None = None  # the stop string or token id that ended it
+    # per generated token, the sampled token's log-prob under the sampling distribution
+    # log_softmax(logits / T) (T = 1 when greedy), before top-k/top-p/min-p: what an RL trainer
+    # recomputes from the same weights (their sum is cumulative_logprob)
+    sampling_logprobs: list[float] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:

@@ -46,6 +46,7 @@ class Sequence:
     num_tree_blocks: int = 0  # leading blocks of block_table that are in the tree chain
     prefill_done: bool = False  # True once every token up to the last has been computed once
     cumulative_logprob: float = 0.0
+    sampling_logprobs: list[float] = field(default_factory=list)  # per generated token, see outputs.py
     logprobs: list[dict[int, float]] | None = None
     finish_reason: str | None = None
     stop_reason: str | int | None = None

@@ -158,6 +158,21 @@ def test_logprobs_are_the_models(tiny, hf_tiny_model):
     assert c.cumulative_logprob == pytest.approx(sum(float(ref[t, tok]) for t, tok in enumerate(c.token_ids)), abs=1e-3)
 
 
+def test_sampling_logprobs_are_the_tempered_distributions(tiny, hf_tiny_model):
+    """Per-token sampling log-probs (what an RL trainer recomputes) equal log_softmax(logits / T)
+    of transformers' logits at each sampled token, for every one of n forked samples."""
+    prompt, temp = ids(6, 10), 0.7
+    out = LLM(tiny, kv_cache_tokens=512).generate(
+        [prompt], SamplingParams(n=3, temperature=temp, max_tokens=5, ignore_eos=True, seed=3))[0]
+    for c in out.outputs:
+        with torch.no_grad():
+            logits = hf_tiny_model(torch.tensor([prompt + c.token_ids])).logits[0]
+        ref = torch.log_softmax(logits[len(prompt) - 1:-1].float() / temp, dim=-1)
+        want = [float(ref[t, tok]) for t, tok in enumerate(c.token_ids)]
+        assert c.sampling_logprobs == pytest.approx(want, abs=1e-4)
+        assert c.cumulative_logprob == pytest.approx(sum(c.sampling_logprobs), abs=1e-6)
+
+
 def test_stop_strings_and_stop_ids(tiny):
     llm = LLM(tiny, kv_cache_tokens=512)
     prompt = "The weather today is"

@@ -36,7 +36,7 @@ class EngineSampler:
         # (base seed, sample index), so equal base seeds would draw equal tokens
         rng = random.Random(seed)
         params = [SamplingParams(n=len(pos), temperature=self.temperature, top_p=self.top_p,
-                                 max_tokens=self.max_tokens, seed=rng.getrandbits(63), logprobs=0)
+                                 max_tokens=self.max_tokens, seed=rng.getrandbits(63))
                   for pos in where.values()]
         outs = self.llm.generate([list(p) for p in where], params)
         result: list[Completion | None] = [None] * len(prompts)
@@ -46,15 +46,11 @@ class EngineSampler:
         return result  # type: ignore[return-value]
 
     def _completion(self, o: Any) -> Completion:
-        # per-token dicts hold log_softmax of the RAW logits; the sampling distribution's per-token
-        # log-probs equal them only at temperature 1. Otherwise keep the per-sequence sum
-        # (cumulative_logprob, under log_softmax(logits / T)) and no per-token values.
-        per_token = None
-        if self.temperature == 1.0:
-            if o.logprobs is None or len(o.logprobs) != len(o.token_ids):
-                raise RuntimeError("the engine returned no per-token log-probs; GRPO needs them")
-            per_token = [float(step[t]) for step, t in zip(o.logprobs, o.token_ids)]
-        return Completion(list(o.token_ids), per_token, float(o.cumulative_logprob), o.text, o.finish_reason)
+        # sampling_logprobs: log_softmax(logits / T) of each sampled token, what the trainer recomputes
+        if len(o.sampling_logprobs) != len(o.token_ids):
+            raise RuntimeError("the engine returned no per-token sampling log-probs; GRPO needs them")
+        return Completion(list(o.token_ids), list(o.sampling_logprobs), float(o.cumulative_logprob), o.text,
+                          o.finish_reason)
 
     def invalidate_prefix_cache(self) -> None:
         self.llm.invalidate_prefix_cache()

@@ -22,7 +22,7 @@ class Completion:
     token_ids: list[int]
     # the sampled tokens' log-probs under the sampling distribution log_softmax(logits / T),
     # per token when the engine reports them, and their sum always
-    logprobs: list[float] | None
+    logprobs: list[float]  # per token, under log_softmax(logits / T)
     sum_logprob: float
     text: str
     finish_reason: str | None = None

@@ -97,18 +97,12 @@ class GRPOTrainer:
 
     @staticmethod
     def _mismatch(chunk: list[Rollout], logp: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
-        """(max, sum) of |engine log-prob - trainer log-prob| per token; where the engine gave
-        only a sequence sum, the per-token mean difference of that sequence stands in."""
-        if all(r.completion.logprobs is not None for r in chunk):
-            engine = torch.zeros_like(logp)
-            for j, r in enumerate(chunk):
-                engine[j, :len(r.completion.logprobs)] = torch.tensor(r.completion.logprobs)
-            diff = (engine - logp).abs()[mask]
-            return (float(diff.max()), float(diff.sum())) if diff.numel() else (0.0, 0.0)
-        sums = torch.tensor([r.completion.sum_logprob for r in chunk], device=logp.device)
-        lens = mask.sum(1)
-        per_token = ((sums - (logp * mask).sum(1)).abs() / lens.clamp(min=1))
-        return float(per_token.max()), float((per_token * lens).sum())
+        """(max, sum) of |engine log-prob - trainer log-prob| over the response tokens."""
+        engine = torch.zeros_like(logp)
+        for j, r in enumerate(chunk):
+            engine[j, :len(r.completion.logprobs)] = torch.tensor(r.completion.logprobs)
+        diff = (engine - logp).abs()[mask]
+        return (float(diff.max()), float(diff.sum())) if diff.numel() else (0.0, 0.0)
 
     def _micro_batches(self, n: int) -> list[slice]:
         mb = self.cfg.micro_batch_size

@@ -65,6 +65,8 @@ class Options:
     sweep_values: tuple[int, ...] = ()
     plot: str | None = None
     quiet: bool = False
+    threads: int | None = None
+    profile_steps: int = 10
 
 
 def parse_args(argv: list[str] | None = None) -> Options:
@@ -87,17 +89,22 @@ def parse_args(argv: list[str] | None = None) -> Options:
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", metavar="DIR", default=None, help="trace an extra run of (c) into DIR")
+    p.add_argument("--profile-steps", type=int, default=10,
+                   help="engine steps recorded by --profile (after one warm-up step): the first prefill + decode")
     p.add_argument("--json", metavar="FILE", default=None, help="write the results as JSON")
     p.add_argument("--sweep", nargs=2, metavar=("PARAM", "VALUES"), default=None,
                    help=f"PARAM in {sorted(SWEEPABLE)}, VALUES comma-separated integers")
     p.add_argument("--plot", metavar="FILE.png", default=None, help="with --sweep: tokens/s per system (matplotlib)")
     p.add_argument("--quiet", action="store_true", help="print only the summary")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's); on a CPU shared with other jobs use 1: "
+                        "OpenMP threads that wait for a descheduled sibling make small matmuls 10-50x slower")
     a = p.parse_args(argv)
     systems = tuple(s.strip() for s in a.systems.split(",") if s.strip())
     bad = [s for s in systems if s not in SYSTEMS]
     if bad or not systems:
         p.error(f"--systems takes a comma list of {', '.join(SYSTEMS)}; got {a.systems!r}")
-    for name in ("votes", "candidates", "queries", "prompt_len", "gen_len", "hf_batch"):
+    for name in ("votes", "candidates", "queries", "prompt_len", "gen_len", "hf_batch", "profile_steps"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
     if a.candidates < 2:
@@ -115,11 +122,13 @@ def parse_args(argv: list[str] | None = None) -> Options:
             p.error(f"--sweep VALUES must be comma-separated integers, got {a.sweep[1]!r}")
         if not values or min(values) < 1:
             p.error("--sweep VALUES must be integers >= 1")
+    if a.threads is not None and a.threads < 1:
+        p.error(f"--threads must be >= 1, got {a.threads}")
     if a.plot is not None and sweep is None:
         p.error("--plot needs --sweep")
     return Options(a.model, a.device, a.dtype, a.votes, a.candidates, a.queries, a.prompt_len, a.gen_len, a.method,
                    a.shape, a.layers, systems, a.hf_batch, a.kv_tokens, a.temperature, a.seed, a.profile, a.json,
-                   sweep, values, a.plot, a.quiet)
+                   sweep, values, a.plot, a.quiet, a.threads, a.profile_steps)
 
 
 # ------------------------------------------------------------------------------ the systems
@@ -206,12 +215,13 @@ def _methods(opts: Options) -> list[str]:
     return ["knockout", "elo"] if opts.method == "both" else [opts.method]
 
 
-def run_judge(setup: Setup, work: Workload, votes: int, gen_len: int, methods: list[str]) -> tuple[SystemResult, RecordingLLM]:
+def run_judge(setup: Setup, work: Workload, votes: int, gen_len: int, methods: list[str],
+              on_step: Any = None) -> tuple[SystemResult, RecordingLLM]:
     """System (c): the judge ranks every query; returns its result and the recorder (prompts, steps)."""
     llm = setup.llm_c
     llm.invalidate_prefix_cache()  # nothing left over from the warm-up or an earlier run
     llm.reset_metrics()
-    rec = RecordingLLM(llm, gen_len)
+    rec = RecordingLLM(llm, gen_len, on_step=on_step)
     judge = _judge(setup, rec, votes, gen_len)
     items = list(zip(work.queries, work.candidates))
     sync(setup.device)
@@ -223,10 +233,14 @@ def run_judge(setup: Setup, work: Workload, votes: int, gen_len: int, methods: l
     seconds = time.perf_counter() - t
     m = llm.metrics()
     recs = list(rec.records.values())
+    decode_s = sum(t for t, d in rec.step_log if d["prefill_tokens_computed"] == 0)
+    in_steps = sum(t for t, _ in rec.step_log)
+    # where the wall time went: steps with prefill work, pure decode steps, outside step() (judge, python)
+    split = {"prefill_steps_s": in_steps - decode_s, "decode_steps_s": decode_s, "outside_steps_s": seconds - in_steps}
     res = SystemResult("c: rrm_engine, all on", seconds, len(recs), m["generated_tokens"],
                        sum(len(r.prompt_ids) for r in recs), m["prefill_tokens_computed"],
                        m["kv_blocks_peak"] * setup.bytes_per_block, [r.t_done - r.t_added for r in recs],
-                       {"engine_metrics": m, "methods": methods})
+                       {"engine_metrics": m, "methods": methods, "time_split": split})
     return res, rec
 
 
@@ -327,6 +341,9 @@ def format_report(rep: dict) -> str:
     for k, v in rep["ratios"].items():
         lines.append(f"ratio {k}: {v['generated_tokens_per_s']:.2f}x generated tokens/s, "
                      f"{v['comparisons_per_s']:.2f}x comparisons/s")
+    split = rep["systems"].get("c", {}).get("notes", {}).get("time_split")
+    if split:
+        lines.append("c time: " + ", ".join(f"{k[:-2].replace('_', ' ')} {v:.2f}s" for k, v in split.items()))
     if "roofline_line" in rep:
         lines.append(rep["roofline_line"] + " (context = mean prompt + gen-len/2)")
     return "\n".join(lines)
@@ -358,6 +375,8 @@ def main(argv: list[str] | None = None) -> dict:
     o = parse_args(argv)
     log = (lambda *a, **k: None) if o.quiet else (lambda *a, **k: print(*a, **k, flush=True))
     torch.manual_seed(o.seed)
+    if o.threads is not None:
+        torch.set_num_threads(o.threads)
     setup = build(o, log)
     t = time.perf_counter()
     setup.ceilings = (copy_bandwidth(setup.device), matmul_rate(setup.device, setup.dtype))
@@ -388,8 +407,8 @@ def main(argv: list[str] | None = None) -> dict:
     if o.profile:
         builder = _judge(setup, RecordingLLM(setup.llm_c, o.gen_len), o.votes, o.gen_len).builder
         work = make_workload(builder, o.queries, o.candidates, o.prompt_len, seed=o.seed)
-        path, table = profile_run(lambda: run_judge(setup, work, o.votes, o.gen_len, _methods(o)),
-                                  o.profile, setup.device)
+        path, table = profile_run(lambda tick: run_judge(setup, work, o.votes, o.gen_len, _methods(o), tick),
+                                  o.profile, setup.device, steps=o.profile_steps)
         print(f"[profile] system (c) trace: {path}\n{table}", flush=True)
         out["profile_trace"] = str(path)
     if o.json:

@@ -18,7 +18,9 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+from .profiling import phase
 
 PANDALM = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "pandalm_testset_v1.json"
 
@@ -110,6 +112,7 @@ class RecordingLLM:
     gen_len: int
     records: dict[str, Recorded] = field(default_factory=dict)
     step_log: list[tuple[float, dict]] = field(default_factory=list)  # (seconds, metrics delta)
+    on_step: Callable[[], None] | None = None  # e.g. the profiler's step marker
 
     @property
     def tokenizer(self) -> Any:
@@ -126,7 +129,8 @@ class RecordingLLM:
     def step(self) -> list[Any]:
         before = self.llm.metrics()
         t0 = time.perf_counter()
-        outs = self.llm.step()
+        with phase("engine.step"):
+            outs = self.llm.step()
         t1 = time.perf_counter()
         after = self.llm.metrics()
         self.step_log.append((t1 - t0, {k: after[k] - before[k] for k in
@@ -134,6 +138,8 @@ class RecordingLLM:
         for out in outs:
             if out.finished and out.request_id in self.records:
                 self.records[out.request_id].t_done = t1
+        if self.on_step is not None:
+            self.on_step()
         return outs
 
     def abort(self, request_id: str) -> Any:

@@ -114,13 +114,25 @@ def random_qwen2_7b(layers: int | None, tokenizer: Any, device: torch.device, dt
     kw = dict(QWEN2_7B, num_hidden_layers=layers or QWEN2_7B["num_hidden_layers"])
     eos = tokenizer.eos_token_id if tokenizer is not None else 2
     cfg = Qwen2Config(**kw, eos_token_id=eos, pad_token_id=eos, bos_token_id=eos, architectures=["Qwen2ForCausalLM"])
-    torch.manual_seed(seed)
-    with torch.device(device):
+    # built on meta and materialised once, in dtype, on the device (no fp32 copy of 7B weights)
+    with torch.device("meta"):
         hf = Qwen2ForCausalLM(cfg).to(dtype)
-    with torch.no_grad():  # transformers zero-initialises biases; give them values like a trained model
-        for layer in hf.model.layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                proj.bias.normal_(0.0, 0.02)
+    hf.to_empty(device=device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:  # weights and the q/k/v biases (non-zero, as in a trained model)
+                p.normal_(0.0, 0.02, generator=g)
+        # RoPE inverse frequencies (buffers, empty after to_empty): recomputed in fp32 as transformers does
+        theta = (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta", QWEN2_7B["rope_theta"])
+        head_dim = cfg.hidden_size // cfg.num_attention_heads
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+        for module in hf.modules():
+            for attr in ("inv_freq", "original_inv_freq"):
+                if isinstance(getattr(module, attr, None), torch.Tensor):
+                    setattr(module, attr, inv_freq.clone())
     hf.eval()
     mcfg = ModelConfig.from_hf(cfg.to_dict())
     with torch.device("meta"):

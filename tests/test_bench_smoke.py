@@ -13,10 +13,11 @@ VOTES, GEN, CANDIDATES = 2, 4, 3
 
 @pytest.fixture(scope="module")
 def report(tiny_qwen2_dir, smollm2_tokenizer, tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench") / "r.json"
+    tmp = tmp_path_factory.mktemp("bench")
+    out = tmp / "r.json"
     throughput.main(["--model", str(tiny_qwen2_dir), "--queries", "1", "--candidates", str(CANDIDATES),
                      "--votes", str(VOTES), "--gen-len", str(GEN), "--prompt-len", "200", "--method", "both",
-                     "--json", str(out), "--quiet"])
+                     "--json", str(out), "--quiet", "--profile", str(tmp / "prof"), "--profile-steps", "3"])
     return json.loads(out.read_text())
 
 
@@ -31,6 +32,12 @@ def test_report_structure(report):
         assert s["p50_s_per_comparison"] <= s["p99_s_per_comparison"]
     assert run["roofline_c"] is not None and 0 < run["roofline_c"]["fraction"]
     assert report["ceilings"]["copy_bytes_per_s"] > 0 and report["ceilings"]["mm_flops_per_s"] > 0
+
+
+def test_profile_trace(report):
+    trace = json.loads(open(report["profile_trace"]).read())
+    names = {e.get("name") for e in trace["traceEvents"]}
+    assert "engine.step" in names and any(str(n).startswith("aten::") for n in names)
 
 
 def test_same_work_and_sharing(report):

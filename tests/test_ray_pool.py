@@ -163,3 +163,14 @@ def test_every_replica_dead_is_a_clear_error(cluster, model_dir):
             pool.compare_batch(COMPARE_ITEMS[:2])
     finally:
         pool.shutdown()
+
+
+@pytest.mark.slow  # 2 more model processes and a gloo group: ~1 min on 2 busy cores
+def test_tensor_parallel_replica_equals_one_in_process_judge(cluster, model_dir, reference):
+    pool = JudgePool(model_dir, num_replicas=1, tensor_parallel_size=2, **POOL_KW)
+    try:
+        assert len(pool.replicas[0].handles) == 2
+        got = pool.compare_batch(COMPARE_ITEMS[:4])
+        assert [comparable(c) for c in got] == [comparable(c) for c in reference.compare_batch(COMPARE_ITEMS[:4])]
+    finally:
+        pool.shutdown()

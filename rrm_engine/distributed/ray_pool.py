@@ -210,7 +210,7 @@ class JudgePool:
         valid: list[int] = []
         for n, item in enumerate(items):
             try:
-                Judge._validate_pair(None, item)  # the judge's own rules (they read no judge state)
+                Judge.validate_pair(item)  # the judge's own rules
                 valid.append(n)
             except ValueError as e:
                 if errors == "raise":
@@ -232,7 +232,7 @@ class JudgePool:
         valid: list[int] = []
         for n, item in enumerate(items):
             try:
-                Judge._validate_rank(None, item)
+                Judge.validate_rank(item)
                 valid.append(n)
             except ValueError as e:
                 if errors == "raise":

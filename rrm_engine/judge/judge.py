@@ -342,13 +342,15 @@ class Judge:
     def _rng(self, *key: Any) -> random.Random:
         return random.Random(":".join(map(str, (self.seed,) + key)))
 
-    def _validate_pair(self, item: Any) -> tuple[str, str, str]:
+    @staticmethod
+    def validate_pair(item: Any) -> tuple[str, str, str]:
         if not isinstance(item, (tuple, list)) or len(item) != 3:
             raise ValueError(f"a comparison item must be (query, a, b), got {type(item).__name__}")
         q, a, b = item
         return check_text("query", q, allow_empty=False), check_text("response a", a), check_text("response b", b)
 
-    def _validate_rank(self, item: Any) -> tuple[str, list[str]]:
+    @staticmethod
+    def validate_rank(item: Any) -> tuple[str, list[str]]:
         if not isinstance(item, (tuple, list)) or len(item) != 2:
             raise ValueError(f"a rank item must be (query, candidates), got {type(item).__name__}")
         q, cands = item
@@ -377,7 +379,7 @@ class Judge:
         valid: list[tuple[int, tuple[str, str, str]]] = []
         for n, item in enumerate(items):
             try:
-                valid.append((n, self._validate_pair(item)))
+                valid.append((n, self.validate_pair(item)))
             except ValueError as e:
                 if errors == "raise":
                     raise ValueError(f"item {n}: {e}") from None
@@ -427,7 +429,7 @@ class Judge:
         valid = []
         for n, item in enumerate(items):
             try:
-                valid.append((n, self._validate_rank(item)))
+                valid.append((n, self.validate_rank(item)))
             except ValueError as e:
                 if errors == "raise":
                     raise ValueError(f"item {n}: {e}") from None

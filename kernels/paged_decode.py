@@ -13,6 +13,8 @@ All softmax arithmetic is fp32 in base 2 (exp2/log2; scores pre-multiplied by lo
 fp32 inputs ask tl.dot for IEEE precision (no silent TF32 on a GPU: fp32 is the exact path);
 fp16/bf16 keep the default, which the tensor cores serve. Page ids are widened to int64 before they scale a
 stride, so large caches cannot overflow the address arithmetic.
+The per-tile gather and online-softmax step are kernels.paged_tile's, shared with prefill and the
+shared-prefix pass.
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ import math
 import torch
 import triton
 import triton.language as tl
+
+from .paged_tile import attend_paged_range
 
 LOG2E = 1.4426950408889634
 # A split covers at least this many tokens: below it the merge costs more than the parallelism gains.
@@ -63,29 +67,9 @@ def _decode_split_kernel(
     q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
                 mask=gmask[:, None] & dmask[None, :], other=0.0)
 
-    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
-    l_i = tl.zeros([G_PAD], tl.float32)
-    acc = tl.zeros([G_PAD, D_PAD], tl.float32)
-    for n0 in range(lo, hi, BLOCK_N):
-        offs = n0 + tl.arange(0, BLOCK_N)
-        nmask = offs < hi
-        # a tile may span several pages: gather each token's page from the block table
-        page = tl.load(BT + b * stride_btb + offs // PAGE, mask=nmask, other=0).to(tl.int64)
-        tok = offs % PAGE
-        kv_mask = nmask[:, None] & dmask[None, :]
-        k = tl.load(K + page[:, None] * stride_kb + tok[:, None] * stride_kt + hk * stride_kh + d[None, :],
-                    mask=kv_mask, other=0.0)
-        v = tl.load(V + page[:, None] * stride_vb + tok[:, None] * stride_vt + hk * stride_vh + d[None, :],
-                    mask=kv_mask, other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION).to(tl.float32) * scale_log2
-        qk = tl.where(nmask[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION).to(tl.float32)
-        m_i = m_new
-
+    m_i, l_i, acc = attend_paged_range(q, K, V, BT + b * stride_btb, lo, hi, hk, d, dmask, scale_log2,
+                                       stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+                                       G_PAD, D_PAD, PAGE, BLOCK_N, DOT_PRECISION)
     nonempty = l_i > 0
     out = acc / tl.where(nonempty, l_i, 1.0)[:, None]
     omask = gmask[:, None] & dmask[None, :]

@@ -18,34 +18,7 @@ import triton
 import triton.language as tl
 
 from .paged_decode import LOG2E, check_paged_inputs, dot_precision, gather_context
-
-
-@triton.jit
-def _attend_tile(q, m_i, l_i, acc, K, V, BT, n0, hi, pos, b, hk, d, dmask, scale_log2,
-                 stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_btb,
-                 PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One online-softmax step over keys [n0, n0 + BLOCK_N); MASKED applies the causal and length
-    masks (diagonal tiles), otherwise every row sees every key of the tile."""
-    offs = n0 + tl.arange(0, BLOCK_N)
-    nmask = offs < hi
-    page = tl.load(BT + b * stride_btb + offs // PAGE, mask=nmask, other=0).to(tl.int64)
-    tok = offs % PAGE
-    kv_mask = nmask[:, None] & dmask[None, :]
-    k = tl.load(K + page[:, None] * stride_kb + tok[:, None] * stride_kt + hk * stride_kh + d[None, :],
-                mask=kv_mask, other=0.0)
-    v = tl.load(V + page[:, None] * stride_vb + tok[:, None] * stride_vt + hk * stride_vh + d[None, :],
-                mask=kv_mask, other=0.0)
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION).to(tl.float32) * scale_log2
-    if MASKED:
-        qk = tl.where((offs[None, :] <= pos[:, None]) & nmask[None, :], qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    # a row may see nothing of a diagonal tile yet (m = -inf): keep its arithmetic finite
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(qk - m_safe[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION).to(tl.float32)
-    return m_new, l_i, acc
+from .paged_tile import load_kv_tile, online_softmax_update
 
 
 @triton.jit
@@ -87,14 +60,22 @@ def _prefill_kernel(
     last = ctx + ((mb + 1) * BLOCK_M - 1) // GROUP
     full_end = ((first + 1) // BLOCK_N) * BLOCK_N  # keys below it are visible to every row
     hi = tl.minimum(seq_len, last + 1)
-    for n0 in range(0, full_end, BLOCK_N):
-        m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, K, V, BT, n0, hi, pos, b, hk, d, dmask, scale_log2,
-                                     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_btb,
-                                     PAGE, BLOCK_N, False, DOT_PRECISION)
-    for n0 in range(full_end, hi, BLOCK_N):
-        m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, K, V, BT, n0, hi, pos, b, hk, d, dmask, scale_log2,
-                                     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_btb,
-                                     PAGE, BLOCK_N, True, DOT_PRECISION)
+    bt_row = BT + b * stride_btb
+    for n0 in range(0, full_end, BLOCK_N):  # every row sees every key of these tiles: no score mask
+        offs = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs < hi
+        k, v = load_kv_tile(K, V, bt_row, offs, nmask, hk, d, dmask,
+                            stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, PAGE)
+        m_i, l_i, acc = online_softmax_update(q, k, v, nmask[None, :], m_i, l_i, acc, scale_log2,
+                                              False, DOT_PRECISION)
+    for n0 in range(full_end, hi, BLOCK_N):  # diagonal tiles: causal and length masks
+        offs = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs < hi
+        k, v = load_kv_tile(K, V, bt_row, offs, nmask, hk, d, dmask,
+                            stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, PAGE)
+        visible = (offs[None, :] <= pos[:, None]) & nmask[None, :]
+        m_i, l_i, acc = online_softmax_update(q, k, v, visible, m_i, l_i, acc, scale_log2,
+                                              True, DOT_PRECISION)
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_ptrs = (q_start + tok_i)[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]

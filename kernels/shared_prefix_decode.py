@@ -29,6 +29,7 @@ import triton.language as tl
 
 from .paged_decode import (LOG2E, attend_ref, block_n_for, check_paged_inputs, choose_num_splits, dot_precision,
                            gather_context, launch_decode_split, merge_parts, split_len_for)
+from .paged_tile import attend_paged_range
 
 
 @triton.jit
@@ -65,27 +66,9 @@ def _prefix_pass_kernel(
         head = hk * GROUP + rows % GROUP
         q = tl.load(Q + seq[:, None] * stride_qb + head[:, None] * stride_qh + d[None, :],
                     mask=rmask[:, None] & dmask[None, :], other=0.0)
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
-        for n0 in range(lo, hi, BLOCK_N):
-            offs = n0 + tl.arange(0, BLOCK_N)
-            nmask = offs < hi
-            page = tl.load(GBT + grp * stride_gbt + offs // PAGE, mask=nmask, other=0).to(tl.int64)
-            tok = offs % PAGE
-            kv_mask = nmask[:, None] & dmask[None, :]
-            k = tl.load(K + page[:, None] * stride_kb + tok[:, None] * stride_kt + hk * stride_kh + d[None, :],
-                        mask=kv_mask, other=0.0)
-            v = tl.load(V + page[:, None] * stride_vb + tok[:, None] * stride_vt + hk * stride_vh + d[None, :],
-                        mask=kv_mask, other=0.0)
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION).to(tl.float32) * scale_log2
-            qk = tl.where(nmask[None, :], qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(qk - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION).to(tl.float32)
-            m_i = m_new
+        m_i, l_i, acc = attend_paged_range(q, K, V, GBT + grp * stride_gbt, lo, hi, hk, d, dmask, scale_log2,
+                                           stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+                                           BLOCK_M, D_PAD, PAGE, BLOCK_N, DOT_PRECISION)
         out = acc / l_i[:, None]
         lse = m_i + tl.log2(l_i)
         omask = rmask[:, None] & dmask[None, :]

@@ -36,6 +36,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     t.add_argument("--updates-per-batch", type=int, default=1)
     t.add_argument("--micro-batch-size", type=int, default=8)
     t.add_argument("--gradient-checkpointing", action="store_true")
+    t.add_argument("--trainable", default="all",
+                   help='"all" or "last_n:K": train only the last K decoder layers + final norm (default: all)')
     t.add_argument("--train-zero-advantage", action="store_true",
                    help="also run groups whose rewards all agree through the training pass (changes nothing "
                         "but cost; measures the engine/trainer log-prob mismatch on every rollout)")
@@ -65,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
                       eps_high=args.eps_high, kl_coef=args.kl_coef, temperature=args.temperature, top_p=args.top_p,
                       max_tokens=args.max_tokens, updates_per_batch=args.updates_per_batch,
                       micro_batch_size=args.micro_batch_size, gradient_checkpointing=args.gradient_checkpointing,
-                      skip_zero_advantage=not args.train_zero_advantage, seed=args.seed)
+                      skip_zero_advantage=not args.train_zero_advantage, trainable=args.trainable,
+                      seed=args.seed)
     cfg.validate()
     torch.manual_seed(args.seed)
     data = PairStream(args.data, seed=args.seed, fmt=args.data_format)

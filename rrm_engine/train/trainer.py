@@ -20,6 +20,7 @@ from .data import PairStream
 from .grpo import LossStats, group_advantages, grpo_loss
 from .logprobs import pack, response_logprobs
 from .rollout import Rollout, RolloutCollector, RolloutConfig, Sampler, VerdictFn, rrm_verdict
+from .trainable import apply_trainable, parse_trainable
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,8 @@ class TrainConfig:
     # rollouts with advantage 0 (groups whose rewards all agree) add exactly nothing to the loss
     # or its gradient when kl_coef == 0: leave them out of the training forward/backward
     skip_zero_advantage: bool = True
+    # "all", or "last_n:K": train only the last K decoder layers + final norm (see trainable.py)
+    trainable: str = "all"
     seed: int = 0
 
     def rollout_config(self) -> RolloutConfig:
@@ -63,6 +66,7 @@ class TrainConfig:
             raise ValueError("GRPO samples rollouts: temperature must be > 0")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        parse_trainable(self.trainable)
 
 
 class GRPOTrainer:
@@ -78,6 +82,7 @@ class GRPOTrainer:
         if ref_model is not None:
             ref_model.requires_grad_(False).eval()
         self.collector = RolloutCollector(tokenizer, cfg.rollout_config(), verdict_fn)
+        apply_trainable(model, cfg.trainable)  # before the optimizer: it holds only trained parameters
         self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                            betas=cfg.betas, weight_decay=cfg.weight_decay)
         self.rng = random.Random(cfg.seed)  # presentation orders and sampling seeds

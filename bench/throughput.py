@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import rrm_engine  # noqa: F401  first: it sets OMP_WAIT_POLICY before torch loads OpenMP (see rrm_engine/__init__)
 import torch
 
 from .baselines import (Shape, SystemResult, load_hf_model, random_qwen2_7b, run_engine_unshared, run_hf, sync)

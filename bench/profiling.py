@@ -1,30 +1,13 @@
-"""Profiling helpers: named phases (torch.profiler ranges, NVTX ranges on CUDA) and a traced run.
-
-`phase(name)` is what the engine should wrap its step phases in (schedule / build / forward /
-sample / postprocess) to make them visible in Nsight and in the Chrome trace; the engine cannot
-import bench/, so today only the benchmark's calls into the public API are marked (see RESULTS.md).
-"""
+"""Profiling helpers: a traced run of the engine. Named phases come from rrm_engine.profiling
+(the engine marks engine.schedule / engine.forward / engine.sample / engine.postprocess itself)."""
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
-
-@contextlib.contextmanager
-def phase(name: str) -> Iterator[None]:
-    """A range in the torch.profiler trace, and an NVTX range when CUDA is in use (no-op otherwise)."""
-    nvtx = torch.cuda.is_available() and torch.cuda.is_initialized()
-    if nvtx:
-        torch.cuda.nvtx.range_push(name)
-    try:
-        with torch.profiler.record_function(name):
-            yield
-    finally:
-        if nvtx:
-            torch.cuda.nvtx.range_pop()
+from rrm_engine.profiling import phase  # noqa: F401  (re-exported for bench modules)
 
 
 def profile_run(fn: Callable[[Callable[[], None]], object], out_dir: str | Path, device: torch.device,

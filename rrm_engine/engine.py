@@ -18,13 +18,13 @@ import itertools
 import random
 import time
 
-import torch
 
 from .attention import KVCache
 from .block_pool import BlockPool
 from .decode_graphs import StaticDecode
 from .detokenizer import IncrementalDetokenizer
 from .metrics import Metrics
+from .profiling import phase
 from .model import Decoder
 from .outputs import CompletionOutput, RequestOutput
 from .radix_cache import RadixCache
@@ -135,7 +135,8 @@ class Engine:
         """One batch. Returns an output for every request that had a sample finish in this step
         (RequestOutput.finished once all n are done)."""
         t0 = time.perf_counter()
-        sched = self.scheduler.schedule()
+        with phase("engine.schedule"):
+            sched = self.scheduler.schedule()
         m = self._metrics
         m.steps += 1
         m.num_preemptions += sched.num_preempted
@@ -152,7 +153,8 @@ class Engine:
                 m.decode_tokens_computed += 1
             else:
                 m.prefill_tokens_computed += s.num_new
-        logits, index = self.runner.run(sched)
+        with phase("engine.forward"):
+            logits, index = self.runner.run(sched)
         # one sample per sampling sequence, n for a leader whose prompt completes (the fork)
         wants: list[SampleRequest] = []
         owners: list[tuple[Sequence, int]] = []  # (sequence, sample index it receives)
@@ -167,7 +169,8 @@ class Engine:
             else:
                 wants.append(SampleRequest(row, req.params, seq.seed, seq.num_generated))
                 owners.append((seq, seq.index))
-        results = sample(logits, wants) if wants else []
+        with phase("engine.sample"):
+            results = sample(logits, wants) if wants else []
         self.scheduler.step_done(sched)
         # fork first (siblings copy the leader's blocks), then append and stop: a leader that
         # finishes at once (max_tokens=1) must not release its blocks before its siblings share them

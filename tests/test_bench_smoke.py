@@ -38,6 +38,8 @@ def test_profile_trace(report):
     trace = json.loads(open(report["profile_trace"]).read())
     names = {e.get("name") for e in trace["traceEvents"]}
     assert "engine.step" in names and any(str(n).startswith("aten::") for n in names)
+    # the engine marks its own phases inside each step
+    assert {"engine.schedule", "engine.forward", "engine.sample"} <= names
 
 
 def test_same_work_and_sharing(report):

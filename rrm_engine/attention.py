@@ -127,6 +127,9 @@ class TorchAttention:
     when the runner names shared prefixes (meta.prefix_levels) it reads each prefix once per group
     instead of once per sequence (cascade); prefill/extend runs one SDPA per sequence."""
 
+    def __init__(self) -> None:
+        self._plan_cache: tuple[AttentionMetadata, _CascadePlan] | None = None
+
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  cache: KVCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         store_kv(layer, k, v, cache, meta.slot_mapping)
@@ -158,13 +161,38 @@ class TorchAttention:
     def _cascade_decode(self, layer: int, q: torch.Tensor, cache: KVCache, meta: AttentionMetadata,
                         scale: float) -> torch.Tensor:
         """Each group's prefix is gathered once and attended by all its members' query heads in one
-        matmul; each sequence's own suffix is attended separately; the parts merge by LSE. The
-        group bookkeeping runs on the host (this backend is the CPU path, where that is free)."""
+        matmul; each sequence's own suffix is attended separately; the parts merge by LSE."""
         b, hq, d = q.shape
-        hkv, bs = cache.k.shape[3], cache.block_size
+        hkv = cache.k.shape[3]
         g = hq // hkv
-        covered = [0] * b  # tokens of each sequence covered by the levels so far
+        plan = self._plan(meta, cache.block_size, q.device)
         parts = []
+        for lv in plan.levels:
+            qg = q.new_zeros(lv.n_groups, lv.m_max, hq, d)
+            qg[lv.group, lv.slot] = q[lv.rows]
+            qg = qg.view(lv.n_groups, lv.m_max, hkv, g, d).transpose(1, 2).reshape(lv.n_groups, hkv, lv.m_max * g, d)
+            kp, vp = gather_kv(layer, cache, lv.block_tables, lv.max_len)  # [G, P, Hkv, D]
+            o, lse = attend_with_lse(qg, kp.transpose(1, 2), vp.transpose(1, 2), lv.mask, scale)
+            o = o.view(lv.n_groups, hkv, lv.m_max, g, d).transpose(1, 2).reshape(lv.n_groups, lv.m_max, hq, d)
+            lse = lse.view(lv.n_groups, hkv, lv.m_max, g).transpose(1, 2).reshape(lv.n_groups, lv.m_max, hq)
+            out_l = q.new_zeros(b, hq, d, dtype=torch.float32)
+            lse_l = q.new_full((b, hq), float("-inf"), dtype=torch.float32)
+            out_l[lv.rows], lse_l[lv.rows] = o[lv.group, lv.slot], lse[lv.group, lv.slot]
+            parts.append((out_l, lse_l))
+        n = plan.suffix_tables.shape[1] * cache.block_size
+        ks = cache.k[layer][plan.suffix_tables].reshape(b, n, hkv, d)
+        vs = cache.v[layer][plan.suffix_tables].reshape(b, n, hkv, d)
+        o, lse = attend_with_lse(q.view(b, hkv, g, d), ks.transpose(1, 2), vs.transpose(1, 2), plan.suffix_mask, scale)
+        parts.append((o.reshape(b, hq, d), lse.reshape(b, hq)))
+        return merge_by_lse(parts).to(q.dtype)
+
+    def _plan(self, meta: AttentionMetadata, bs: int, device: torch.device) -> "_CascadePlan":
+        """The layer-independent part of the cascade (who is in which group, where each suffix
+        starts), computed on the host once per step and reused by every layer."""
+        if self._plan_cache is not None and self._plan_cache[0] is meta:
+            return self._plan_cache[1]
+        covered = [0] * len(meta.seq_lens_host)  # tokens of each sequence covered by the levels so far
+        levels = []
         for level in meta.prefix_levels:
             seq_group, lens = level.seq_group.tolist(), level.lens.tolist()
             members = [i for i, grp in enumerate(seq_group) if grp >= 0]
@@ -174,36 +202,39 @@ class TorchAttention:
             for i in members:
                 slot.append(count[seq_group[i]])
                 count[seq_group[i]] += 1
-            gi = torch.tensor([seq_group[i] for i in members], device=q.device)
-            si = torch.tensor(slot, device=q.device)
-            rows = torch.tensor(members, device=q.device)
-            n_groups, m_max = len(lens), max(count)
-            qg = q.new_zeros(n_groups, m_max, hq, d)
-            qg[gi, si] = q[rows]
-            qg = qg.view(n_groups, m_max, hkv, g, d).transpose(1, 2).reshape(n_groups, hkv, m_max * g, d)
-            kp, vp = gather_kv(layer, cache, level.block_tables, max(lens))  # [G, P, Hkv, D]
-            mask = (torch.arange(kp.shape[1], device=q.device)[None, :] < level.lens.to(q.device)[:, None].long())
-            o, lse = attend_with_lse(qg, kp.transpose(1, 2), vp.transpose(1, 2), mask[:, None, None, :], scale)
-            o = o.view(n_groups, hkv, m_max, g, d).transpose(1, 2).reshape(n_groups, m_max, hq, d)
-            lse = lse.view(n_groups, hkv, m_max, g).transpose(1, 2).reshape(n_groups, m_max, hq)
-            out_l = q.new_zeros(b, hq, d, dtype=torch.float32)
-            lse_l = q.new_full((b, hq), float("-inf"), dtype=torch.float32)
-            out_l[rows], lse_l[rows] = o[gi, si], lse[gi, si]
-            parts.append((out_l, lse_l))
-            for i in members:
                 covered[i] += lens[seq_group[i]]
-        # the suffix of each sequence: its own blocks after the shared ones (levels are whole blocks)
+            max_len = max(lens)
+            mask = torch.arange(max_len, device=device)[None, :] < level.lens.to(device)[:, None].long()
+            levels.append(_LevelPlan(torch.tensor([seq_group[i] for i in members], device=device),
+                                     torch.tensor(slot, device=device), torch.tensor(members, device=device),
+                                     len(lens), max(count), level.block_tables, max_len, mask[:, None, None, :]))
+        # the suffix of each sequence: its own blocks after the shared ones
         suffix = [n - c for n, c in zip(meta.seq_lens_host, covered)]
-        nb = -(-max(suffix) // bs) + 1  # +1: a suffix need not start at its first block's offset 0
-        first = torch.tensor([c // bs for c in covered], device=q.device)
-        idx = (first[:, None] + torch.arange(nb, device=q.device)[None, :]).clamp(max=meta.block_tables.shape[1] - 1)
-        bt = meta.block_tables.gather(1, idx).long()
-        ks = cache.k[layer][bt].reshape(b, nb * bs, hkv, d)
-        vs = cache.v[layer][bt].reshape(b, nb * bs, hkv, d)
-        pos = torch.arange(nb * bs, device=q.device)[None, :]
-        start = torch.tensor([c % bs for c in covered], device=q.device)[:, None]
-        mask = (pos >= start) & (pos < start + torch.tensor(suffix, device=q.device)[:, None])
-        o, lse = attend_with_lse(q.view(b, hkv, g, d), ks.transpose(1, 2), vs.transpose(1, 2),
-                                 mask[:, None, None, :], scale)
-        parts.append((o.reshape(b, hq, d), lse.reshape(b, hq)))
-        return merge_by_lse(parts).to(q.dtype)
+        nb = -(-max(suffix) // bs) + 1  # +1: a suffix need not start at offset 0 of its first block
+        first = torch.tensor([c // bs for c in covered], device=device)
+        idx = (first[:, None] + torch.arange(nb, device=device)[None, :]).clamp(max=meta.block_tables.shape[1] - 1)
+        pos = torch.arange(nb * bs, device=device)[None, :]
+        start = torch.tensor([c % bs for c in covered], device=device)[:, None]
+        mask = (pos >= start) & (pos < start + torch.tensor(suffix, device=device)[:, None])
+        plan = _CascadePlan(levels, meta.block_tables.gather(1, idx).long(), mask[:, None, None, :])
+        self._plan_cache = (meta, plan)
+        return plan
+
+
+@dataclass
+class _LevelPlan:
+    group: torch.Tensor  # [M] group of each member sequence
+    slot: torch.Tensor  # [M] its index inside the group
+    rows: torch.Tensor  # [M] its row in the batch
+    n_groups: int
+    m_max: int  # members in the largest group
+    block_tables: torch.Tensor  # [G, blocks] the level's own table
+    max_len: int
+    mask: torch.Tensor  # [G, 1, 1, max_len] key valid for the group
+
+
+@dataclass
+class _CascadePlan:
+    levels: list[_LevelPlan]
+    suffix_tables: torch.Tensor  # [B, nb] blocks holding each sequence's suffix
+    suffix_mask: torch.Tensor  # [B, 1, 1, nb * block_size]

@@ -1,13 +1,11 @@
 """Profiling helpers: a traced run of the engine. Named phases come from rrm_engine.profiling
-(the engine marks engine.schedule / engine.forward / engine.sample / engine.postprocess itself)."""
+(the engine marks engine.schedule / engine.forward / engine.sample itself)."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Callable
 
 import torch
-
-from rrm_engine.profiling import phase  # noqa: F401  (re-exported for bench modules)
 
 
 def profile_run(fn: Callable[[Callable[[], None]], object], out_dir: str | Path, device: torch.device,

@@ -32,7 +32,9 @@ import rrm_engine  # noqa: F401  first: it sets OMP_WAIT_POLICY before torch loa
 import torch
 
 from .baselines import (Shape, SystemResult, load_hf_model, random_qwen2_7b, run_engine_unshared, run_hf, sync)
-from .profiling import phase, profile_run
+from rrm_engine.profiling import phase
+
+from .profiling import profile_run
 from .roofline import copy_bandwidth, decode_roofline, matmul_rate
 from .workload import RecordingLLM, Workload, make_workload
 
@@ -157,11 +159,7 @@ class Setup:
 
 
 def _judge_cls() -> Any:
-    import rrm_engine
-    judge = getattr(rrm_engine, "Judge", None)
-    if judge is None:  # until the package exports it at the top level
-        from rrm_engine.judge.judge import Judge as judge
-    return judge
+    return rrm_engine.Judge
 
 
 def build(opts: Options, log=print) -> Setup:

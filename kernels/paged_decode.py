@@ -18,7 +18,6 @@ shared-prefix pass.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import triton

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .attention import AttentionMetadata, KVCache, PrefixLevel, TorchAttention
+from .attention import AttentionMetadata, KVCache, PrefixLevel
 from .decode_graphs import StaticDecode
 from .model import Decoder
 from .scheduler import Schedule

@@ -61,7 +61,6 @@ def sample(logits: torch.Tensor, reqs: list[SampleRequest]) -> list[SampleResult
                                         all_greedy=all(x.temperature == 0 for x in p))
     parts = [tokens.double(), logprobs.double()]
     extra_at = [i for i, x in enumerate(p) if x.logprobs is not None or x.logprob_token_ids]
-    layout: list[tuple[int, int]] = []  # per extra sample: (top count, id count)
     if extra_at:
         idx = torch.tensor(extra_at, dtype=torch.int64).to(dev, non_blocking=True)
         logp = torch.log_softmax(logits.index_select(0, row_index[idx]).float(), dim=1)

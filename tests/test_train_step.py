@@ -2,7 +2,6 @@
 own parameter tensors, sees each update at once, and a few dozen steps learn a verdict."""
 import copy
 import json
-import random
 
 import pytest
 import torch

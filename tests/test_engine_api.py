@@ -15,12 +15,6 @@ from rrm_engine.loader import LoadedModel, load_hf
 from rrm_engine.model import Decoder
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # a shared 2-core machine thrashes torch's thread pool
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

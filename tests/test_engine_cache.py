@@ -15,13 +15,6 @@ from rrm_engine.loader import LoadedModel
 from rrm_engine.model import Decoder
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # on a shared 2-core machine torch's thread pool thrashes; restore the setting after
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def small_model(vocab: int = 512, max_pos: int = 1024) -> LoadedModel:

@@ -10,13 +10,6 @@ from rrm_engine.loader import load_hf
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # on a shared 2-core machine torch's thread pool thrashes (100x slower matmuls); restore after
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 GREEDY = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)

@@ -14,12 +14,6 @@ from rrm_engine.train.trainer import GRPOTrainer, TrainConfig
 SHORT = dict(system=None, user_template="{question}\n1: {answer1}\n2: {answer2}\n")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture

@@ -2,17 +2,10 @@
 import json
 
 import pytest
-import torch
 
 from rrm_engine.cli import main
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_train_cli_logs_saves_and_resumes(tiny_qwen2_dir, tmp_path):

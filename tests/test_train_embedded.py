@@ -24,7 +24,6 @@ the assertion below (a gain of 0.25) fails then (checked by hand).
 import json
 import time
 
-import pytest
 import torch
 
 from rrm_engine.loader import load_hf
@@ -45,12 +44,6 @@ def forced_verdict(text, finish_reason, opens_think):
     return {"1": 1, "2": 2}.get(text.strip())
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_grpo_raises_p_correct_on_the_embedded_model(embedded_dir, tmp_path):

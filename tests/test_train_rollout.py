@@ -2,7 +2,6 @@
 import random
 
 import pytest
-import torch
 
 from rrm_engine.judge.prompt import SYSTEM
 from rrm_engine.loader import load_hf
@@ -37,15 +36,7 @@ def test_prompts_use_the_rrm_format_and_swap(smollm2_tokenizer):
         RolloutCollector(smollm2_tokenizer, RolloutConfig(group_size=1))
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def test_collect_draws_an_order_per_rollout(tiny_qwen2_dir, one_thread):
+def test_collect_draws_an_order_per_rollout(tiny_qwen2_dir):
     loaded = load_hf(tiny_qwen2_dir)
     cfg = RolloutConfig(group_size=8, max_tokens=1, system=None, user_template="{question}|{answer1}|{answer2}")
     sampler = EngineSampler.around(loaded, cfg.temperature, cfg.top_p, cfg.max_tokens)

@@ -26,13 +26,6 @@ def forced_verdict(text, finish_reason, opens_think):
     return {"1": 1, "2": 2}.get(text.strip())
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # two shared cores: torch's intra-op threads contend and run tiny matmuls ~20x slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture

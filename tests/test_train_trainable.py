@@ -3,7 +3,6 @@ LM head); everything below is frozen, gets no gradient and does not move in a GR
 import json
 
 import pytest
-import torch
 
 from rrm_engine.config import ModelConfig
 from rrm_engine.loader import load_hf
@@ -16,12 +15,6 @@ from rrm_engine.train.trainer import GRPOTrainer, TrainConfig
 SHORT = dict(system=None, user_template="{question}\n1: {answer1}\n2: {answer2}\n")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_parse_trainable():

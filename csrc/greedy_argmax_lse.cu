@@ -54,8 +54,8 @@ template <> __device__ __forceinline__ float to_float<float>(float v) { return v
 template <> __device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
 template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
 
-__device__ Partial block_reduce(Partial p) {
-  __shared__ Partial warp_parts[kThreads / 32];
+// combines the partials of a warp's 32 lanes into lane 0
+__device__ __forceinline__ Partial warp_reduce(Partial p) {
   for (int o = 16; o > 0; o >>= 1) {
     Partial q;
     q.max = __shfl_down_sync(0xffffffffu, p.max, o);
@@ -63,18 +63,17 @@ __device__ Partial block_reduce(Partial p) {
     q.arg = __shfl_down_sync(0xffffffffu, p.arg, o);
     p = combine(p, q);
   }
+  return p;
+}
+
+__device__ Partial block_reduce(Partial p) {
+  __shared__ Partial warp_parts[kThreads / 32];
+  p = warp_reduce(p);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   if (lane == 0) warp_parts[warp] = p;
   __syncthreads();
   if (warp == 0) {
-    p = lane < kThreads / 32 ? warp_parts[lane] : Partial{-INFINITY, 0.0f, 0};
-    for (int o = 16; o > 0; o >>= 1) {
-      Partial q;
-      q.max = __shfl_down_sync(0xffffffffu, p.max, o);
-      q.sum = __shfl_down_sync(0xffffffffu, p.sum, o);
-      q.arg = __shfl_down_sync(0xffffffffu, p.arg, o);
-      p = combine(p, q);
-    }
+    p = warp_reduce(lane < kThreads / 32 ? warp_parts[lane] : Partial{-INFINITY, 0.0f, 0});
   }
   return p;  // valid in thread 0
 }

@@ -88,33 +88,24 @@ def _check_inputs(logits: torch.Tensor, row_index: torch.Tensor, temperature: to
     if not check_values or b == 0:
         return
     r = logits.shape[0]
-    problems = []
     # one reduction finds both: max propagates NaN, is +inf with an +inf, -inf for a dead row
     row_max = logits.amax(dim=1) if scan_logits else torch.zeros(r, device=logits.device)
     bad_rows = torch.isnan(row_max) | torch.isposinf(row_max)
     dead_rows = torch.isneginf(row_max)
-    checks = torch.stack([
-        bad_rows.any(), dead_rows.any(),
-        ((row_index < 0) | (row_index >= r)).any(),
-        (~torch.isfinite(temperature) | (temperature < 0)).any(),
-        (top_k < 0).any(),
-        ~((top_p > 0) & (top_p <= 1)).all(),
-        ~((min_p >= 0) & (min_p <= 1)).all(),
-    ]).tolist()  # one host sync for every check
-    if checks[0]:
-        problems.append(f"logits rows {bad_rows.nonzero().flatten().tolist()} contain NaN or +inf")
-    if checks[1]:
-        problems.append(f"logits rows {dead_rows.nonzero().flatten().tolist()} are entirely -inf")
-    if checks[2]:
-        problems.append(f"row_index values must lie in [0, {r}), got {row_index.tolist()}")
-    if checks[3]:
-        problems.append(f"temperature must be finite and >= 0, got {temperature.tolist()}")
-    if checks[4]:
-        problems.append(f"top_k must be >= 0 (0 = off), got {top_k.tolist()}")
-    if checks[5]:
-        problems.append(f"top_p must lie in (0, 1] (1 = off), got {top_p.tolist()}")
-    if checks[6]:
-        problems.append(f"min_p must lie in [0, 1] (0 = off), got {min_p.tolist()}")
+    # (violated?, message) pairs; the messages are only formatted for what failed
+    rules = [
+        (bad_rows.any(), lambda: f"logits rows {bad_rows.nonzero().flatten().tolist()} contain NaN or +inf"),
+        (dead_rows.any(), lambda: f"logits rows {dead_rows.nonzero().flatten().tolist()} are entirely -inf"),
+        (((row_index < 0) | (row_index >= r)).any(),
+         lambda: f"row_index values must lie in [0, {r}), got {row_index.tolist()}"),
+        ((~torch.isfinite(temperature) | (temperature < 0)).any(),
+         lambda: f"temperature must be finite and >= 0, got {temperature.tolist()}"),
+        ((top_k < 0).any(), lambda: f"top_k must be >= 0 (0 = off), got {top_k.tolist()}"),
+        (~((top_p > 0) & (top_p <= 1)).all(), lambda: f"top_p must lie in (0, 1] (1 = off), got {top_p.tolist()}"),
+        (~((min_p >= 0) & (min_p <= 1)).all(), lambda: f"min_p must lie in [0, 1] (0 = off), got {min_p.tolist()}"),
+    ]
+    violated = torch.stack([bad for bad, _ in rules]).tolist()  # one host sync for every check
+    problems = [message() for hit, (_, message) in zip(violated, rules) if hit]
     if problems:
         raise ValueError("; ".join(problems))
 

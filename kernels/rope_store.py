@@ -1,11 +1,11 @@
 """Rotary embedding on q and k plus the KV-cache store, in one kernel.
 
-Convention: half-split (rotate_half), as rrm_engine.model.apply_rotary: with x = [x1, x2] split
+Convention: half-split (rotate_half), as rrm_engine.rotary.apply_rotary: with x = [x1, x2] split
 at D/2, out = [x1*cos1 - x2*sin1, x2*cos2 + x1*sin2] where cos = [cos1, cos2] (both halves are
 read, so any table works; the usual one repeats the frequencies: cat(freqs, freqs)).
 
 cos/sin are tables [max_positions, D] indexed by `positions` (the layout of
-rrm_engine.model.rotary_cos_sin over arange(max_positions)); a caller holding per-token rows
+rrm_engine.rotary.rotary_cos_sin over arange(max_positions)); a caller holding per-token rows
 [T, D] passes positions = arange(T). Rows whose slot is negative are rotated but not stored
 (padding). The cache is one layer's [num_blocks, block_size, Hkv, D].
 """
@@ -44,7 +44,7 @@ def _rope_store_kernel(
     stride_kc_slot, stride_kc_h, stride_vc_slot, stride_vc_h,
     stride_qot, stride_qoh, stride_kot, stride_koh,
     HQ: tl.constexpr, HQ_PAD: tl.constexpr, HKV: tl.constexpr, HKV_PAD: tl.constexpr,
-    HALF: tl.constexpr, HALF_PAD: tl.constexpr,
+    HALF: tl.constexpr, HALF_PAD: tl.constexpr, STORE_K_OUT: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(POS + t).to(tl.int64)
@@ -60,7 +60,8 @@ def _rope_store_kernel(
     # rounded to k's dtype first, so the cache holds exactly the returned rotated k
     k1 = k1.to(KO.dtype.element_ty)
     k2 = k2.to(KO.dtype.element_ty)
-    _store_halves(KO + t * stride_kot, stride_koh, k1, k2, kmask, HKV_PAD, HALF, HALF_PAD)
+    if STORE_K_OUT:
+        _store_halves(KO + t * stride_kot, stride_koh, k1, k2, kmask, HKV_PAD, HALF, HALF_PAD)
     slot = tl.load(SLOTS + t).to(tl.int64)
     if slot >= 0:
         _store_halves(KC + slot * stride_kc_slot, stride_kc_h, k1, k2, kmask, HKV_PAD, HALF, HALF_PAD)
@@ -74,9 +75,10 @@ def _rope_store_kernel(
 
 def rope_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
                    sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                   slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                   slot_mapping: torch.Tensor, return_k: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """q [T, Hq, D], k/v [T, Hkv, D] -> (rotated q, rotated k); rotated k and v are written to the
-    cache at slot_mapping (slot = block * block_size + offset; negative = skip)."""
+    cache at slot_mapping (slot = block * block_size + offset; negative = skip). With
+    return_k=False the rotated k only goes to the cache (the serving path: one write saved)."""
     if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape:
         raise ValueError(f"q must be [T, Hq, D] and k/v [T, Hkv, D], got {tuple(q.shape)}, {tuple(k.shape)}, "
                          f"{tuple(v.shape)}")
@@ -100,26 +102,26 @@ def rope_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions:
     if not k_cache.is_contiguous() or not v_cache.is_contiguous():
         raise ValueError("k_cache/v_cache must be contiguous (slots are flat indices)")
     q_out = torch.empty_like(q)
-    k_out = torch.empty_like(k)
+    k_out = torch.empty_like(k) if return_k else None
     if t == 0:
         return q_out, k_out
     kc = k_cache.view(-1, hkv, d)
     vc = v_cache.view(-1, hkv, d)
     half = d // 2
     _rope_store_kernel[(t,)](
-        q, k, v, positions, cos, sin, kc, vc, slot_mapping, q_out, k_out,
+        q, k, v, positions, cos, sin, kc, vc, slot_mapping, q_out, k_out if return_k else q_out,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0), sin.stride(0),
         kc.stride(0), kc.stride(1), vc.stride(0), vc.stride(1),
-        q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
+        q_out.stride(0), q_out.stride(1), *(k_out.stride()[:2] if return_k else (0, 0)),
         HQ=hq, HQ_PAD=triton.next_power_of_2(hq), HKV=hkv, HKV_PAD=triton.next_power_of_2(hkv),
-        HALF=half, HALF_PAD=triton.next_power_of_2(half), num_warps=4,
+        HALF=half, HALF_PAD=triton.next_power_of_2(half), STORE_K_OUT=return_k, num_warps=4,
     )
     return q_out, k_out
 
 
 def rope_and_store_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
                        sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                       slot_mapping: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                       slot_mapping: torch.Tensor, return_k: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     c = cos[positions.long()].float()[:, None, :]
     s = sin[positions.long()].float()[:, None, :]
 
@@ -132,4 +134,4 @@ def rope_and_store_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positi
     slots = slot_mapping[keep].long()
     k_cache.view(-1, *k.shape[1:])[slots] = k_rot[keep].to(k_cache.dtype)
     v_cache.view(-1, *v.shape[1:])[slots] = v[keep].to(v_cache.dtype)
-    return q_rot, k_rot
+    return q_rot, k_rot if return_k else None

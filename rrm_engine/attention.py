@@ -20,6 +20,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from .rotary import Rotary
+
 
 @dataclass
 class KVCache:
@@ -71,10 +73,10 @@ class AttentionMetadata:
 
 
 class AttentionBackend(Protocol):
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotary: Rotary,
                  cache: KVCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        """q [T, Hq, D], k/v [T, Hkv, D] for this step's tokens; writes k/v into the cache at
-        meta.slot_mapping, returns attention output [T, Hq, D]."""
+        """q [T, Hq, D], k/v [T, Hkv, D] for this step's tokens, q and k before rotary; applies
+        rotary, writes k/v into the cache at meta.slot_mapping, returns attention output [T, Hq, D]."""
         ...
 
 
@@ -130,8 +132,9 @@ class TorchAttention:
     def __init__(self) -> None:
         self._plan_cache: tuple[AttentionMetadata, _CascadePlan] | None = None
 
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotary: Rotary,
                  cache: KVCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        q, k = rotary.apply(q, k)
         store_kv(layer, k, v, cache, meta.slot_mapping)
         if meta.is_decode:
             if meta.prefix_levels:

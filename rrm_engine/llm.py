@@ -43,7 +43,7 @@ class LLM:
         if tensor_parallel_size != 1:  # shard first: the KV cache below is sized from the shard's model.cfg
             from .distributed.tensor_parallel import shard_for_engine
             shard_for_engine(decoder, tensor_parallel_size)
-        decoder.backend = _make_backend(attention_backend, next(decoder.parameters()).device)
+        _use_backend(decoder, attention_backend)
         if kv_cache_tokens is None:
             kv_cache_tokens = _default_kv_tokens(decoder, block_size)
             if tensor_parallel_size != 1:  # ranks must schedule alike: size every cache by the fullest GPU
@@ -127,20 +127,23 @@ class LLM:
         self.engine.invalidate_prefix_cache()
 
 
-def _make_backend(name: str, device: torch.device):
+def _use_backend(decoder, name: str) -> None:
+    """Torch attention and norms, or the Triton kernels for both (attention with rotary fused into
+    the KV store, residual add fused into RMSNorm)."""
     from .attention import TorchAttention
 
     if name not in ("auto", "torch", "triton"):
         raise ValueError(f"attention_backend must be 'auto', 'torch' or 'triton', got {name!r}")
-    if name == "torch" or (name == "auto" and device.type != "cuda"):
-        return TorchAttention()
-    try:
-        from .triton_backend import TritonAttention
-    except ImportError as e:
-        if name == "triton":
-            raise ValueError(f"attention_backend='triton' is not available: {e}") from e
-        return TorchAttention()
-    return TritonAttention()
+    device = next(decoder.parameters()).device
+    decoder.backend, fused = TorchAttention(), False
+    if name == "triton" or (name == "auto" and device.type == "cuda"):
+        try:
+            from .triton_backend import TritonAttention
+            decoder.backend, fused = TritonAttention(), True
+        except ImportError as e:
+            if name == "triton":
+                raise ValueError(f"attention_backend='triton' is not available: {e}") from e
+    decoder.use_fused_norms(fused)
 
 
 def _default_kv_tokens(model, block_size: int) -> int:

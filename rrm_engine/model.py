@@ -14,6 +14,7 @@ from torch import nn
 
 from .attention import AttentionBackend, AttentionMetadata, KVCache, TorchAttention, dense_causal_attention
 from .config import ModelConfig
+from .rotary import Rotary, rotary_cos_sin
 
 
 class RMSNorm(nn.Module):
@@ -21,27 +22,19 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        # kernels.rmsnorm.rms_norm when the decoder serves with Triton kernels (no autograd there)
+        self.kernel: Callable | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x); with residual: (norm(x + residual), x + residual), the new residual stream."""
+        if self.kernel is not None and not torch.is_grad_enabled():
+            return self.kernel(x, self.weight, self.eps, residual)
+        if residual is not None:
+            x = x + residual
         # computed in fp32 like transformers, cast back before the weight multiply
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
-
-
-def rotary_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.int64).float() / head_dim))
-    freqs = positions.float()[..., None] * inv_freq  # [..., D/2]
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [..., H, D]; cos/sin [..., D] (broadcast over heads). Half-split (rotate_half) convention."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return x * cos.unsqueeze(-2) + rotated * sin.unsqueeze(-2)
+        xf = x.float()
+        out = self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return out if residual is None else (out, x)
 
 
 class Attention(nn.Module):
@@ -58,7 +51,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.scale = d ** -0.5
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None,
+    def forward(self, x: torch.Tensor, rotary: Rotary, cache: KVCache | None,
                 meta: AttentionMetadata | None, backend: AttentionBackend) -> torch.Tensor:
         lead = x.shape[:-1]  # [T] when serving, [B, L] when training
         d = self.cfg.head_dim
@@ -68,11 +61,10 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(*lead, -1, d)
         if self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if meta is None:
-            o = dense_causal_attention(q, k, v, self.scale)
-        else:
-            o = backend(self.layer, q, k, v, cache, meta, self.scale)
+            o = dense_causal_attention(*rotary.apply(q, k), v, self.scale)
+        else:  # the backend applies rotary: Triton fuses it with the KV-cache store
+            o = backend(self.layer, q, k, v, rotary, cache, meta, self.scale)
         return self.o_proj(o.reshape(*lead, -1))
 
 
@@ -95,9 +87,17 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, cache, meta, backend):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, meta, backend)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, rotary: Rotary, cache: KVCache | None,
+                meta: AttentionMetadata | None, backend: AttentionBackend) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (this layer's MLP output, the residual stream before it): the add that closes
+        the layer happens in the next norm, which fuses it (rms_norm with residual)."""
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, rotary, cache, meta, backend)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
 
 
 class Decoder(nn.Module):
@@ -115,6 +115,7 @@ class Decoder(nn.Module):
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.backend: AttentionBackend = TorchAttention()
         self.gradient_checkpointing = False
+        self._rotary_tables: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
         # set by tensor parallelism: turns this rank's vocab slice of the logits into full logits
         self.gather_logits: Callable[[torch.Tensor], torch.Tensor] | None = None
 
@@ -126,13 +127,36 @@ class Decoder(nn.Module):
                 meta: AttentionMetadata | None = None) -> torch.Tensor:
         """Returns final hidden states (after the last norm), shaped like input_ids + [hidden]."""
         x = self.model.embed_tokens(input_ids)
-        cos, sin = rotary_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        if meta is None:  # training: any positions, rows computed directly
+            rotary = Rotary(*rotary_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype))
+        else:  # serving: positions < max_position_embeddings (the engine checks), tables built once
+            rotary = Rotary.from_tables(positions, *self.rotary_tables(x.device, x.dtype))
+        residual = None
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, cache, meta, self.backend, use_reentrant=False)
+                x, residual = torch.utils.checkpoint.checkpoint(layer, x, residual, rotary, cache, meta, self.backend,
+                                                                use_reentrant=False)
             else:
-                x = layer(x, cos, sin, cache, meta, self.backend)
-        return self.model.norm(x)
+                x, residual = layer(x, residual, rotary, cache, meta, self.backend)
+        return self.model.norm(x, residual)[0]
+
+    def rotary_tables(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [max_position_embeddings, head_dim], cached per (device, dtype)."""
+        key = (device, dtype)
+        if key not in self._rotary_tables:
+            positions = torch.arange(self.cfg.max_position_embeddings, device=device)
+            self._rotary_tables[key] = rotary_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, dtype)
+        return self._rotary_tables[key]
+
+    def use_fused_norms(self, on: bool) -> None:
+        """Serve the RMSNorms (and their residual adds) with the Triton kernel, or with torch."""
+        kernel = None
+        if on:
+            from kernels.rmsnorm import rms_norm
+            kernel = rms_norm
+        for m in self.modules():
+            if isinstance(m, RMSNorm):
+                m.kernel = kernel
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = F.linear(hidden, self.lm_head_weight)

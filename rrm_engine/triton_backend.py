@@ -1,10 +1,7 @@
 """Attention backend over the Triton kernels in kernels/ (the AttentionBackend protocol of
-rrm_engine.attention): store this step's K/V, then paged decode (or the shared-prefix cascade
-kernel when the step carries prefix levels) for decode steps, paged prefill otherwise.
-
-Rotary is applied by the decoder before the backend is called, so the store here is the plain
-indexed copy of attention.store_kv (kernels.rope_store.rope_and_store fuses both once the
-decoder hands rotary to the backend).
+rrm_engine.attention): rotary on q/k fused with this step's K/V store (rope_and_store), then
+paged decode (or the shared-prefix cascade kernel when the step carries prefix levels) for decode
+steps, paged prefill otherwise.
 """
 from __future__ import annotations
 
@@ -12,19 +9,20 @@ import torch
 
 from kernels.paged_decode import paged_decode_attention
 from kernels.paged_prefill import paged_prefill_attention
+from kernels.rope_store import rope_and_store
 from kernels.shared_prefix_decode import shared_prefix_decode_attention
 
-from .attention import AttentionMetadata, KVCache, store_kv
+from .attention import AttentionMetadata, KVCache
+from .rotary import Rotary
 
 
 class TritonAttention:
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotary: Rotary,
                  cache: KVCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        store_kv(layer, k, v, cache, meta.slot_mapping)
         k_cache, v_cache = cache.k[layer], cache.v[layer]
+        q, _ = rope_and_store(q, k, v, rotary.positions, rotary.cos_table, rotary.sin_table, k_cache, v_cache,
+                              meta.slot_mapping, return_k=False)
         q = q.to(k_cache.dtype)
-        if q.stride(-1) != 1:
-            q = q.contiguous()
         if meta.is_decode:
             if meta.prefix_levels:
                 return shared_prefix_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,

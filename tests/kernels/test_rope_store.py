@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from kernels.rope_store import rope_and_store, rope_and_store_ref
-from rrm_engine.model import apply_rotary, rotary_cos_sin
+from rrm_engine.rotary import apply_rotary, rotary_cos_sin
 
 
 def random_step(t, hq, hkv, d, dtype, gen):
@@ -58,3 +58,16 @@ def test_rope_and_store_rejects_bad_input():
         rope_and_store(q, k, v, positions, cos, sin, kc, kc.clone(), slots[:2])
     with pytest.raises(ValueError, match="integer"):
         rope_and_store(q, k, v, positions.float(), cos, sin, kc, kc.clone(), slots)
+
+
+def test_rope_and_store_without_k_out_writes_the_same_cache():
+    gen = torch.Generator().manual_seed(3)
+    q, k, v, positions, slots = random_step(5, 4, 2, 32, torch.float16, gen)
+    cos, sin = rotary_cos_sin(torch.arange(100), 32, 1e4, torch.float16)
+    caches = [torch.zeros(4, 8, 2, 32, dtype=torch.float16) for _ in range(4)]
+    q_a, k_a = rope_and_store(q, k, v, positions, cos, sin, caches[0], caches[1], slots)
+    q_b, k_b = rope_and_store(q, k, v, positions, cos, sin, caches[2], caches[3], slots, return_k=False)
+    assert k_b is None
+    torch.testing.assert_close(q_b, q_a, atol=0, rtol=0)
+    torch.testing.assert_close(caches[2], caches[0], atol=0, rtol=0)
+    torch.testing.assert_close(caches[3], caches[1], atol=0, rtol=0)

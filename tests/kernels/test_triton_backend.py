@@ -58,6 +58,7 @@ def test_triton_backend_matches_torch_backend(num_heads, num_kv_heads):
         logits = {}
         for name in backends:
             model.backend = backends[name]
+            model.use_fused_norms(name == "triton")  # as LLM does: Triton serves the norms too
             with torch.no_grad():
                 hidden = model(torch.tensor(tokens), meta.positions, caches[name], meta)
             logits[name] = model.compute_logits(hidden)
@@ -95,6 +96,8 @@ def test_engine_generates_the_same_tokens_with_the_triton_backend(tiny_qwen2_dir
     for backend in ("torch", "triton"):
         llm = rrm.LLM(str(tiny_qwen2_dir), device="cpu", dtype=torch.float32, kv_cache_tokens=512, block_size=8,
                       attention_backend=backend)
+        # the Triton backend serves the norms with the fused kernel too; torch keeps torch's
+        assert (llm.loaded.model.model.norm.kernel is not None) == (backend == "triton")
         outs[backend] = [[o.token_ids for o in r.outputs] for r in llm.generate(prompts, params)]
     assert outs["triton"] == outs["torch"]
     assert len({tuple(t) for t in outs["torch"][0]}) > 1  # the samples differ, so each sequence was attended apart

@@ -1,4 +1,4 @@
-"""Per-kernel benchmark: `python -m bench.kernels [--only NAME] [--quick]`.
+"""Per-kernel benchmark: `python -m bench.kernels [--only NAME] [--quick] [--sweep]`.
 
 Every kernel is timed beside its torch reference and the best library baseline present (torch
 SDPA for attention, a torch sort-based top-p sampler for sampling), all in the same run, and each
@@ -9,11 +9,16 @@ GPU: median of triton.testing.do_bench, the DESIGN.md target shapes (RRM-7B: 28 
 heads, head_dim 128, bf16). CPU: a plain wall-clock timer, small shapes,
 and only the torch paths (Triton on CPU is an interpreter, so timing it means nothing);
 the best of a few runs there, since on a shared CPU other tenants only ever add time.
+
+--sweep (GPU): also times each attention kernel at alternative launch tiles (kernels.paged_tile.
+TileConfig: rows per program, keys per tile, warps), one line each, so the defaults
+(decode_tile, prefix_tile, prefill_tile) can be chosen from one run.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import itertools
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -29,6 +34,7 @@ class Setup:
     device: torch.device
     dtype: torch.dtype
     quick: bool
+    sweep: bool = False
 
     @property
     def gpu(self) -> bool:
@@ -82,6 +88,16 @@ def measure_roofline(setup: Setup, time_fn) -> tuple[float, float]:
     b = torch.randn(m, m, device=setup.device, dtype=mm_dtype)
     mm_s = time_fn(lambda: a @ b)
     return 2 * n / copy_s / 1e9, 2 * m ** 3 / mm_s / 1e12
+
+
+def tile_variants(s: Setup, run: Callable[..., object], block_m: tuple[int, ...], block_n: tuple[int, ...],
+                  warps: tuple[int, ...]) -> list[Impl]:
+    """With --sweep: the kernel at each alternative tile, `run(tile=...)` (timed on a GPU only)."""
+    if not s.sweep:
+        return []
+    from kernels.paged_tile import TileConfig
+    return [Impl(f"kernel m{m} n{n} w{w}", lambda t=TileConfig(m, n, w): run(tile=t), gpu_only=True)
+            for m, n, w in itertools.product(block_m, block_n, warps)]
 
 
 def _module(name: str):
@@ -232,6 +248,8 @@ def decode_cases(s: Setup) -> list[Case]:
             Impl("reference", lambda: decode.paged_decode_attention_ref(q, kc, vc, bt, lens, scale)),
             Impl("torch SDPA (dense KV)", lambda: F.scaled_dot_product_attention(
                 q[:, :, None], kd, vd, scale=scale, enable_gqa=True)),
+            *tile_variants(s, lambda tile: decode.paged_decode_attention(q, kc, vc, bt, lens, scale, max_seq_len=ctx,
+                                                                         tile=tile), (16,), (16, 32, 64), (4, 8)),
         ], 2 * b * ctx * hkv * d * esz, 4.0 * b * ctx * hq * d, baseline="torch SDPA (dense KV)"))
     return cases
 
@@ -261,6 +279,8 @@ def shared_prefix_cases(s: Setup) -> list[Case]:
             Impl("paged decode (same batch)", lambda: decode.paged_decode_attention(q, kc, vc, bt, lens, scale,
                                                                                     max_seq_len=ctx), gpu_only=True),
             Impl("reference", lambda: shared.shared_prefix_decode_attention_ref(q, kc, vc, bt, lens, [level], scale)),
+            *tile_variants(s, lambda tile: shared.shared_prefix_decode_attention(
+                q, kc, vc, bt, lens, [level], scale, max_seq_len=ctx, tile=tile), (32, 64), (16, 32, 64), (4, 8)),
         ], unique, 4.0 * b * ctx * hq * d, baseline="paged decode (same batch)"))
     return cases
 
@@ -282,6 +302,8 @@ def prefill_cases(s: Setup) -> list[Case]:
             Impl("reference", lambda: prefill.paged_prefill_attention_ref(q, kc, vc, bt, qsl, lens, scale, t)),
             Impl("torch SDPA causal (dense)", lambda: F.scaled_dot_product_attention(
                 qd, kd, vd, is_causal=True, scale=scale, enable_gqa=True)),
+            *tile_variants(s, lambda tile: prefill.paged_prefill_attention(q, kc, vc, bt, qsl, lens, scale, t, tile=tile),
+                           (64, 128), (32, 64), (4, 8)),
         ], (2 * t * hq * d + 2 * t * hkv * d) * esz, 2.0 * t * t * hq * d, baseline="torch SDPA causal (dense)"))  # causal: half of 4*T^2*Hq*D
     return cases
 
@@ -336,15 +358,18 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__.split("\n")[0])
     ap.add_argument("--only", help="run only cases whose name contains this (e.g. 'sample', 'decode')")
     ap.add_argument("--quick", action="store_true", help="smaller shapes and fewer repetitions")
+    ap.add_argument("--sweep", action="store_true", help="GPU: also time the attention kernels at alternative tiles")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    setup = Setup(device, torch.bfloat16 if device.type == "cuda" else torch.float32, args.quick)
+    setup = Setup(device, torch.bfloat16 if device.type == "cuda" else torch.float32, args.quick, args.sweep)
     time_fn = timer(setup)
     name = torch.cuda.get_device_name() if setup.gpu else "CPU"
     print(f"device: {name} ({torch.get_num_threads()} threads)" if not setup.gpu else f"device: {name}")
     if not setup.gpu:
         print("CPU run: torch paths only, plain wall-clock timer (best of 5-11 runs); Triton/CUDA kernels are not timed here.\n"
               "Small cache-resident shapes can exceed 100% of the copy bandwidth, which is measured out of cache.")
+        if args.sweep:
+            print("--sweep times Triton kernels, so it does nothing on CPU.")
     copy_gbs, mm_tflops = measure_roofline(setup, time_fn)
     print(f"measured now: copy {copy_gbs:.1f} GB/s (read+write), "
           f"{'bf16' if setup.gpu else 'fp32'} matmul {mm_tflops:.2f} TFLOP/s\n")

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .paged_decode import LOG2E, check_paged_inputs, dot_precision, gather_context
-from .paged_tile import load_kv_tile, online_softmax_update
+from .paged_tile import TileConfig, check_tile, load_kv_tile, online_softmax_update
 
 
 @triton.jit
@@ -82,10 +82,19 @@ def _prefill_kernel(
     tl.store(O + o_ptrs, out.to(O.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
 
 
+def prefill_tile(head_dim: int, rows: int) -> TileConfig:
+    """rows = max_query_len x g. ptxas at sm_90 (bf16, 64-row tiles; tests/test_csrc_build.py
+    checks these defaults): with 64-key tiles 4 warps spill (400 B at d=64, 2088 B at d=128) and
+    8 warps still spill 312 B at d=128; 8 warps with 32-key tiles at d=128 spill nothing. Spill-free
+    is a compile fact; which spill-free shape is fastest is for `bench.kernels --sweep` on a GPU."""
+    return TileConfig(block_m=64 if rows > 32 else 16, block_n=32 if head_dim > 64 else 64, num_warps=8)
+
+
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                             query_start_loc: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                            max_query_len: int) -> torch.Tensor:
-    """q [T, Hq, D] (packed new tokens) -> [T, Hq, D]. Needs 1 <= q_len[b] <= seq_lens[b]."""
+                            max_query_len: int, tile: TileConfig | None = None) -> torch.Tensor:
+    """q [T, Hq, D] (packed new tokens) -> [T, Hq, D]. Needs 1 <= q_len[b] <= seq_lens[b].
+    tile: launch shape instead of prefill_tile's (tuning sweeps)."""
     if q.dim() != 3:
         raise ValueError(f"q must be [T, Hq, D], got {tuple(q.shape)}")
     b = block_tables.shape[0]
@@ -108,9 +117,8 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         return out
     page, hkv = k_cache.shape[1], k_cache.shape[2]
     group = hq // hkv
-    block_m = 64 if max_query_len * group > 32 else 16
-    block_n = 64
-    grid = (triton.cdiv(max_query_len * group, block_m), b, hkv)
+    tile = check_tile(tile) if tile is not None else prefill_tile(d, max_query_len * group)
+    grid = (triton.cdiv(max_query_len * group, tile.block_m), b, hkv)
     _prefill_kernel[grid](
         q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out, scale * LOG2E,
         q.stride(0), q.stride(1),
@@ -119,8 +127,8 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         block_tables.stride(0),
         out.stride(0), out.stride(1),
         GROUP=group, HEAD_DIM=d, D_PAD=triton.next_power_of_2(d), PAGE=page,
-        BLOCK_M=block_m, BLOCK_N=block_n, DOT_PRECISION=dot_precision(q.dtype),
-        num_warps=4 if d <= 64 else 8, num_stages=2,
+        BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, DOT_PRECISION=dot_precision(q.dtype),
+        num_warps=tile.num_warps, num_stages=2,
     )
     return out
 

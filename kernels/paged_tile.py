@@ -20,8 +20,30 @@ Conventions (the kernels rely on them):
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import triton
 import triton.language as tl
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Launch shape of a paged attention kernel: block_m query rows per program (prefill and the
+    shared-prefix pass; decode's rows are its padded query heads), block_n keys per KV tile,
+    num_warps. Each kernel has a default (decode_tile, prefix_tile, prefill_tile); passing one
+    overrides it, which is how `python -m bench.kernels --sweep` times the alternatives."""
+    block_m: int
+    block_n: int
+    num_warps: int
+
+
+def check_tile(tile: TileConfig) -> TileConfig:
+    pow2 = lambda x: x >= 1 and x & (x - 1) == 0  # noqa: E731
+    if not (pow2(tile.block_m) and tile.block_m >= 16 and pow2(tile.block_n) and tile.block_n >= 16):
+        raise ValueError(f"tile block_m and block_n must be powers of two >= 16 (tl.dot), got {tile}")
+    if tile.num_warps not in (1, 2, 4, 8, 16):
+        raise ValueError(f"tile num_warps must be 1, 2, 4, 8 or 16, got {tile.num_warps}")
+    return tile
 
 
 @triton.jit

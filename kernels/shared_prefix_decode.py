@@ -27,9 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .paged_decode import (LOG2E, attend_ref, block_n_for, check_paged_inputs, choose_num_splits, dot_precision,
+from .paged_decode import (LOG2E, attend_ref, check_paged_inputs, choose_num_splits, decode_tile, dot_precision,
                            gather_context, launch_decode_split, merge_parts, split_len_for)
-from .paged_tile import attend_paged_range
+from .paged_tile import TileConfig, attend_paged_range, check_tile
 
 
 @triton.jit
@@ -119,12 +119,22 @@ def _members(seq_group: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, to
     return order.to(torch.int32), starts
 
 
+def prefix_tile(group: int, head_dim: int, page: int) -> TileConfig:
+    """Rows are (member, head) pairs: 8 votes of g heads fill one block_m tile. 8 warps above
+    head_dim 64: at 4, ptxas spills 184 B at the 7B shape (g=7, d=128, block_m 64) on sm_90,
+    at 8 none (tests/test_csrc_build.py checks the default shapes)."""
+    return TileConfig(block_m=max(16, min(64, triton.next_power_of_2(group * 8))), block_n=max(16, min(64, page)),
+                      num_warps=8 if head_dim > 64 else 4)
+
+
 def shared_prefix_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                    block_tables: torch.Tensor, seq_lens: torch.Tensor, levels: Sequence[Any],
-                                   scale: float, max_seq_len: int | None = None) -> torch.Tensor:
+                                   scale: float, max_seq_len: int | None = None,
+                                   tile: TileConfig | None = None) -> torch.Tensor:
     """q [B, Hq, D] -> [B, Hq, D]; equal to paged_decode_attention on the same batch when the levels
     describe blocks the sequences really share. Each sequence's suffix must be non-empty or it must
-    belong to a group (at least one part per sequence)."""
+    belong to a group (at least one part per sequence). tile: the prefix pass's launch shape
+    instead of prefix_tile's (tuning sweeps); the suffix pass keeps decode_tile's."""
     if q.dim() != 3:
         raise ValueError(f"q must be [B, Hq, D], got {tuple(q.shape)}")
     b, hq, d = q.shape
@@ -135,7 +145,8 @@ def shared_prefix_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cac
     if b == 0:
         return out
     group = hq // hkv
-    bn = block_n_for(page)
+    tile = check_tile(tile) if tile is not None else prefix_tile(group, d, page)
+    suffix_tile = decode_tile(page)
 
     # part layout: [prefix splits of level 0, level 1, ..., suffix splits]
     plans = []
@@ -143,7 +154,7 @@ def shared_prefix_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cac
     for gbt, glens, seq_group in checked:
         bound = gbt.shape[1] * page
         splits = choose_num_splits(bound, gbt.shape[0], hkv)
-        plans.append((splits, split_len_for(bound, splits, page)))
+        plans.append((splits, split_len_for(bound, splits, tile.block_n)))
         in_group = seq_group >= 0
         suffix_start += torch.where(in_group, glens[seq_group.clamp(min=0).long()], 0).to(torch.int32)
     bound = max_seq_len if max_seq_len is not None else block_tables.shape[1] * page
@@ -157,7 +168,6 @@ def shared_prefix_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cac
         num_groups = gbt.shape[0]
         if num_groups:
             members, member_start = _members(seq_group, num_groups)
-            block_m = max(16, min(64, triton.next_power_of_2(group * 8)))
             _prefix_pass_kernel[(num_groups, hkv, splits)](
                 q, k_cache, v_cache, gbt, glens, members, member_start,
                 out_parts[base:], lse_parts[base:], scale * LOG2E,
@@ -169,11 +179,13 @@ def shared_prefix_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cac
                 lse_parts.stride(0), lse_parts.stride(1),
                 split_len,
                 GROUP=group, HEAD_DIM=d, D_PAD=triton.next_power_of_2(d), PAGE=page,
-                BLOCK_M=block_m, BLOCK_N=bn, DOT_PRECISION=dot_precision(q.dtype), num_warps=4,
+                BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, DOT_PRECISION=dot_precision(q.dtype),
+                num_warps=tile.num_warps,
             )
         base += splits
     launch_decode_split(q, k_cache, v_cache, block_tables, seq_lens, suffix_start, scale,
-                        out_parts[base:], lse_parts[base:], suffix_splits, split_len_for(bound, suffix_splits, page))
+                        out_parts[base:], lse_parts[base:], suffix_splits,
+                        split_len_for(bound, suffix_splits, suffix_tile.block_n), suffix_tile)
     return merge_parts(out_parts, lse_parts, out)
 
 

@@ -3,10 +3,16 @@ implementation (the Triton ones through the interpreter here, the --sweep tiles 
 once on the CPU shapes and gives the same answer as the case's reference where they compute one."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from bench import kernels as bk
+
+# CPU tensors through the interpreter; a GPU session runs `python -m bench.kernels` itself
+pytestmark = pytest.mark.skipif(torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="interpreter smoke test")
 
 
 @pytest.mark.parametrize("group", bk.GROUPS, ids=lambda g: g.__name__)

@@ -15,3 +15,15 @@ if not torch.cuda.is_available():
     if _early and _was != "1":
         raise RuntimeError(f"{_early} were imported before TRITON_INTERPRET=1 was set and no GPU is present: "
                            "set TRITON_INTERPRET=1 in the environment or in tests/conftest.py")
+
+import pytest  # noqa: E402
+
+# These tests build CPU tensors for the interpreter. On a GPU machine without TRITON_INTERPRET=1
+# the compiled kernels would be handed CPU pointers: tests/gpu checks the kernels there instead.
+_SKIP_ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_only():
+    if _SKIP_ON_GPU:
+        pytest.skip("CPU/interpreter kernel test; on a GPU run tests/gpu (or set TRITON_INTERPRET=1)")

@@ -11,8 +11,10 @@ and only the torch paths (Triton on CPU is an interpreter, so timing it means no
 the best of a few runs there, since on a shared CPU other tenants only ever add time.
 
 --sweep (GPU): also times each attention kernel at alternative launch tiles (kernels.paged_tile.
-TileConfig: rows per program, keys per tile, warps), one line each, so the defaults
-(decode_tile, prefix_tile, prefill_tile) can be chosen from one run.
+TileConfig: rows per program, keys per tile, warps) and the sampler at 1, 2 and 4 samples per
+program, one line each, so the defaults (decode_tile, prefix_tile, prefill_tile,
+sampling.sample_launch) can be chosen from one run. `python -m bench.ptxas_report --sweep` says
+which of those tiles spill registers, without a GPU.
 """
 from __future__ import annotations
 
@@ -142,6 +144,9 @@ def sampling_cases(s: Setup) -> list[Case]:
             Impl("kernel", lambda: sampling.sample_triton(logits, **top_p, validate=False), gpu_only=True),
             Impl("reference", lambda: sampling.sample_ref(logits, **top_p, validate=False)),
             Impl("torch sort top-p", lambda: torch_sort_top_p(logits, 0.6, 0.95)),
+            *([Impl(f"kernel block_b={bb}", lambda bb=bb: sampling.sample_triton(logits, **top_p, validate=False,
+                                                                                  block_b=bb), gpu_only=True)
+               for bb in (1, 2, 4)] if s.sweep else []),
         ], nbytes, baseline="torch sort top-p"),
         Case("sample top-k 50 + top-p", shape, [
             Impl("kernel", lambda: sampling.sample_triton(logits, **top_k_p, validate=False), gpu_only=True),

@@ -354,6 +354,21 @@ def _sample_kernel(logits_ptr, stride_row, row_index_ptr, temperature_ptr, top_k
     tl.store(logprobs_ptr + bs, token_x - log_z, mask=live)
 
 
+def sample_launch(b: int, v: int, block: int | None = None, block_b: int | None = None,
+                  num_probes: int = NUM_PROBES) -> tuple[int, int, int, int]:
+    """(BLOCK_B samples per program, BLOCK vocab tile, SEARCH_BLOCK, num_warps) for b samples of
+    a v-token vocabulary. Several samples per program only when the vocabulary is small (tiles of
+    ~2K elements): at a 152K vocabulary every program takes one sample, so 256 samples are 256
+    programs (two per SM on an H100) rather than 128. 8 warps for a full 2K tile: 91
+    registers/thread at sm_90 (ptxas) vs 161 with 4. First choices, not yet timed on a GPU:
+    `bench.kernels --sweep` times block_b 1, 2 and 4."""
+    blk = block or min(2048, triton.next_power_of_2(v))
+    bb = block_b or max(1, min(64, triton.next_power_of_2(b), 2048 // blk))
+    search_blk = max(1, min(blk, 4096 // (bb * num_probes)))
+    warps = 8 if bb * blk >= 2048 else 4
+    return bb, blk, search_blk, warps
+
+
 def sample_triton(logits: torch.Tensor, row_index: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
                   top_p: torch.Tensor, min_p: torch.Tensor, seeds: torch.Tensor, offsets: torch.Tensor,
                   *, validate: bool = True, all_greedy: bool = False,
@@ -372,14 +387,8 @@ def sample_triton(logits: torch.Tensor, row_index: torch.Tensor, temperature: to
         return tokens, logprobs
     if logits.stride(1) != 1:
         logits = logits.contiguous()
-    blk = block or min(2048, triton.next_power_of_2(v))
-    # several samples per program when the vocabulary is small, so tiles stay ~4K elements
-    bb = block_b or max(1, min(64, triton.next_power_of_2(b), 4096 // blk))
-    search_blk = max(1, min(blk, 4096 // (bb * num_probes)))
+    bb, blk, search_blk, warps = sample_launch(b, v, block, block_b, num_probes)
     grid = (triton.cdiv(b, bb),)
-    # 8 warps for a full 2K block: 91 registers/thread (sm_90, ptxas) vs 161 with 4, more warps per
-    # SM to keep loads in flight. A first guess, not yet measured on a GPU.
-    warps = 8 if bb * blk >= 2048 else 4
     _sample_kernel[grid](logits, logits.stride(0), row_index, temperature, top_k, top_p, min_p, seeds, offsets,
                          tokens, logprobs, status, b, v, GREEDY_ONLY=all_greedy, BLOCK_B=bb, BLOCK=blk,
                          SEARCH_BLOCK=search_blk, NUM_PROBES=num_probes, num_warps=warps)

@@ -84,7 +84,7 @@ def _prefill_kernel(
 
 def prefill_tile(head_dim: int, rows: int) -> TileConfig:
     """rows = max_query_len x g. ptxas at sm_90 (bf16, 64-row tiles; tests/test_csrc_build.py
-    checks these defaults): with 64-key tiles 4 warps spill (400 B at d=64, 2088 B at d=128) and
+    checks these defaults): with 64-key tiles 4 warps spill (392 B at d=64 g=3, 2088 B at d=128 g=7) and
     8 warps still spill 312 B at d=128; 8 warps with 32-key tiles at d=128 spill nothing. Spill-free
     is a compile fact; which spill-free shape is fastest is for `bench.kernels --sweep` on a GPU."""
     return TileConfig(block_m=64 if rows > 32 else 16, block_n=32 if head_dim > 64 else 64, num_warps=8)

@@ -39,8 +39,9 @@ class TileConfig:
 
 def check_tile(tile: TileConfig) -> TileConfig:
     pow2 = lambda x: x >= 1 and x & (x - 1) == 0  # noqa: E731
-    if not (pow2(tile.block_m) and tile.block_m >= 16 and pow2(tile.block_n) and tile.block_n >= 16):
-        raise ValueError(f"tile block_m and block_n must be powers of two >= 16 (tl.dot), got {tile}")
+    for name in ("block_m", "block_n"):
+        if not (pow2(getattr(tile, name)) and getattr(tile, name) >= 16):
+            raise ValueError(f"tile {name} must be a power of two >= 16 (tl.dot), got {tile}")
     if tile.num_warps not in (1, 2, 4, 8, 16):
         raise ValueError(f"tile num_warps must be 1, 2, 4, 8 or 16, got {tile.num_warps}")
     return tile

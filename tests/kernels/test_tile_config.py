@@ -50,5 +50,5 @@ def test_bad_tile_is_refused(tile, match):
     bt, nb = scattered_tables([5], PAGE, gen)
     kc, vc = make_cache(nb, PAGE, HKV, D, torch.float32, gen)
     q = torch.randn(1, HKV * G, D, generator=gen)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=f"tile {match} must"):
         paged_decode_attention(q, kc, vc, bt, torch.tensor([5], dtype=torch.int32), 0.2, tile=tile)

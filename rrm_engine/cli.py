@@ -37,6 +37,10 @@ def _common(p: argparse.ArgumentParser, max_tokens: int, votes: int) -> None:
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: the engine's choice)")
     g.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                    help="weights and KV dtype (default: the engine's choice)")
+    g.add_argument("--weights", default=None, choices=("fp32", "bf16", "q8_0", "q4_1", "auto"),
+                   help="CPU format of the linear weights: fp32 (exact reference), bf16, q8_0 / q4_1 (GGUF blocks, "
+                        "int8 matmuls), auto (fastest lossless for the checkpoint; q4_1 for the embedded model); "
+                        "default: the run dtype")
     g.add_argument("--votes", type=int, default=votes, help="votes per comparison (majority)")
     g.add_argument("--max-tokens", type=int, default=max_tokens, help="max generated tokens per vote")
     g.add_argument("--thinking-budget", type=int, default=None,
@@ -96,6 +100,8 @@ def _judge(args: argparse.Namespace) -> Judge:
         import torch
 
         llm_kwargs["dtype"] = getattr(torch, args.dtype)
+    if args.weights is not None:
+        llm_kwargs["weights"] = args.weights
     judge_kwargs = dict(votes=args.votes, max_tokens=args.max_tokens, thinking_budget=args.thinking_budget,
                         temperature=args.temperature, top_p=args.top_p, swap=args.swap, strict=args.strict,
                         adaptive=args.adaptive, seed=args.seed)

@@ -67,7 +67,18 @@ def load_gguf(file: str | os.PathLike, device: torch.device | str = "cpu",
               dtype: torch.dtype = torch.float32) -> LoadedModel:
     """Load a Llama/Qwen2 GGUF: convert it once into the cache, then load that HF dir."""
     file = Path(file)
-    return load_hf(converted_dir(file), device=device, dtype=dtype, name=file.stem)
+    loaded = load_hf(converted_dir(file), device=device, dtype=dtype, name=file.stem)
+    loaded.checkpoint_format = linear_block_format(file)
+    return loaded
+
+
+def linear_block_format(file: str | os.PathLike) -> str | None:
+    """"q8_0" / "q4_1" when every 2-D weight of the decoder layers is stored in that GGUF block type
+    (read from the header; the data stays on disk), else None."""
+    from gguf import GGMLQuantizationType, GGUFReader
+    names = {GGMLQuantizationType.Q8_0: "q8_0", GGMLQuantizationType.Q4_1: "q4_1"}
+    types = {t.tensor_type for t in GGUFReader(str(file)).tensors if t.name.startswith("blk.") and len(t.shape) == 2}
+    return names.get(types.pop()) if len(types) == 1 else None
 
 
 def converted_dir(file: str | os.PathLike) -> Path:

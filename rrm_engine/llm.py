@@ -5,6 +5,7 @@ has_unfinished, and metrics() / reset_metrics() / invalidate_prefix_cache().
 """
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence as SequenceABC
 
@@ -14,6 +15,8 @@ from .engine import Engine
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 
+log = logging.getLogger(__name__)
+
 _CPU_DEFAULT_KV_TOKENS = 16384  # 0.75 GB of fp32 KV for SmolLM2-135M
 _GPU_KV_FRACTION = 0.85  # of the memory free after loading the weights
 
@@ -22,12 +25,16 @@ class LLM:
     def __init__(self, model="embedded", device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                  kv_cache_tokens: int | None = None, enable_prefix_caching: bool = True, block_size: int = 16,
                  max_num_batched_tokens: int = 2048, max_num_seqs: int = 256, attention_backend: str = "auto",
-                 seed: int = 0, cuda_graphs: bool = False, tensor_parallel_size: int = 1):
+                 seed: int = 0, cuda_graphs: bool = False, tensor_parallel_size: int = 1, weights: str | None = None):
         """cuda_graphs: run pure decode steps as CUDA graphs replayed at padded batch sizes (1, 2,
         4, ...); off by default until validated on a GPU. On CPU it runs the same padded path eagerly.
         tensor_parallel_size > 1: this process is one rank of an initialised torch.distributed group of
         that size (torchrun or rrm_engine.distributed.tensor_parallel_launch); every rank runs the same
-        calls on the same inputs (see rrm_engine/distributed/tensor_parallel.py, docs/SCALE_OUT.md)."""
+        calls on the same inputs (see rrm_engine/distributed/tensor_parallel.py, docs/SCALE_OUT.md).
+        weights: the format of the linears' weights on CPU: "fp32" (the exact reference), "bf16",
+        "q8_0", "q4_1" (GGUF blocks multiplied in place), or "auto" (the fastest that loses nothing of
+        the checkpoint); None keeps the run dtype. See rrm_engine/weight_formats.py. Converting a
+        LoadedModel changes its decoder in place (it can no longer be trained)."""
         from .loader import LoadedModel, load
 
         if isinstance(model, (str, os.PathLike)):
@@ -40,6 +47,7 @@ class LLM:
         self.tokenizer = loaded.tokenizer
         decoder = loaded.model
         decoder.eval()
+        self.weights = _apply_weights(decoder, weights, loaded, tensor_parallel_size)
         if tensor_parallel_size != 1:  # shard first: the KV cache below is sized from the shard's model.cfg
             from .distributed.tensor_parallel import shard_for_engine
             shard_for_engine(decoder, tensor_parallel_size)
@@ -125,6 +133,23 @@ class LLM:
 
     def invalidate_prefix_cache(self) -> None:
         self.engine.invalidate_prefix_cache()
+
+
+def _apply_weights(decoder, weights: str | None, loaded, tensor_parallel_size: int) -> str:
+    """Convert the decoder's linears to the requested format; returns the format now served."""
+    from . import weight_formats
+
+    if weights is None:  # as loaded (or as an earlier LLM on the same LoadedModel converted it)
+        return weight_formats.served_format(decoder)
+    p = next(decoder.parameters())
+    fmt = weight_formats.resolve(weights, p.device, loaded.checkpoint_format, p.dtype)
+    if fmt == weight_formats.served_format(decoder):
+        return fmt
+    if tensor_parallel_size != 1:
+        raise ValueError(f"weights={weights!r} ({fmt}) runs in one process; tensor parallelism shards dense weights")
+    summary = weight_formats.apply(decoder, fmt)
+    log.info("rrm_engine: %s", summary)
+    return weight_formats.served_format(decoder)
 
 
 def _use_backend(decoder, name: str) -> None:

@@ -50,6 +50,9 @@ class LoadedModel:
     eos_token_ids: tuple[int, ...]  # every token id that ends generation
     generation: GenerationDefaults = field(default_factory=GenerationDefaults)
     name: str = ""
+    # how the checkpoint stores its linear weights: "fp32" / "bf16" / "fp16" (config.json's dtype),
+    # "q8_0" / "q4_1" (a GGUF's blocks); None when unknown. weights="auto" keeps this precision.
+    checkpoint_format: str | None = None
 
 
 def default_device() -> torch.device:
@@ -115,7 +118,11 @@ def load_hf(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: 
     tokenizer = _load_tokenizer(path)
     eos = _eos_token_ids(cfg, gen_raw, tokenizer)
     return LoadedModel(model=model, tokenizer=tokenizer, config=cfg, eos_token_ids=eos,
-                       generation=_generation_defaults(gen_raw), name=name or path.name)
+                       generation=_generation_defaults(gen_raw), name=name or path.name,
+                       checkpoint_format=_DTYPE_NAMES.get(raw.get("torch_dtype") or raw.get("dtype")))
+
+
+_DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
 def _read_json(file: Path, what: str) -> dict[str, Any]:

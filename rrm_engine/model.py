@@ -114,6 +114,8 @@ class Decoder(nn.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.backend: AttentionBackend = TorchAttention()
+        # set by weight_formats.apply when serving with converted weights: the LM head in that format
+        self.head: nn.Module | None = None
         self.gradient_checkpointing = False
         self._rotary_tables: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
         # set by tensor parallelism: turns this rank's vocab slice of the logits into full logits
@@ -159,5 +161,5 @@ class Decoder(nn.Module):
                 m.kernel = kernel
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.lm_head_weight)
+        logits = self.head(hidden) if self.head is not None else F.linear(hidden, self.lm_head_weight)
         return self.gather_logits(logits) if self.gather_logits is not None else logits

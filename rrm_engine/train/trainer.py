@@ -16,6 +16,7 @@ import torch
 
 from ..judge.prompt import SYSTEM, USER
 from ..model import Decoder
+from ..weight_formats import is_serving_only, served_format
 from .data import PairStream
 from .grpo import LossStats, group_advantages, grpo_loss
 from .logprobs import pack, response_logprobs
@@ -73,6 +74,9 @@ class GRPOTrainer:
     def __init__(self, model: Decoder, tokenizer: Any, data: PairStream, sampler: Sampler, cfg: TrainConfig,
                  ref_model: Decoder | None = None, verdict_fn: VerdictFn = rrm_verdict):
         cfg.validate()
+        if is_serving_only(model):  # an LLM(weights=...) converted its linears: no parameters left to train
+            raise ValueError(f"the model serves {served_format(model)} weights (LLM(weights=...) converted them); "
+                             "training needs the fp32/bf16 parameters: load the model again without weights=")
         if cfg.kl_coef != 0.0 and ref_model is None:
             raise ValueError("kl_coef != 0 needs a frozen reference model (ref_model=)")
         if ref_model is model:

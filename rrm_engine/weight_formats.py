@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fused_linear import FusedLinear
+
 log = logging.getLogger(__name__)
 
 WEIGHT_FORMATS = ("fp32", "bf16", "q8_0", "q4_1", "auto")
@@ -33,7 +35,22 @@ BLOCK_FORMATS = ("q8_0", "q4_1")
 HEAD_FORMAT = {"q8_0": "q8_0", "q4_1": "q8_0"}  # the LM head keeps 8 bits, as GGUF files do
 
 
-class QuantizedLinear(nn.Module):
+class ServingLinear(nn.Module):
+    """What a converted linear keeps of the nn.Linear (or FusedLinear) it replaces: its sizes and,
+    for a fused q/k/v or gate/up projection, its parts (split() as FusedLinear's)."""
+    part_names: tuple[str, ...] = ()
+    part_sizes: list[int] = []
+
+    def keep_parts_of(self, linear: nn.Module) -> "ServingLinear":
+        if isinstance(linear, FusedLinear):
+            self.part_names, self.part_sizes = linear.part_names, list(linear.part_sizes)
+        return self
+
+    def split(self, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return y.split(self.part_sizes, dim=-1)
+
+
+class QuantizedLinear(ServingLinear):
     """y = x @ W^T + b with W in packed GGUF blocks (no parameters: serving only)."""
 
     def __init__(self, packed, bias: torch.Tensor | None):
@@ -55,7 +72,7 @@ class QuantizedLinear(nn.Module):
         return f"{self.in_features} -> {self.out_features}, {self.fmt}"
 
 
-class Bf16Linear(nn.Module):
+class Bf16Linear(ServingLinear):
     """The weight in bfloat16; x is cast to bf16 for the matmul and the result back to x's dtype."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
@@ -125,7 +142,7 @@ def apply(decoder: nn.Module, fmt: str) -> str:
         decoder.lm_head_weight.numel() * decoder.lm_head_weight.element_size()
     made = 0
     for name, module in list(_named_linears(decoder)):
-        new = _convert(module.weight, module.bias, fmt)
+        new = _convert(module.weight, module.bias, fmt).keep_parts_of(module)
         made += _nbytes(new)
         parent, _, leaf = name.rpartition(".")
         setattr(decoder.get_submodule(parent), leaf, new)
@@ -139,7 +156,7 @@ def apply(decoder: nn.Module, fmt: str) -> str:
             f": linears {dense / 2**20:.0f} MB dense -> {made / 2**20:.0f} MB")
 
 
-def _convert(weight: torch.Tensor, bias: torch.Tensor | None, fmt: str) -> nn.Module:
+def _convert(weight: torch.Tensor, bias: torch.Tensor | None, fmt: str) -> ServingLinear:
     if fmt in BLOCK_FORMATS:
         return QuantizedLinear.from_weight(weight, bias, fmt)
     if fmt == "bf16":

@@ -22,6 +22,17 @@ needs_op = pytest.mark.skipif(not ql.available(), reason="the quantised CPU op d
 
 
 # ------------------------------------------------------------------------------ the embedded model
+def _serving_module(hf_tensor: str) -> str:
+    """The module that serves a checkpoint tensor: the fused projection for q/k/v and gate/up."""
+    if hf_tensor == "model.embed_tokens.weight":
+        return "head"  # tied: the LM head's own quantised copy
+    module = hf_tensor.rsplit(".", 1)[0]
+    parent, leaf = module.rsplit(".", 1)
+    fused = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
+             "up_proj": "gate_up_proj"}
+    return f"{parent}.{fused.get(leaf, leaf)}"
+
+
 @needs_op
 def test_embedded_q4_1_serves_the_gguf_blocks_exactly(embedded_path, embedded_dir):
     """weights='auto' on the embedded GGUF serves Q4_1 (head Q8_0), and every packed weight is the
@@ -35,20 +46,25 @@ def test_embedded_q4_1_serves_the_gguf_blocks_exactly(embedded_path, embedded_di
     dec = llm.loaded.model
     cfg = dec.cfg
     heads = {"attn_q": cfg.num_heads, "attn_k": cfg.num_kv_heads}
-    checked = 0
+    # the file's blocks per module: q/k/v and gate/up stacked by rows as the fused projections are
+    parts: dict[str, list] = {}
     for t in GGUFReader(str(embedded_path)).tensors:
         if t.tensor_type.name not in ("Q4_1", "Q8_0"):
             continue
-        raw = np.asarray(t.data)
+        raw = np.array(t.data, copy=True)
         kind = t.name.split(".")[2] if t.name.startswith("blk.") else ""
         if kind in heads:
             raw = unpermute_rows(raw, heads[kind])
-        name = hf_name(t.name)
-        module = dec.head if name == "model.embed_tokens.weight" else dec.get_submodule(name.rsplit(".", 1)[0])
-        assert module.fmt == t.tensor_type.name.lower(), name
-        blocks = ql.from_gguf_bytes(torch.from_numpy(np.array(raw, copy=True)), module.fmt)
-        assert torch.equal(module.packed, ql.pack(blocks)), name
-        checked += 1
+        parts.setdefault(_serving_module(hf_name(t.name)), []).append((hf_name(t.name), t.tensor_type.name.lower(), raw))
+    checked = 0
+    for module_name, found in parts.items():
+        module = dec.head if module_name == "head" else dec.get_submodule(module_name)
+        order = [f"{module_name.rsplit('.', 1)[0]}.{p}.weight" for p in module.part_names] or [found[0][0]]
+        by_name = {name: (fmt, raw) for name, fmt, raw in found}
+        assert {fmt for fmt, _ in by_name.values()} == {module.fmt}, module_name
+        raw = torch.from_numpy(np.concatenate([by_name[n][1] for n in order]))
+        assert torch.equal(module.packed, ql.pack(ql.from_gguf_bytes(raw, module.fmt))), module_name
+        checked += len(order)
     assert checked == 7 * cfg.num_layers + 1
 
 
@@ -101,7 +117,8 @@ def test_tiny_decoder_equals_fp32_with_the_same_weights_up_to_x_blocks(fmt, tiny
                 m.weight.copy_(ql.dequantize(ql.quantize(m.weight, wf.HEAD_FORMAT[fmt] if head else fmt)))
     wf.apply(served.model, fmt)
     assert isinstance(served.model.lm_head, wf.QuantizedLinear) and served.model.head is served.model.lm_head
-    assert served.model.model.layers[0].self_attn.q_proj.bias is not None
+    qkv = served.model.model.layers[0].self_attn.qkv_proj
+    assert qkv.bias is not None and qkv.part_names == ("q_proj", "k_proj", "v_proj")
     got, want = _teacher_forced_logits(served.model, ids), _teacher_forced_logits(ref, ids)
     assert ((got - want).norm() / want.norm()).item() < 0.02
     assert (got.argmax(-1) == want.argmax(-1)).float().mean().item() >= 0.9

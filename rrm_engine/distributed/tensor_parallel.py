@@ -3,7 +3,8 @@
 Every rank runs the same engine on the same inputs (SPMD): the scheduler, sampler seeds and inputs
 are identical, and the logits are all-gathered, so every rank samples the same tokens and the
 engine needs no extra messages. Inside the decoder:
-  q/k/v, gate/up  column-parallel: each rank keeps its own heads / intermediate rows;
+  q/k/v, gate/up  column-parallel: each rank keeps its own heads / intermediate rows of each part
+                  of the fused qkv_proj / gate_up_proj (one GEMM each, as on one device);
   o, down         row-parallel: partial sums, one all-reduce per block half;
   embedding       vocab-parallel: rows split, ids outside the slice give zeros, all-reduce;
   LM head         vocab-parallel: each rank computes its vocab slice, all-gather.
@@ -22,6 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ..fused_linear import FusedLinear
 from ..model import Decoder
 
 
@@ -68,10 +70,16 @@ def _split(t: torch.Tensor, dim: int, rank: int, world: int) -> torch.Tensor:
     return t.chunk(world, dim=dim)[rank].contiguous()
 
 
-def _shard_column(linear: nn.Linear, rank: int, world: int) -> None:
-    linear.weight = nn.Parameter(_split(linear.weight.data, 0, rank, world), requires_grad=False)
+def _shard_fused_column(linear: FusedLinear, rank: int, world: int) -> None:
+    """Column-parallel for a fused projection: each part (q, k, v or gate, up) is split on its own,
+    and this rank keeps its slice of every part, still stacked in part order."""
+    def shard(t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([_split(part, 0, rank, world) for part in t.split(linear.part_sizes, dim=0)])
+
+    linear.weight = nn.Parameter(shard(linear.weight.data), requires_grad=False)
     if linear.bias is not None:
-        linear.bias = nn.Parameter(_split(linear.bias.data, 0, rank, world), requires_grad=False)
+        linear.bias = nn.Parameter(shard(linear.bias.data), requires_grad=False)
+    linear.part_sizes = [n // world for n in linear.part_sizes]
     linear.out_features = linear.weight.shape[0]
 
 
@@ -86,8 +94,8 @@ def shard_decoder(model: Decoder, rank: int, world: int, group: Any = None) -> D
             raise ValueError(f"tensor_parallel_size={world} does not divide {what}={n}")
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        for lin in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
-            _shard_column(lin, rank, world)
+        for lin in (attn.qkv_proj, mlp.gate_up_proj):
+            _shard_fused_column(lin, rank, world)
         attn.o_proj = RowParallelLinear(_split(attn.o_proj.weight.data, 1, rank, world), group)
         mlp.down_proj = RowParallelLinear(_split(mlp.down_proj.weight.data, 1, rank, world), group)
 

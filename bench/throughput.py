@@ -6,12 +6,18 @@ Three systems in one process, each warmed up once on a small run before it is ti
   (a) transformers generate(num_return_sequences=k), prompts batched with left padding;
   (b) rrm_engine without sharing: prefix caching off, each vote its own n=1 request;
   (c) rrm_engine with everything on, driven by the judge: Judge.rank_batch (strict, no order swap,
-      so that each comparison is one request with n=k).
+      so that each comparison is one request with n=k), its linears in --weights (default auto:
+      the checkpoint's own GGUF blocks for the embedded model, see rrm_engine/weight_formats.py);
+  (d) llama.cpp through llama-cpp-python when it is installed (else one line says it is skipped):
+      each prompt decoded once and forked to k sequences with seq_cp, all votes decoded in one
+      llama_batch per step, same thread count (llamacpp.py); once per --llamacpp precision, the
+      fastest being the one (c)/(d) is reported against.
 Knockout's later rounds depend on verdicts, so (c) runs first through the judge and records the
 exact prompts it judged; (a) and (b) then replay those prompts, all known up front (which only
 helps them: they never wait for a round to end). Reported per system: comparisons/s, generated
 tokens/s, prefill tokens computed vs requested (one prompt per comparison), peak KV memory, p50/p99
-seconds per comparison (submission to last vote), and the ratios (c)/(a), (c)/(b).
+seconds per comparison (submission to last vote), and the ratios (c)/(a), (c)/(b), (c)/(d).
+Real thinking lengths: --gen-len 512 (the judging target's configuration, see bench/RESULTS.md).
 
 A roofline line for the decode steps of (c) uses copy bandwidth and matmul rate measured in the
 same run (roofline.py). --profile DIR traces an extra run of (c) (profiling.py). --json FILE writes
@@ -25,20 +31,23 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import rrm_engine  # noqa: F401  first: it sets OMP_WAIT_POLICY before torch loads OpenMP (see rrm_engine/__init__)
 import torch
 
-from .baselines import (Shape, SystemResult, load_hf_model, random_qwen2_7b, run_engine_unshared, run_hf, sync)
+from .baselines import (Shape, SystemResult, embedded_gguf, load_hf_model, random_qwen2_7b, run_engine_unshared, run_hf,
+                        sync)
+from .llamacpp import PRECISIONS as LLAMACPP_PRECISIONS
+from .llamacpp import run_llamacpp
 from rrm_engine.profiling import phase
 
 from .profiling import profile_run
 from .roofline import copy_bandwidth, decode_roofline, matmul_rate
 from .workload import RecordingLLM, Workload, make_workload
 
-SYSTEMS = ("a", "b", "c")
+SYSTEMS = ("a", "b", "c", "d")
 SWEEPABLE = {"votes": "votes", "prompt-len": "prompt_len", "gen-len": "gen_len"}
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -70,6 +79,10 @@ class Options:
     quiet: bool = False
     threads: int | None = None
     profile_steps: int = 10
+    weights: str = "auto"
+    llamacpp: tuple[str, ...] = ("q4_1", "f16", "f32")
+    llamacpp_flash_attn: str = "auto"
+    llamacpp_kv_unified: bool = False
 
 
 def parse_args(argv: list[str] | None = None) -> Options:
@@ -86,7 +99,18 @@ def parse_args(argv: list[str] | None = None) -> Options:
     p.add_argument("--shape", default=None, choices=("qwen2-7b",),
                    help="random weights with RRM-7B's shapes instead of --model")
     p.add_argument("--layers", type=int, default=None, help="with --shape: keep only this many layers")
-    p.add_argument("--systems", default="a,b,c", help="comma list of a (transformers), b (no sharing), c (all on)")
+    p.add_argument("--systems", default="a,b,c,d",
+                   help="comma list of a (transformers), b (no sharing), c (all on), d (llama.cpp, when installed)")
+    p.add_argument("--weights", default="auto", choices=("fp32", "bf16", "q8_0", "q4_1", "auto"),
+                   help="format of the engine's linear weights for (b) and (c) (LLM(weights=...)); auto: the "
+                        "checkpoint's own (Q4_1 blocks for the embedded model)")
+    p.add_argument("--llamacpp", default="q4_1,f16,f32",
+                   help=f"(d) precisions, comma list of {', '.join(LLAMACPP_PRECISIONS)} (q4_1: the GGUF as "
+                        "shipped; others converted by llama.cpp's llama_model_quantize); the fastest is (d)")
+    p.add_argument("--llamacpp-flash-attn", default="auto", choices=("auto", "on", "off"),
+                   help="(d) flash attention (llama.cpp's default: auto)")
+    p.add_argument("--llamacpp-kv-unified", action="store_true",
+                   help="(d) one KV buffer shared by all sequences (llama.cpp default: one per sequence)")
     p.add_argument("--hf-batch", type=int, default=4, help="comparison prompts per transformers generate call")
     p.add_argument("--kv-tokens", type=int, default=None, help="engine KV cache size in tokens (engine default)")
     p.add_argument("--temperature", type=float, default=0.6)
@@ -129,9 +153,13 @@ def parse_args(argv: list[str] | None = None) -> Options:
         p.error(f"--threads must be >= 1, got {a.threads}")
     if a.plot is not None and sweep is None:
         p.error("--plot needs --sweep")
+    precisions = tuple(x.strip() for x in a.llamacpp.split(",") if x.strip())
+    if not precisions or any(x not in LLAMACPP_PRECISIONS for x in precisions):
+        p.error(f"--llamacpp takes a comma list of {', '.join(LLAMACPP_PRECISIONS)}; got {a.llamacpp!r}")
     return Options(a.model, a.device, a.dtype, a.votes, a.candidates, a.queries, a.prompt_len, a.gen_len, a.method,
                    a.shape, a.layers, systems, a.hf_batch, a.kv_tokens, a.temperature, a.seed, a.profile, a.json,
-                   sweep, values, a.plot, a.quiet, a.threads, a.profile_steps)
+                   sweep, values, a.plot, a.quiet, a.threads, a.profile_steps, a.weights, precisions,
+                   a.llamacpp_flash_attn, a.llamacpp_kv_unified)
 
 
 # ------------------------------------------------------------------------------ the systems
@@ -148,6 +176,8 @@ class Setup:
     tokenizer: Any
     block_size: int = 16
     ceilings: tuple[float, float] = (0.0, 0.0)  # measured copy B/s, mm FLOP/s
+    llamacpp: list[Any] = field(default_factory=list)  # (d): one llamacpp.LlamaCpp per precision
+    llamacpp_note: str | None = None  # why (d) is not run, when it is not
 
     @property
     def elem(self) -> int:
@@ -168,9 +198,7 @@ def build(opts: Options, log=print) -> Setup:
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = _DTYPES[opts.dtype] if opts.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     kw = dict(device=device, dtype=dtype) if opts.shape is None else {}
-    engine_kw = dict(block_size=16, seed=opts.seed)
-    if opts.kv_tokens is not None:
-        engine_kw["kv_cache_tokens"] = opts.kv_tokens
+    engine_kw = dict(block_size=16, seed=opts.seed, kv_cache_tokens=opts.kv_tokens or _kv_tokens_needed(opts))
     t = time.perf_counter()
     hf = None
     if opts.shape == "qwen2-7b":
@@ -180,13 +208,13 @@ def build(opts: Options, log=print) -> Setup:
         g = embedded_gguf()
         tok = AutoTokenizer.from_pretrained(str(g.parent), gguf_file=g.name)
         hf, loaded = random_qwen2_7b(opts.layers, tok, device, dtype, opts.seed)
-        llm_c = rrm.LLM(loaded, **engine_kw)
+        llm_c = rrm.LLM(loaded, weights=opts.weights if device.type == "cpu" else None, **engine_kw)
         note = (f"RANDOM WEIGHTS with RRM-7B (Qwen2-7B) shapes, {hf.config.num_hidden_layers} of 28 layers; "
                 "tokenizer: SmolLM2's (ids only)")
     else:
-        llm_c = rrm.LLM(opts.model, **kw, **engine_kw)
+        llm_c = rrm.LLM(opts.model, weights=opts.weights, **kw, **engine_kw)
         tok = llm_c.tokenizer
-        note = f"model {opts.model}"
+        note = f"model {opts.model}, engine weights {llm_c.weights} (--weights {opts.weights})"
         if "a" in opts.systems:
             hf = load_hf_model(opts.model, device, dtype)
     if tok is None:
@@ -196,7 +224,49 @@ def build(opts: Options, log=print) -> Setup:
         hf = None
     shape = Shape.from_hf_config(hf.config) if hf is not None else _shape_of(llm_c)
     log(f"[setup] {note}; device {device}, {dtype}; loaded in {time.perf_counter() - t:.1f}s")
-    return Setup(opts, device, dtype, shape, note, llm_c, llm_b, hf, tok)
+    setup = Setup(opts, device, dtype, shape, note, llm_c, llm_b, hf, tok)
+    if "d" in opts.systems:
+        setup.llamacpp, setup.llamacpp_note = _load_llamacpp(opts, device)
+        log(setup.llamacpp_note or f"[setup] (d) llama.cpp: {', '.join(str(lc.path.name) for lc in setup.llamacpp)}")
+    return setup
+
+
+def _kv_tokens_needed(opts: Options) -> int:
+    """Engine KV cache big enough that no vote is preempted: every comparison of a run in flight
+    at once (prompt + votes x generated tokens, whole blocks), and never below the engine's default."""
+    gen = max((opts.sweep_values if opts.sweep == "gen-len" else ()) + (opts.gen_len,))
+    votes = max((opts.sweep_values if opts.sweep == "votes" else ()) + (opts.votes,))
+    prompt = max((opts.sweep_values if opts.sweep == "prompt-len" else ()) + (opts.prompt_len,))
+    # knockout: a round's matches run together (the first round is the widest); ELO: every pair at once
+    knockout, elo = -(-opts.candidates // 2), opts.candidates * (opts.candidates - 1) // 2
+    per_query = knockout if opts.method == "knockout" else elo
+    per_cmp = prompt + 64 + votes * (gen + 32)
+    return max(16384, opts.queries * per_query * per_cmp)
+
+
+def _load_llamacpp(opts: Options, device: torch.device) -> tuple[list[Any], str | None]:
+    """One loaded model per requested precision, or the line that says why (d) is skipped."""
+    from pathlib import Path
+
+    from rrm_engine.gguf_loader import cache_root
+
+    from .llamacpp import LlamaCpp, gguf_file, unavailable_reason
+
+    reason = unavailable_reason()
+    if reason is not None:
+        return [], reason
+    if device.type != "cpu" or opts.shape is not None:
+        return [], "system (d) llama.cpp: skipped, it runs the CPU build on a GGUF model (not --device cuda / --shape)"
+    if opts.model in ("embedded", "smollm2-135m"):
+        source = embedded_gguf()
+    elif opts.model.endswith(".gguf"):
+        source = Path(opts.model)
+    else:
+        return [], f"system (d) llama.cpp: skipped, it needs a .gguf model (got {opts.model})"
+    threads = torch.get_num_threads()
+    fa = {"auto": -1, "on": 1, "off": 0}[opts.llamacpp_flash_attn]
+    return [LlamaCpp(gguf_file(source, p, cache_root() / "llamacpp"), p, threads, opts.llamacpp_kv_unified, fa)
+            for p in opts.llamacpp], None
 
 
 def _shape_of(llm: Any) -> Shape:
@@ -253,6 +323,8 @@ def warm_up(setup: Setup) -> None:
         run_engine_unshared(setup.llm_b, prompts, 2, o.temperature, o.seed, setup.bytes_per_block, setup.device)
     if setup.hf is not None:
         run_hf(setup.hf, prompts, 2, o.hf_batch, _pad_id(setup), o.temperature, o.seed)
+    for lc in setup.llamacpp:
+        run_llamacpp(lc, prompts, 2, o.temperature, o.seed)
 
 
 def _pad_id(setup: Setup) -> int:
@@ -303,15 +375,25 @@ def compare(setup: Setup, votes: int, prompt_len: int, gen_len: int, log=print) 
                                            setup.bytes_per_block, setup.device)
     if setup.hf is not None:
         results["a"] = run_hf(setup.hf, prompts, gen_len, o.hf_batch, _pad_id(setup), o.temperature, o.seed)
+    for lc in setup.llamacpp:
+        results[f"d:{lc.precision}"] = run_llamacpp(lc, prompts, gen_len, o.temperature, o.seed,
+                                                    setup.shape.kv_bytes_per_token(2))
+    fastest_d = max((k for k in results if k.startswith("d:")), key=lambda k: results[k].tokens_per_s, default=None)
+    if fastest_d is not None:
+        results["d"] = results[fastest_d]
     report: dict[str, Any] = {
         "params": {"votes": votes, "prompt_len": prompt_len, "gen_len": gen_len, "queries": o.queries,
                    "candidates": o.candidates, "methods": methods, "comparisons": len(prompts),
                    "mean_prompt_tokens": statistics.mean(lens), "text_source": work.source,
                    "hf_prompts_per_generate_call": o.hf_batch},
-        "systems": {k: summarize(v) for k, v in sorted(results.items())},
+        "systems": {k: summarize(v) for k, v in sorted(results.items()) if k != "d"},
         "ratios": {},
     }
-    for base in ("a", "b"):
+    if fastest_d is not None:
+        report["llamacpp_fastest"] = fastest_d
+    elif setup.llamacpp_note:
+        report["llamacpp_skipped"] = setup.llamacpp_note
+    for base in ("a", "b", "d"):
         if "c" in results and base in results:
             report["ratios"][f"c/{base}"] = {
                 "generated_tokens_per_s": results["c"].tokens_per_s / results[base].tokens_per_s,
@@ -338,8 +420,11 @@ def format_report(rep: dict) -> str:
                      f"{s['kv_peak_bytes'] / 2**20:>12.1f}{s['p50_s_per_comparison']:>8.2f}"
                      f"{s['p99_s_per_comparison']:>8.2f}")
     for k, v in rep["ratios"].items():
+        against = f" (llama.cpp at its fastest precision here, {rep['llamacpp_fastest'][2:].upper()})" if k == "c/d" else ""
         lines.append(f"ratio {k}: {v['generated_tokens_per_s']:.2f}x generated tokens/s, "
-                     f"{v['comparisons_per_s']:.2f}x comparisons/s")
+                     f"{v['comparisons_per_s']:.2f}x comparisons/s{against}")
+    if "llamacpp_skipped" in rep:
+        lines.append(rep["llamacpp_skipped"])
     split = rep["systems"].get("c", {}).get("notes", {}).get("time_split")
     if split:
         lines.append("c time: " + ", ".join(f"{k[:-2].replace('_', ' ')} {v:.2f}s" for k, v in split.items()))
@@ -356,11 +441,13 @@ def plot_sweep(path: str, param: str, runs: list[dict]) -> str:
     except ImportError:
         return (f"--plot {path}: matplotlib is not installed (pip install matplotlib); "
                 "the sweep's numbers are in the table above and in --json")
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key in SYSTEMS:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    keys = sorted({k for r in runs for k in r["systems"]})
+    for key in keys:
         pts = [(r["sweep_value"], r["systems"][key]["generated_tokens_per_s"]) for r in runs if key in r["systems"]]
         if pts:
-            ax.plot(*zip(*pts), marker="o", label=runs[0]["systems"][key]["system"])
+            name = next(r["systems"][key]["system"] for r in runs if key in r["systems"])
+            ax.plot(*zip(*pts), marker="o", label=name, linestyle="--" if key.startswith("d") else "-")
     ax.set_xlabel(param)
     ax.set_ylabel("generated tokens/s")
     ax.legend()

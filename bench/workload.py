@@ -1,6 +1,6 @@
 """The judging workload of the throughput benchmark: queries, candidates, and the recorded prompts.
 
-Texts come from the PandaLM test set (../shared/data/pandalm_testset_v1.json) when it is present,
+Texts come from the PandaLM test set (../shared/data/pandalm_testset_v1.json, or $RRM_PANDALM) when it is present,
 else from a seeded synthetic generator. Candidates are padded with further real responses and cut
 at a token count, so that one comparison prompt (the judge's own RRM prompt: system + query + two
 candidates) is close to --prompt-len tokens.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -22,7 +23,9 @@ from typing import Any, Callable
 
 from rrm_engine.profiling import phase
 
-PANDALM = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "pandalm_testset_v1.json"
+# beside the repo (../shared/data); RRM_PANDALM points elsewhere (e.g. from a git worktree)
+PANDALM = Path(os.environ.get("RRM_PANDALM") or
+               Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "pandalm_testset_v1.json")
 
 _WORDS = ("the model answer response query result value system method function data process example "
           "first second because however therefore which would should could between through during "

@@ -355,8 +355,42 @@ def rope_cases(s: Setup) -> list[Case]:
     return cases
 
 
+# SmolLM2-135M's linears (fused q/k/v and gate/up, as the decoder runs them) and its tied LM head
+SMOLLM2_LINEARS = (("qkv", 960, 576), ("o", 576, 576), ("gate_up", 3072, 576), ("down", 576, 1536),
+                   ("lm head", 49152, 576))
+
+
+def quant_linear_cases(s: Setup) -> list[Case]:
+    """CPU: the GGUF-block linear (csrc/quant_linear_cpu.cpp) beside torch's fp32 and bf16 F.linear at
+    decode shapes (M rows = the batch of a decode step). GB/s counts the Q4_1 blocks (the least the
+    weights can move); the LM head is Q8_0 as in the embedded GGUF."""
+    if s.gpu:
+        return []
+    ql = _module("kernels.quant_linear_cpu")
+    if ql is None or not ql.available():
+        return []
+    cases = []
+    isas = ql.supported_isas()
+    shapes = SMOLLM2_LINEARS[1:3] if s.quick else SMOLLM2_LINEARS
+    for (name, n, k), m in itertools.product(shapes, (8,) if s.quick else (8, 16, 32)):
+        g = torch.Generator().manual_seed(n + k)
+        w = torch.randn(n, k, generator=g) * 0.02
+        wb = w.bfloat16()
+        x = torch.randn(m, k, generator=g)
+        fmt = "q8_0" if name == "lm head" else "q4_1"
+        packed = {f: ql.PackedWeight.from_dense(w, f) for f in ("q4_1", "q8_0")}
+        # every lambda binds its tensors now: the loop rebinds x, w and wb
+        impls = [Impl(f"{f} {isa}", (lambda x=x, p=packed[f], i=isa: ql.quant_linear(x, p, isa=i)))
+                 for f in ("q4_1", "q8_0") for isa in isas if isa != "scalar" or s.quick]
+        impls += [Impl("torch fp32", lambda x=x, w=w: F.linear(x, w)),
+                  Impl("torch bf16", lambda x=x, wb=wb: F.linear(x.bfloat16(), wb).float())]
+        cases.append(Case(f"linear {name}", f"M={m} N={n} K={k}, GB/s of {fmt}", impls, packed[fmt].nbytes,
+                          2.0 * m * n * k, baseline="torch fp32"))
+    return cases
+
+
 GROUPS = [sampling_cases, logprob_cases, decode_cases, shared_prefix_cases, prefill_cases, rmsnorm_cases,
-          rope_cases]
+          rope_cases, quant_linear_cases]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -30,7 +30,7 @@ QK = 32  # weights per block
 GROUP = 16  # output columns per packed group (the kernel's register width in fp32 lanes)
 RECORD_BYTES = {"q8_0": 544, "q4_1": 320}  # one (group, block) record: 16 columns x 32 weights
 BYTES_PER_BLOCK = {"q8_0": 34, "q4_1": 20}  # GGUF's own block sizes (memory per 32 weights)
-_FMT_CODE = {"q8_0": 0, "q4_1": 1}
+FORMAT_CODES = {"q8_0": 0, "q4_1": 1}  # the op's fmt argument
 
 
 # ------------------------------------------------------------------------------ quantisers
@@ -208,7 +208,7 @@ def quant_linear(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = N
     if x2.dtype != torch.float32 or x2.stride(-1) != 1:
         x2 = x2.float().contiguous()
     b = None if bias is None else bias.float().contiguous()
-    y = load().quant_linear(x2, w.data, _FMT_CODE[w.fmt], w.n_out, b, ISAS.index(isa))
+    y = load().quant_linear(x2, w.data, FORMAT_CODES[w.fmt], w.n_out, b, ISAS.index(isa))
     return y.reshape(*lead, w.n_out).to(x.dtype)
 
 

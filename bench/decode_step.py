@@ -120,7 +120,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--steps", type=int, default=16, help="timed decode steps per repetition")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeat", type=int, default=3, help="repetitions (variants interleaved)")
-    p.add_argument("--backends", default="torch", help="attention backends to compare (comma-separated)")
+    p.add_argument("--variants", default="torch,cpu",
+                   help="comma-separated attention backends to compare; NAME@N runs NAME with N torch threads "
+                        "(e.g. cpu,cpu@1,torch)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="also profile 5 decode steps of the first variant at the first row count; trace + table into DIR")
@@ -130,14 +132,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows_list = [int(x) for x in a.rows.split(",")]
     if any(r < 1 or (r > VOTES and r % VOTES) for r in rows_list):
         p.error(f"--rows must be positive and, above {VOTES}, multiples of {VOTES}")
-    backends = a.backends.split(",")
+    variants = a.variants.split(",")
     dtype = getattr(torch, a.dtype)
 
     from rrm_engine.loader import load
     loaded = load(a.model, device="cpu", dtype=dtype)
     ceil = measure_ceilings(dtype)
     kv_tokens = 16 * (-(-(max(rows_list) * (a.context + a.steps + a.warmup + 64)) // 16) + 64)
-    wbytes = weight_bytes(make_llm(loaded, backends[0], 1024))
+    wbytes = weight_bytes(make_llm(loaded, "torch", 1024))
     n_params = sum(t.numel() for t in loaded.model.parameters())
     cfg = loaded.model.cfg
     print(f"model {a.model} ({n_params / 1e6:.0f}M params, {wbytes / 1e6:.0f} MB of weights in {a.dtype}), "
@@ -146,30 +148,34 @@ def main(argv: list[str] | None = None) -> list[dict]:
           f"mm {ceil.mm_rate / 1e9:.0f} GFLOP/s ({a.dtype})")
     results = []
     for rows in rows_list:
-        runs: dict[str, list[float]] = {b: [] for b in backends}
+        runs: dict[str, list[float]] = {v: [] for v in variants}
         for _ in range(a.repeat):
-            for b in backends:  # interleaved, so load changes hit every variant alike
-                llm = make_llm(loaded, b, kv_tokens)
-                runs[b].append(statistics.median(time_steps(llm, rows, a.context, a.steps, a.warmup)))
+            for v in variants:  # interleaved, so load changes hit every variant alike
+                backend, _, threads = v.partition("@")
+                before = torch.get_num_threads()
+                torch.set_num_threads(int(threads) if threads else before)
+                llm = make_llm(loaded, backend, kv_tokens)
+                runs[v].append(statistics.median(time_steps(llm, rows, a.context, a.steps, a.warmup)))
                 del llm
+                torch.set_num_threads(before)
         # bounds per step: weights once; compute 2 x params per row + q.k and p.v over the context
         w_bound = wbytes / ceil.read_bw
         flops = 2 * n_params * rows + 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * rows * a.context
         c_bound = flops / ceil.mm_rate
-        base = statistics.median(runs[backends[0]])
+        base = statistics.median(runs[variants[0]])
         print(f"\nrows {rows}, context ~{a.context}: weight-bandwidth bound {1e3 * w_bound:.1f} ms/step "
               f"({1e3 * w_bound / rows:.2f} ms/token), compute bound {1e3 * c_bound:.1f} ms/step "
               f"({flops / 1e9:.2f} GFLOP)")
         print(f"{'variant':<12} {'ms/step':>9} {'quietest':>9} {'ms/token':>9} {'tok/s':>8} {'x wbw':>7} "
               f"{'x bound':>8} {'vs first':>9}")
-        for b in backends:
+        for b in variants:
             med, best = statistics.median(runs[b]), min(runs[b])
             print(f"{b:<12} {1e3 * med:9.1f} {1e3 * best:9.1f} {1e3 * med / rows:9.2f} {rows / med:8.1f} "
                   f"{med / w_bound:7.2f} {med / max(w_bound, c_bound):8.2f} {base / med:8.2f}x")
             results.append({"rows": rows, "variant": b, "median_s": med, "quietest_s": best, "runs_s": runs[b],
                             "weight_bound_s": w_bound, "compute_bound_s": c_bound})
     if a.profile:
-        _profile(loaded, backends[0], rows_list[0], a, kv_tokens)
+        _profile(loaded, variants[0].partition("@")[0], rows_list[0], a, kv_tokens)
     return results
 
 

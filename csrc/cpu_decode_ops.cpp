@@ -5,7 +5,8 @@
 //   rope_store     half-split rotary on q and k plus the K/V cache store;
 //   rms_norm       RMSNorm with the residual add in front of it;
 //   silu_mul       silu(gate) * up of the fused gate/up projection's output;
-//   linear         x @ W^T for the few rows of a decode step (cpu/small_gemm.h).
+//   linear         x @ W^T for the few rows of a decode step (cpu/small_gemm.h);
+//   sample         temperature / greedy sampling without filters (cpu/sampler.h).
 // Why hand-written: in torch each of these is 5-30 small ops per layer (index gathers of the
 // paged KV into fresh tensors, casts, masks, exp, logsumexp, index_put), and on a 2-core CPU
 // their per-op overhead and extra passes over memory cost more than the arithmetic.
@@ -39,6 +40,7 @@ namespace isa_scalar {
 #include "cpu/vec.h"
 #include "cpu/decode_kernels.h"
 #include "cpu/small_gemm.h"
+#include "cpu/sampler.h"
 }  // namespace isa_scalar
 #undef RRM_VEC_SCALAR
 
@@ -54,6 +56,7 @@ namespace isa_avx2 {
 #include "cpu/vec.h"
 #include "cpu/decode_kernels.h"
 #include "cpu/small_gemm.h"
+#include "cpu/sampler.h"
 }  // namespace isa_avx2
 #undef RRM_VEC_AVX2
 #if defined(__clang__)
@@ -74,6 +77,7 @@ namespace isa_avx512 {
 #include "cpu/vec.h"
 #include "cpu/decode_kernels.h"
 #include "cpu/small_gemm.h"
+#include "cpu/sampler.h"
 }  // namespace isa_avx512
 #undef RRM_VEC_AVX512
 #if defined(__clang__)
@@ -341,6 +345,39 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& weight, const c10::opti
   return y.view(sizes);
 }
 
+std::vector<at::Tensor> sample(const at::Tensor& logits, const at::Tensor& row_index, const at::Tensor& temperature,
+                               const at::Tensor& seeds, const at::Tensor& offsets, int64_t isa) {
+  for (const auto* t : {&logits, &row_index, &temperature, &seeds, &offsets}) check_cpu(*t, "sampler input");
+  TORCH_CHECK(logits.dim() == 2 && logits.scalar_type() == at::kFloat && logits.stride(1) == 1,
+              "logits must be fp32 [rows, vocab], contiguous in vocab");
+  const int64_t B = row_index.size(0), R = logits.size(0), V = logits.size(1);
+  TORCH_CHECK(V > 0, "logits has an empty vocabulary dimension");
+  TORCH_CHECK(row_index.dim() == 1 && row_index.scalar_type() == at::kLong && row_index.is_contiguous(),
+              "row_index must be contiguous int64 [B]");
+  TORCH_CHECK(temperature.scalar_type() == at::kFloat && seeds.scalar_type() == at::kLong &&
+                  offsets.scalar_type() == at::kLong && temperature.sizes() == row_index.sizes() &&
+                  seeds.sizes() == row_index.sizes() && offsets.sizes() == row_index.sizes() &&
+                  temperature.is_contiguous() && seeds.is_contiguous() && offsets.is_contiguous(),
+              "temperature (fp32), seeds and offsets (int64) must be contiguous [B]");
+  const int64_t* rows = row_index.data_ptr<int64_t>();
+  const float* temps = temperature.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(rows[b] >= 0 && rows[b] < R, "row_index values must lie in [0, ", R, "), got ", rows[b]);
+    TORCH_CHECK(std::isfinite(temps[b]) && temps[b] >= 0.0f, "temperature must be finite and >= 0, got ", temps[b]);
+  }
+  auto tokens = at::empty({B}, row_index.options());
+  auto logprobs = at::empty({B}, temperature.options());
+  auto status = at::empty({B}, row_index.options().dtype(at::kInt));
+  if (B > 0) {
+    const Isa which = resolve(isa);
+    RRM_DISPATCH_ISA(which, ns::sample_rows(logits.data_ptr<float>(), logits.stride(0), V, rows, temps,
+                                            seeds.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(), B,
+                                            tokens.data_ptr<int64_t>(), logprobs.data_ptr<float>(),
+                                            status.data_ptr<int32_t>()));
+  }
+  return {tokens, logprobs, status};
+}
+
 std::vector<std::string> supported_isas() {
   std::vector<std::string> out;
   for (Isa isa : {kAvx512, kAvx2, kScalar})
@@ -358,6 +395,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm with optional residual add (CPU)");
   m.def("silu_mul", &silu_mul, "silu(gate) * up (CPU)");
   m.def("linear", &linear, "x @ weight.T (+ bias) for few rows: weight-streaming GEMM (CPU)");
+  m.def("sample", &sample, "temperature / greedy sampling with log-probs, no filters (CPU)");
   m.def("supported_isas", &supported_isas, "instruction sets this CPU runs, best first");
   m.def("resolved_isa", &resolved_isa, "the ISA an op would run with");
 }

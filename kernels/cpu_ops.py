@@ -1,5 +1,6 @@
 """CPU decode ops in C++ (csrc/cpu_decode_ops.cpp): paged decode attention with the shared-prefix
-(cascade) pass, rotary + KV store, RMSNorm + residual, silu(gate) * up, and a small-M linear.
+(cascade) pass, rotary + KV store, RMSNorm + residual, silu(gate) * up, a small-M linear, and
+sampling without filters (temperature or greedy).
 
 Built from source the first time they are used on a machine (torch.utils.cpp_extension.load with
 g++ and OpenMP; about a minute; cached under torch's extension dir, TORCH_EXTENSIONS_DIR, and
@@ -24,7 +25,8 @@ import torch
 
 CSRC_DIR = Path(__file__).resolve().parent.parent / "csrc"
 SOURCES = (CSRC_DIR / "cpu_decode_ops.cpp",)
-HEADERS = (CSRC_DIR / "cpu" / "vec.h", CSRC_DIR / "cpu" / "decode_kernels.h", CSRC_DIR / "cpu" / "small_gemm.h")
+HEADERS = (CSRC_DIR / "cpu" / "vec.h", CSRC_DIR / "cpu" / "decode_kernels.h", CSRC_DIR / "cpu" / "small_gemm.h",
+           CSRC_DIR / "cpu" / "sampler.h")
 ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}
 ISA_ENV = "RRM_CPU_ISA"
 # keys per parallel chunk of one prefix or suffix pass: a long shared prefix still gives every
@@ -48,6 +50,11 @@ def load() -> Any:
     except Exception as e:  # compiler missing, build error, ...: one line for the caller to log
         first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
         raise RuntimeError(f"building the CPU ops ({SOURCES[0].name}) failed: {first}") from e
+
+
+def is_loaded() -> bool:
+    """True once load() has succeeded in this process (callers that must not trigger a build ask this)."""
+    return load.cache_info().currsize > 0
 
 
 def supported_isas() -> list[str]:
@@ -114,6 +121,18 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """x [..., K] @ weight[N, K].T (+ bias [N]), fp32 accumulation: the weight-streaming GEMM for
     the few rows of a decode step (see csrc/cpu/small_gemm.h; large M belongs to torch's BLAS)."""
     return load().linear(x, weight, bias, _isa(isa))
+
+
+def sample_unfiltered(logits: torch.Tensor, row_index: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor,
+                      offsets: torch.Tensor, isa: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """kernels.sampling.sample_ref with top-k, top-p and min-p off (the caller checks that): the
+    same tokens for the same (seed, offset), logprob = log_softmax(logits / T)[token] (T = 1 when
+    greedy). A sampled row that holds NaN or +inf, or is entirely -inf, raises ValueError naming it."""
+    tokens, logprobs, status = load().sample(logits.float().contiguous(), row_index, temperature, seeds, offsets, _isa(isa))
+    if bool(status.any()):
+        rows = sorted(set(row_index[status != 0].tolist()))
+        raise ValueError(f"logits rows {rows} contain NaN or +inf, or are entirely -inf")
+    return tokens, logprobs
 
 
 def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:

@@ -3,11 +3,12 @@
 // in fp32 whatever the storage type T (float, c10::BFloat16, c10::Half).
 //
 // Parallelism: OpenMP, with as many threads as torch uses (at::get_num_threads), and only when
-// an op has enough work: waking sleeping threads (OMP_WAIT_POLICY=PASSIVE) costs more than a
-// few microseconds of arithmetic.
+// an op has enough work: waking sleeping threads (OMP_WAIT_POLICY=PASSIVE) and the join cost tens
+// of microseconds, more when a sibling thread is descheduled on a shared machine.
 
 constexpr int kTileTokens = 16;  // keys per softmax tile
-constexpr int64_t kParallelMin = 1 << 15;  // elements of work below which an op runs on one thread
+constexpr int64_t kParallelElems = 1 << 18;  // elementwise ops: elements below which one thread runs
+constexpr int64_t kParallelFlops = 1 << 22;  // attention / GEMM: multiply-adds below which one thread runs
 
 template <typename T>
 inline void to_float(const T* src, float* dst, int n) {
@@ -227,7 +228,7 @@ void run_tasks(const std::vector<AttnTask>& tasks, const std::vector<int>& membe
                int64_t tok_stride, int page, float* out_parts, float* lse_parts, int parts, T* out,
                int64_t work) {
   const int64_t rows_out = int64_t(B) * Hq;
-  const int threads = work >= kParallelMin ? at::get_num_threads() : 1;
+  const int threads = work >= kParallelFlops ? at::get_num_threads() : 1;
 #pragma omp parallel num_threads(threads)
   {
     std::vector<float> scratch(attend_scratch(NV, D) + D);
@@ -308,7 +309,7 @@ void paged_decode(const T* q, int64_t q_sb, int64_t q_sh, int B, int Hq, int D, 
     work += int64_t(std::max(0, len - lo0)) * Hq;
   }
   const int parts = part + chunks;
-  work *= 4 * D;
+  work *= 2 * D;  // q.k and p.v multiply-adds
   std::vector<float> out_parts(int64_t(parts) * B * Hq * D);
   std::vector<float> lse_parts(int64_t(parts) * B * Hq, -std::numeric_limits<float>::infinity());
   const float qscale = scale * 1.4426950408889634f;  // scores in base 2: exp(s) = 2^(s * log2 e)
@@ -357,7 +358,7 @@ void rope_store(const T* q, int64_t q_st, int64_t q_sh, const T* k, int64_t k_st
                 const T* sin, int64_t cs_stride, T* kc, T* vc, const int64_t* slots, T* q_out) {
   const int half = D / 2;
   const int64_t work = int64_t(Tn) * (Hq + 2 * Hkv) * D;
-  const int threads = work >= kParallelMin ? at::get_num_threads() : 1;
+  const int threads = work >= kParallelElems ? at::get_num_threads() : 1;
 #pragma omp parallel num_threads(threads)
   {
     std::vector<float> tmp(D);
@@ -388,7 +389,7 @@ void rope_store(const T* q, int64_t q_st, int64_t q_sh, const T* k, int64_t k_st
 template <typename T>
 void rms_norm(const T* x, int64_t x_st, const T* residual, int64_t r_st, const T* w, int64_t N, int H, float eps,
               T* out, T* res_out) {
-  const int threads = N * H >= kParallelMin ? at::get_num_threads() : 1;
+  const int threads = N * H >= kParallelElems ? at::get_num_threads() : 1;
 #pragma omp parallel num_threads(threads)
   {
     std::vector<float> s(H), wf(H);
@@ -429,7 +430,7 @@ void rms_norm(const T* x, int64_t x_st, const T* residual, int64_t r_st, const T
 // silu(gate) * up; silu rounded to T first, as F.silu(gate) * up does in T.
 template <typename T>
 void silu_mul(const T* gu, int64_t st, int64_t N, int I, T* out) {
-  const int threads = N * I >= kParallelMin ? at::get_num_threads() : 1;
+  const int threads = N * I >= kParallelElems ? at::get_num_threads() : 1;
   const Vec one = Vec::set1(1.0f), neg_log2e = Vec::set1(-1.4426950408889634f);
 #pragma omp parallel num_threads(threads)
   {

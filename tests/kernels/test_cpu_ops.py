@@ -20,6 +20,7 @@ from kernels.paged_decode import paged_decode_attention_ref
 from kernels.rmsnorm import rms_norm_ref
 from kernels.rope_store import rope_and_store_ref
 from kernels.shared_prefix_decode import shared_prefix_decode_attention_ref
+from rrm_engine.attention import PrefixLevel
 
 if shutil.which("c++") is None and shutil.which("g++") is None:
     pytest.skip("no C++ compiler: the CPU ops cannot be built here", allow_module_level=True)
@@ -77,21 +78,37 @@ def test_paged_decode_with_levels_matches_reference(isa, dtype, hkv, g, d, page)
             torch.testing.assert_close(out, ref, **ATTN_TOL[dtype])
 
 
-def test_many_rows_per_group_several_threads_and_strided_q(isa):
-    # 16 votes x 7 heads = 112 rows: several row blocks per prefix pass; enough work for threads
-    gen = torch.Generator().manual_seed(7)
-    page, hkv, g, d = 16, 2, 7, 64
-    bt, seq_lens, level0, level1, nb = two_level_batch(page, votes=16, gen=gen)
+def votes_sharing_a_prompt(votes: int, prompt_blocks: int, page: int, gen: torch.Generator):
+    """`votes` sequences whose tables start with the same prompt blocks, then 1..2 pages of their own
+    (blocks at random places); returns (block_tables, seq_lens, the one-group level, blocks used)."""
+    perm = torch.randperm(prompt_blocks + 2 * votes + 1, generator=gen) + 1
+    prompt = perm[:prompt_blocks].tolist()
+    tables, lens = [], []
+    for i in range(votes):
+        own = perm[prompt_blocks + 2 * i: prompt_blocks + 2 * i + 2].tolist()
+        tables.append(prompt + own)
+        lens.append(prompt_blocks * page + int(torch.randint(1, 2 * page + 1, (1,), generator=gen)))
+    level = PrefixLevel(torch.tensor([prompt], dtype=torch.int32), torch.tensor([prompt_blocks * page], dtype=torch.int32),
+                        torch.zeros(votes, dtype=torch.int32))
+    return (torch.tensor(tables, dtype=torch.int32), torch.tensor(lens, dtype=torch.int32), level,
+            prompt_blocks + 2 * votes + 2)
+
+
+@pytest.mark.parametrize("votes,g", [(8, 3), (16, 7)])
+def test_long_shared_prompt_on_several_threads_with_strided_q(isa, votes, g):
+    # enough work for the op to use threads; 16 votes x 7 heads = 112 rows: several row blocks
+    gen = torch.Generator().manual_seed(votes)
+    page, hkv, d = 16, 2, 64
+    bt, seq_lens, level, nb = votes_sharing_a_prompt(votes, 40, page, gen)
     kc, vc = make_cache(nb, page, hkv, d, torch.float32, gen)
     # q as the view the fused qkv projection gives: rows strided past the k and v columns
-    qkv = torch.randn(bt.shape[0], (hkv * g + 2 * hkv) * d, generator=gen)
+    qkv = torch.randn(votes, (hkv * g + 2 * hkv) * d, generator=gen)
     q = qkv[:, :hkv * g * d].view(-1, hkv * g, d)
-    levels = [level0, level1]
-    ref = shared_prefix_decode_attention_ref(q.contiguous(), kc, vc, bt, seq_lens, levels, d ** -0.5)
+    ref = paged_decode_attention_ref(q.contiguous(), kc, vc, bt, seq_lens, d ** -0.5)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        out = cpu_ops.paged_decode_attention(q, kc, vc, bt, seq_lens, d ** -0.5, levels, split_tokens=16, isa=isa)
+        out = cpu_ops.paged_decode_attention(q, kc, vc, bt, seq_lens, d ** -0.5, [level], isa=isa)
     finally:
         torch.set_num_threads(threads)
     torch.testing.assert_close(out, ref, **ATTN_TOL[torch.float32])
@@ -218,3 +235,40 @@ def test_linear_keeps_leading_dims_and_rejects_mismatches():
         cpu_ops.linear(torch.randn(2, 15), w)
     with pytest.raises(RuntimeError, match="share one dtype"):
         cpu_ops.linear(x.double(), w)
+
+
+@pytest.mark.parametrize("spread", [0.3, 3.0, 30.0])
+def test_sampler_equals_reference_token_for_token(isa, spread):
+    from kernels.sampling import sample_ref
+    gen = torch.Generator().manual_seed(int(spread * 10))
+    r, v, b = 6, 1000, 1000
+    logits = torch.randn(r, v, generator=gen) * spread
+    logits[1, ::7] = float("-inf")  # masked vocabulary entries are never drawn
+    logits[2] = (logits[2] * 2).round() / 2  # many exact ties
+    row_index = torch.randint(0, r, (b,), generator=gen)
+    temperature = torch.tensor([0.0, 0.6, 1.0, 2.0])[torch.randint(0, 4, (b,), generator=gen)]
+    seeds = torch.randint(0, 2 ** 62, (b,), generator=gen)
+    offsets = torch.randint(0, 2 ** 40, (b,), generator=gen)
+    off = dict(top_k=torch.zeros(b, dtype=torch.int32), top_p=torch.ones(b), min_p=torch.zeros(b))
+    ref_tok, ref_lp = sample_ref(logits, row_index, temperature, off["top_k"], off["top_p"], off["min_p"], seeds, offsets)
+    tok, lp = cpu_ops.sample_unfiltered(logits, row_index, temperature, seeds, offsets, isa=isa)
+    assert torch.equal(tok, ref_tok)
+    torch.testing.assert_close(lp, ref_lp, atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(lp).all() and (lp <= 0).all()
+
+
+def test_sampler_rejects_bad_rows_and_parameters():
+    logits = torch.randn(3, 50)
+    logits[1, 4] = float("nan")
+    logits[2] = float("-inf")
+    args = lambda rows: (torch.tensor(rows), torch.full((len(rows),), 0.7), torch.zeros(len(rows), dtype=torch.int64),
+                         torch.zeros(len(rows), dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"rows \[1, 2\]"):
+        cpu_ops.sample_unfiltered(logits, *args([0, 1, 2, 1]))
+    tok, _ = cpu_ops.sample_unfiltered(logits, *args([0, 0]))  # the bad rows are not sampled: fine
+    assert tok.shape == (2,)
+    with pytest.raises(RuntimeError, match="row_index"):
+        cpu_ops.sample_unfiltered(logits, *args([3]))
+    rows, _, seeds, offs = args([0])
+    with pytest.raises(RuntimeError, match="temperature"):
+        cpu_ops.sample_unfiltered(logits, rows, torch.tensor([-1.0]), seeds, offs)

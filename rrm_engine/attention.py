@@ -124,6 +124,23 @@ def merge_by_lse(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor
     return sum(wi.unsqueeze(-1) * o for wi, (o, _) in zip(w, parts)) / w.sum(dim=0).unsqueeze(-1)
 
 
+def prefill_attention(layer: int, q: torch.Tensor, cache: KVCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Prefill/extend with this step's K/V already in the cache: one SDPA per sequence over its
+    gathered context, causal within the new tokens. q [T, Hq, D] rotated."""
+    out = torch.empty_like(q)
+    start = 0
+    for b, (ql, sl) in enumerate(zip(meta.query_lens_host, meta.seq_lens_host)):
+        kb, vb = gather_kv(layer, cache, meta.block_tables[b:b + 1], sl)
+        qb = q[start:start + ql].transpose(0, 1).unsqueeze(0)  # [1, Hq, ql, D]
+        # query i sits at position sl - ql + i and sees keys 0 .. sl - ql + i
+        mask = torch.ones(ql, sl, dtype=torch.bool, device=q.device).tril(diagonal=sl - ql)
+        o = F.scaled_dot_product_attention(qb, kb.transpose(1, 2).to(q.dtype), vb.transpose(1, 2).to(q.dtype),
+                                           attn_mask=mask, scale=scale, enable_gqa=True)
+        out[start:start + ql] = o[0].transpose(0, 1)
+        start += ql
+    return out
+
+
 class TorchAttention:
     """Reference backend in plain torch; runs anywhere. Decode is batched with a length mask, and
     when the runner names shared prefixes (meta.prefix_levels) it reads each prefix once per group
@@ -140,18 +157,7 @@ class TorchAttention:
             if meta.prefix_levels:
                 return self._cascade_decode(layer, q, cache, meta, scale)
             return self._decode(layer, q, cache, meta, scale)
-        out = torch.empty_like(q)
-        start = 0
-        for b, (ql, sl) in enumerate(zip(meta.query_lens_host, meta.seq_lens_host)):
-            kb, vb = gather_kv(layer, cache, meta.block_tables[b:b + 1], sl)
-            qb = q[start:start + ql].transpose(0, 1).unsqueeze(0)  # [1, Hq, ql, D]
-            # query i sits at position sl - ql + i and sees keys 0 .. sl - ql + i
-            mask = torch.ones(ql, sl, dtype=torch.bool, device=q.device).tril(diagonal=sl - ql)
-            o = F.scaled_dot_product_attention(qb, kb.transpose(1, 2).to(q.dtype), vb.transpose(1, 2).to(q.dtype),
-                                               attn_mask=mask, scale=scale, enable_gqa=True)
-            out[start:start + ql] = o[0].transpose(0, 1)
-            start += ql
-        return out
+        return prefill_attention(layer, q, cache, meta, scale)
 
     def _decode(self, layer: int, q: torch.Tensor, cache: KVCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         kb, vb = gather_kv(layer, cache, meta.block_tables, meta.max_seq_len)

@@ -11,13 +11,26 @@ k_proj, v_proj therefore saves and loads as self_attn.q_proj.weight, self_attn.k
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
-class FusedLinear(nn.Linear):
+class Linear(nn.Linear):
+    """nn.Linear whose forward a serving backend may hand to a kernel(x, weight, bias) (e.g. the
+    CPU backend's small-M GEMM); under autograd it is always F.linear."""
+
+    kernel: Callable | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None and not torch.is_grad_enabled():
+            return self.kernel(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+class FusedLinear(Linear):
     def __init__(self, in_features: int, parts: Sequence[tuple[str, int]], bias: bool = False,
                  device: Any = None, dtype: torch.dtype | None = None):
         """parts: (checkpoint name beside this module, output features) per projection."""

@@ -153,22 +153,39 @@ def _apply_weights(decoder, weights: str | None, loaded, tensor_parallel_size: i
 
 
 def _use_backend(decoder, name: str) -> None:
-    """Torch attention and norms, or the Triton kernels for both (attention with rotary fused into
-    the KV store, residual add fused into RMSNorm)."""
+    """Torch attention and norms; the Triton kernels for both (attention with rotary fused into the
+    KV store, residual add fused into RMSNorm); or the C++ CPU ops (the same fusions plus
+    silu(gate) * up). "auto": Triton on CUDA, the CPU ops on CPU, torch when they are unavailable."""
     from .attention import TorchAttention
 
-    if name not in ("auto", "torch", "triton"):
-        raise ValueError(f"attention_backend must be 'auto', 'torch' or 'triton', got {name!r}")
+    if name not in ("auto", "torch", "triton", "cpu"):
+        raise ValueError(f"attention_backend must be 'auto', 'torch', 'triton' or 'cpu', got {name!r}")
     device = next(decoder.parameters()).device
-    decoder.backend, fused = TorchAttention(), False
+    decoder.backend = TorchAttention()
+    decoder.use_kernels()
     if name == "triton" or (name == "auto" and device.type == "cuda"):
         try:
             from .triton_backend import TritonAttention
-            decoder.backend, fused = TritonAttention(), True
+            decoder.backend = TritonAttention()
+            decoder.use_fused_norms(True)
         except ImportError as e:
             if name == "triton":
                 raise ValueError(f"attention_backend='triton' is not available: {e}") from e
-    decoder.use_fused_norms(fused)
+    elif name == "cpu" or (name == "auto" and device.type == "cpu"):
+        if device.type != "cpu":
+            raise ValueError(f"attention_backend='cpu' needs the model on the CPU, it is on {device}")
+        from kernels import cpu_ops
+
+        from .cpu_backend import CpuAttention, small_m_linear
+        try:
+            backend = CpuAttention()
+        except RuntimeError as e:
+            if name == "cpu":
+                raise ValueError(f"attention_backend='cpu' is not available: {e}") from e
+            logging.getLogger("rrm_engine").warning("CPU C++ ops unavailable, using the torch attention backend: %s", e)
+            return
+        decoder.backend = backend
+        decoder.use_kernels(rms_norm=cpu_ops.rms_norm, silu_mul=cpu_ops.silu_mul, linear=small_m_linear)
 
 
 def _default_kv_tokens(model, block_size: int) -> int:

@@ -14,7 +14,7 @@ from torch import nn
 
 from .attention import AttentionBackend, AttentionMetadata, KVCache, TorchAttention, dense_causal_attention
 from .config import ModelConfig
-from .fused_linear import FusedLinear, save_and_load_as_parts
+from .fused_linear import FusedLinear, Linear, save_and_load_as_parts
 from .rotary import Rotary, rotary_cos_sin
 
 
@@ -47,7 +47,7 @@ class Attention(nn.Module):
         self.qkv_proj = FusedLinear(cfg.hidden_size, (("q_proj", hq * d), ("k_proj", hkv * d), ("v_proj", hkv * d)),
                                     bias=cfg.qkv_bias)
         save_and_load_as_parts(self)
-        self.o_proj = nn.Linear(hq * d, cfg.hidden_size, bias=False)
+        self.o_proj = Linear(hq * d, cfg.hidden_size, bias=False)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
@@ -74,11 +74,16 @@ class MLP(nn.Module):
         # gate and up in one GEMM; checkpoints still hold gate_proj, up_proj
         self.gate_up_proj = FusedLinear(cfg.hidden_size, (("gate_proj", cfg.intermediate_size),
                                                           ("up_proj", cfg.intermediate_size)), bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         save_and_load_as_parts(self)
+        # silu(gate) * up in one op (kernels.cpu_ops.silu_mul) when serving on the CPU backend
+        self.silu_mul: Callable | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj.split(self.gate_up_proj(x))
+        gate_up = self.gate_up_proj(x)
+        if self.silu_mul is not None and not torch.is_grad_enabled():
+            return self.down_proj(self.silu_mul(gate_up))
+        gate, up = self.gate_up_proj.split(gate_up)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -116,7 +121,7 @@ class Decoder(nn.Module):
         self.model.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.backend: AttentionBackend = TorchAttention()
         # set by weight_formats.apply when serving with converted weights: the LM head in that format
         self.head: nn.Module | None = None
@@ -124,6 +129,7 @@ class Decoder(nn.Module):
         self._rotary_tables: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
         # set by tensor parallelism: turns this rank's vocab slice of the logits into full logits
         self.gather_logits: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.linear_kernel: Callable | None = None  # the LM head's, see use_kernels
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -160,10 +166,26 @@ class Decoder(nn.Module):
         if on:
             from kernels.rmsnorm import rms_norm
             kernel = rms_norm
+        self.use_kernels(rms_norm=kernel)
+
+    def use_kernels(self, rms_norm: Callable | None = None, silu_mul: Callable | None = None,
+                    linear: Callable | None = None) -> None:
+        """Serve (never under autograd) every RMSNorm with rms_norm(x, weight, eps, residual), every
+        MLP's activation with silu_mul(gate_up) and every projection and the LM head with
+        linear(x, weight, bias); None: the torch code."""
         for m in self.modules():
             if isinstance(m, RMSNorm):
-                m.kernel = kernel
+                m.kernel = rms_norm
+            elif isinstance(m, MLP):
+                m.silu_mul = silu_mul
+            elif isinstance(m, Linear):
+                m.kernel = linear
+        self.linear_kernel = linear
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.head(hidden) if self.head is not None else F.linear(hidden, self.lm_head_weight)
+        if self.head is not None:  # a serving format's own LM head (weight_formats.apply)
+            logits = self.head(hidden)
+        else:
+            linear = self.linear_kernel if self.linear_kernel is not None and not torch.is_grad_enabled() else F.linear
+            logits = linear(hidden, self.lm_head_weight, None)
         return self.gather_logits(logits) if self.gather_logits is not None else logits

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels import cpu_ops
 from kernels.sampling import sample as fused_sample
 
 from .sampling_params import SamplingParams
@@ -22,6 +23,11 @@ def sample_seed(base_seed: int, index: int) -> int:
         x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
         x ^= x >> 31
     return x & _MASK63
+
+
+def _unfiltered(p: SamplingParams, vocab: int) -> bool:
+    """No filter would remove a token (the reference's test: top-k off or >= vocab, top-p 1, min-p 0)."""
+    return (p.top_k <= 0 or p.top_k >= vocab) and p.top_p >= 1.0 and p.min_p <= 0.0
 
 
 @dataclass
@@ -49,7 +55,10 @@ def sample(logits: torch.Tensor, reqs: list[SampleRequest]) -> list[SampleResult
     min_p = torch.tensor([x.min_p for x in p], dtype=torch.float32).to(dev, non_blocking=True)
     seeds = torch.tensor([r.seed for r in reqs], dtype=torch.int64).to(dev, non_blocking=True)
     offsets = torch.tensor([r.offset for r in reqs], dtype=torch.int64).to(dev, non_blocking=True)
-    if all(x.temperature == 0 for x in p) and not logits.is_cuda:
+    if not logits.is_cuda and cpu_ops.is_loaded() and all(_unfiltered(x, logits.shape[1]) for x in p):
+        # CPU backend in use and no top-k / top-p / min-p: the C++ sampler (same tokens as the reference)
+        tokens, logprobs = cpu_ops.sample_unfiltered(logits, row_index, temperature, seeds, offsets)
+    elif all(x.temperature == 0 for x in p) and not logits.is_cuda:
         # greedy batch on CPU: argmax and log_softmax, without the filtered sampler's sort and uniforms
         rows = logits.index_select(0, row_index)
         tokens = rows.argmax(dim=1)

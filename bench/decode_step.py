@@ -1,0 +1,204 @@
+"""Decode-step microbenchmark: `python -m bench.decode_step [--rows 8,32] [--context 600]`.
+
+The engine decodes `rows` sequences (k=8 votes per comparison, rows/8 comparisons whose prompts
+share a head, as a judge's comparisons of one query do) at about `context` tokens of context, and
+every engine step (schedule + forward + sample) is timed. Each line prints the time per step and
+per generated token beside the bounds this machine allows for the precision used, gpt-fast style,
+with the ceilings measured in the same run:
+  * weight-bandwidth bound: every weight byte read once per step / the read bandwidth (a large
+    tensor sum; the copy bandwidth is printed too);
+  * compute bound: 2 x params x rows FLOP (plus attention) / the matmul rate of a large mm in the
+    run's dtype.
+"x bound" is the step time over the larger of the two (1.0 = at the roofline): the issue's
+"within 1.2x of the weight-bandwidth bound" reads off the `x wbw` column.
+
+Variants (attention backends, torch.compile, ...) run side by side in one process, interleaved
+repetition by repetition, so their ratios hold even on a CPU shared with other jobs; the table
+gives each variant's median over the repetitions and its quietest (fastest) repetition.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from dataclasses import dataclass
+
+import rrm_engine  # noqa: F401  (before torch: sets OMP_WAIT_POLICY)
+import torch
+
+from rrm_engine import LLM, SamplingParams
+
+VOTES = 8
+SHARED_HEAD = 64  # tokens every comparison of the query shares (system prompt + query)
+
+
+@dataclass
+class Ceilings:
+    read_bw: float  # B/s, sum over a large tensor
+    copy_bw: float  # B/s, read + write bytes of a large copy
+    mm_rate: float  # FLOP/s, large square mm in the run's dtype
+
+
+def _best(fn, repeat: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def measure_ceilings(dtype: torch.dtype, repeat: int = 5) -> Ceilings:
+    big = torch.ones(64 << 20, dtype=torch.float32)  # 256 MiB, 8x this CPU's L3
+    out = torch.empty_like(big)
+    read = big.numel() * 4 / _best(lambda: big.sum(), repeat)
+    copy = 2 * big.numel() * 4 / _best(lambda: out.copy_(big), repeat)
+    del big, out
+    n = 1024
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    mm = 2 * n ** 3 / _best(lambda: torch.mm(a, b), repeat)
+    return Ceilings(read, copy, mm)
+
+
+def weight_bytes(llm: LLM) -> int:
+    """Bytes of every weight a decode step reads (parameters and weight buffers, each once; a tied
+    embedding is read in full as the LM head)."""
+    model = llm.engine.model
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def prompts(rows: int, prompt_len: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    head = torch.randint(100, vocab, (SHARED_HEAD,), generator=g).tolist()
+    return [head + torch.randint(100, vocab, (prompt_len - SHARED_HEAD,), generator=g).tolist()
+            for _ in range(max(1, rows // VOTES))]
+
+
+def start_decoding(llm: LLM, rows: int, context: int, steps: int, warmup: int) -> list[str]:
+    """Prefill rows/8 prompts, fork 8 votes each and decode `warmup` steps, so that `steps` more
+    decode steps run at a context from about context - steps/2 to context + steps/2."""
+    cfg = llm.engine.model.cfg
+    prompt_len = max(SHARED_HEAD + 1, context - steps // 2 - warmup)
+    params = SamplingParams(n=VOTES, temperature=0.6, max_tokens=warmup + steps + 2, ignore_eos=True, seed=1)
+    ids = [llm.add_request(p, params) for p in prompts(rows, prompt_len, cfg.vocab_size)]
+    while llm.engine.metrics()["generated_tokens"] < rows:  # prefill (maybe chunked) + the fork
+        llm.step()
+    for _ in range(warmup):
+        llm.step()
+    return ids
+
+
+def time_steps(llm: LLM, rows: int, context: int, steps: int, warmup: int) -> list[float]:
+    """Seconds of each of `steps` pure decode steps (schedule + forward + sample)."""
+    ids = start_decoding(llm, rows, context, steps, warmup)
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        llm.step()
+        times.append(time.perf_counter() - t)
+    for r in ids:
+        llm.abort(r)
+    return times
+
+
+def make_llm(loaded, backend: str, kv_tokens: int) -> LLM:
+    return LLM(loaded, attention_backend=backend, kv_cache_tokens=kv_tokens)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="embedded")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--rows", default="8,32", help="decode rows per step (multiples of 8: 8 votes per comparison)")
+    p.add_argument("--context", type=int, default=600, help="tokens of context at the middle of the timed steps")
+    p.add_argument("--steps", type=int, default=16, help="timed decode steps per repetition")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeat", type=int, default=3, help="repetitions (variants interleaved)")
+    p.add_argument("--variants", default="torch,cpu",
+                   help="comma-separated attention backends to compare; NAME@N runs NAME with N torch threads "
+                        "(e.g. cpu,cpu@1,torch)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="also profile 5 decode steps of the first variant at the first row count; trace + table into DIR")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    rows_list = [int(x) for x in a.rows.split(",")]
+    if any(r < 1 or (r > VOTES and r % VOTES) for r in rows_list):
+        p.error(f"--rows must be positive and, above {VOTES}, multiples of {VOTES}")
+    variants = a.variants.split(",")
+    dtype = getattr(torch, a.dtype)
+
+    from rrm_engine.loader import load
+    loaded = load(a.model, device="cpu", dtype=dtype)
+    ceil = measure_ceilings(dtype)
+    kv_tokens = 16 * (-(-(max(rows_list) * (a.context + a.steps + a.warmup + 64)) // 16) + 64)
+    wbytes = weight_bytes(make_llm(loaded, "torch", 1024))
+    n_params = sum(t.numel() for t in loaded.model.parameters())
+    cfg = loaded.model.cfg
+    print(f"model {a.model} ({n_params / 1e6:.0f}M params, {wbytes / 1e6:.0f} MB of weights in {a.dtype}), "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"ceilings (this run): read {ceil.read_bw / 1e9:.1f} GB/s, copy {ceil.copy_bw / 1e9:.1f} GB/s, "
+          f"mm {ceil.mm_rate / 1e9:.0f} GFLOP/s ({a.dtype})")
+    results = []
+    for rows in rows_list:
+        runs: dict[str, list[float]] = {v: [] for v in variants}
+        for _ in range(a.repeat):
+            for v in variants:  # interleaved, so load changes hit every variant alike
+                backend, _, threads = v.partition("@")
+                before = torch.get_num_threads()
+                torch.set_num_threads(int(threads) if threads else before)
+                llm = make_llm(loaded, backend, kv_tokens)
+                runs[v].append(statistics.median(time_steps(llm, rows, a.context, a.steps, a.warmup)))
+                del llm
+                torch.set_num_threads(before)
+        # bounds per step: weights once; compute 2 x params per row + q.k and p.v over the context
+        w_bound = wbytes / ceil.read_bw
+        flops = 2 * n_params * rows + 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * rows * a.context
+        c_bound = flops / ceil.mm_rate
+        base = statistics.median(runs[variants[0]])
+        print(f"\nrows {rows}, context ~{a.context}: weight-bandwidth bound {1e3 * w_bound:.1f} ms/step "
+              f"({1e3 * w_bound / rows:.2f} ms/token), compute bound {1e3 * c_bound:.1f} ms/step "
+              f"({flops / 1e9:.2f} GFLOP)")
+        print(f"{'variant':<12} {'ms/step':>9} {'quietest':>9} {'ms/token':>9} {'tok/s':>8} {'x wbw':>7} "
+              f"{'x bound':>8} {'vs first':>9}")
+        for b in variants:
+            med, best = statistics.median(runs[b]), min(runs[b])
+            print(f"{b:<12} {1e3 * med:9.1f} {1e3 * best:9.1f} {1e3 * med / rows:9.2f} {rows / med:8.1f} "
+                  f"{med / w_bound:7.2f} {med / max(w_bound, c_bound):8.2f} {base / med:8.2f}x")
+            results.append({"rows": rows, "variant": b, "median_s": med, "quietest_s": best, "runs_s": runs[b],
+                            "weight_bound_s": w_bound, "compute_bound_s": c_bound})
+    if a.profile:
+        _profile(loaded, variants[0].partition("@")[0], rows_list[0], a, kv_tokens)
+    return results
+
+
+def _profile(loaded, backend: str, rows: int, a, kv_tokens: int) -> None:
+    from pathlib import Path
+
+    from torch.profiler import ProfilerActivity, profile
+
+    llm = make_llm(loaded, backend, kv_tokens)
+    steps = 5
+    ids = start_decoding(llm, rows, a.context, steps, a.warmup)
+    out = Path(a.profile)
+    out.mkdir(parents=True, exist_ok=True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            llm.step()
+    for r in ids:
+        llm.abort(r)
+    prof.export_chrome_trace(str(out / f"decode_{backend}_{rows}.json"))
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+    (out / f"decode_{backend}_{rows}.txt").write_text(table)
+    print(f"\nprofile of {backend}, {steps} decode steps at {rows} rows (trace in {out}):\n{table}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""CPU decode ops in C++ (csrc/cpu_decode_ops.cpp): paged decode attention with the shared-prefix
+(cascade) pass, rotary + KV store, RMSNorm + residual, silu(gate) * up, a small-M linear, and
+sampling without filters (temperature or greedy).
+
+Built from source the first time they are used on a machine (torch.utils.cpp_extension.load with
+g++ and OpenMP; about a minute; cached under torch's extension dir, TORCH_EXTENSIONS_DIR, and
+rebuilt when a source changes). `load()` raises RuntimeError when the build fails; callers that
+can do without (the engine's CPU backend) catch it and fall back to torch.
+
+Each op runs AVX-512, AVX2 or plain C++ code, chosen at run time: the best this CPU supports,
+unless the environment variable RRM_CPU_ISA (avx512 | avx2 | scalar) or the op's `isa=` argument
+asks for one (tests run every path the machine has against the torch references in
+kernels/paged_decode.py, shared_prefix_decode.py, rope_store.py and rmsnorm.py).
+Signatures follow the Triton ops of the same names.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+CSRC_DIR = Path(__file__).resolve().parent.parent / "csrc"
+SOURCES = (CSRC_DIR / "cpu_decode_ops.cpp",)
+HEADERS = (CSRC_DIR / "cpu" / "vec.h", CSRC_DIR / "cpu" / "decode_kernels.h", CSRC_DIR / "cpu" / "small_gemm.h",
+           CSRC_DIR / "cpu" / "sampler.h")
+ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}
+ISA_ENV = "RRM_CPU_ISA"
+# keys per parallel chunk of one prefix or suffix pass: a long shared prefix still gives every
+# thread work, while each chunk stays long enough to amortise its setup
+SPLIT_TOKENS = 256
+
+
+@functools.cache
+def load() -> Any:
+    """The built extension module (built on first call, then cached by torch)."""
+    missing = [str(p) for p in SOURCES + HEADERS if not p.exists()]
+    if missing:
+        raise RuntimeError(f"CPU ops sources are missing: {', '.join(missing)}")
+    from torch.utils.cpp_extension import load as jit_load
+    # torch rebuilds when a listed source or a flag changes; the headers ride in on a flag
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS)).hexdigest()[:16]
+    try:
+        return jit_load(name="rrm_cpu_ops", sources=[str(p) for p in SOURCES],
+                        extra_cflags=["-O3", "-fopenmp", f"-DRRM_CPU_OPS_SOURCES={digest}"], extra_ldflags=["-fopenmp"],
+                        extra_include_paths=[str(CSRC_DIR)], verbose=False)
+    except Exception as e:  # compiler missing, build error, ...: one line for the caller to log
+        first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+        raise RuntimeError(f"building the CPU ops ({SOURCES[0].name}) failed: {first}") from e
+
+
+def is_loaded() -> bool:
+    """True once load() has succeeded in this process (callers that must not trigger a build ask this)."""
+    return load.cache_info().currsize > 0
+
+
+def supported_isas() -> list[str]:
+    """Instruction sets this CPU can run the ops with, best first (always ends with 'scalar')."""
+    return list(load().supported_isas())
+
+
+def _isa(isa: str | None) -> int:
+    name = isa if isa is not None else os.environ.get(ISA_ENV, "")
+    if not name:
+        return -1
+    if name not in ISAS:
+        raise ValueError(f"isa must be one of {', '.join(ISAS)} (or unset for the best), got {name!r}")
+    return ISAS[name]
+
+
+def resolved_isa(isa: str | None = None, head_dim: int = 0) -> str:
+    """The instruction set an op runs with (for logs and benchmarks)."""
+    return load().resolved_isa(_isa(isa), head_dim)
+
+
+def _level_fields(level: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if isinstance(level, (tuple, list)):
+        return level[0], level[1], level[2]
+    return level.block_tables, level.lens, level.seq_group
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                           seq_lens: torch.Tensor, scale: float, levels: Sequence[Any] = (),
+                           split_tokens: int = SPLIT_TOKENS, isa: str | None = None) -> torch.Tensor:
+    """q [B, Hq, D] (one new token per sequence) -> [B, Hq, D]. With `levels` (PrefixLevel-like,
+    as kernels.shared_prefix_decode) each group's prefix is read once for all its members and each
+    sequence's own keys after it; without, plain paged decode. The levels must describe blocks the
+    sequences really share (whole blocks, nested), as the engine's runner builds them."""
+    fields = [_level_fields(lv) for lv in levels]
+    return load().paged_decode(q, k_cache, v_cache, block_tables, seq_lens, [f[0] for f in fields],
+                               [f[1] for f in fields], [f[2] for f in fields], float(scale), int(split_tokens),
+                               _isa(isa))
+
+
+def rope_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+                   sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                   isa: str | None = None) -> torch.Tensor:
+    """Rotated q [T, Hq, D]; rotated k and v written to one layer's cache at slot_mapping
+    (negative = skip). cos/sin: [max_positions, D] tables indexed by positions (int64)."""
+    return load().rope_store(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping, _isa(isa))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+             isa: str | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """norm(x); with residual: (norm(x + residual), x + residual). Same roundings as
+    rrm_engine.model.RMSNorm; weight in x's dtype."""
+    out = load().rms_norm(x, weight, float(eps), residual, _isa(isa))
+    return out[0] if residual is None else (out[0], out[1])
+
+
+def silu_mul(gate_up: torch.Tensor, isa: str | None = None) -> torch.Tensor:
+    """[..., 2I] (gate then up) -> [..., I] = silu(gate) * up."""
+    return load().silu_mul(gate_up, _isa(isa))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           isa: str | None = None) -> torch.Tensor:
+    """x [..., K] @ weight[N, K].T (+ bias [N]), fp32 accumulation: the weight-streaming GEMM for
+    the few rows of a decode step (see csrc/cpu/small_gemm.h; large M belongs to torch's BLAS)."""
+    return load().linear(x, weight, bias, _isa(isa))
+
+
+def sample_unfiltered(logits: torch.Tensor, row_index: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor,
+                      offsets: torch.Tensor, isa: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """kernels.sampling.sample_ref with top-k, top-p and min-p off (the caller checks that): the
+    same tokens for the same (seed, offset), logprob = log_softmax(logits / T)[token] (T = 1 when
+    greedy). A sampled row that holds NaN or +inf, or is entirely -inf, raises ValueError naming it."""
+    tokens, logprobs, status = load().sample(logits.float().contiguous(), row_index, temperature, seeds, offsets, _isa(isa))
+    if bool(status.any()):
+        rows = sorted(set(row_index[status != 0].tolist()))
+        raise ValueError(f"logits rows {rows} contain NaN or +inf, or are entirely -inf")
+    return tokens, logprobs
+
+
+def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return torch.nn.functional.silu(gate) * up

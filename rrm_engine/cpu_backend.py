@@ -1,0 +1,57 @@
+"""Attention backend over the C++ CPU ops (kernels/cpu_ops.py, csrc/cpu_decode_ops.cpp): the
+AttentionBackend protocol of rrm_engine.attention, for the CPU.
+
+Each layer is two calls: rotary on q/k fused with this step's K/V store (rope_and_store), then,
+for a decode step, paged decode attention that reads the cache pages in place and passes over
+each shared prefix once for all the sequences of its group (the step's prefix levels); prefill and
+extend steps use torch SDPA per sequence (rrm_engine.attention.prefill_attention: they are bound
+by their matmuls, not by per-op overhead). The engine also hands the decoder the ops' fused
+RMSNorm + residual, silu(gate) * up, and (small_m_linear) the weight-streaming GEMM for the
+projections and the LM head of steps with few rows.
+
+`load_cpu_ops()` builds the ops on first use (about a minute, then cached); when that fails the
+engine logs one line and runs the torch backend instead (LLM(attention_backend="auto") on CPU).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels import cpu_ops
+
+from .attention import AttentionMetadata, KVCache, prefill_attention
+from .rotary import Rotary
+
+
+def load_cpu_ops() -> None:
+    """Build (or load the cached build of) the ops; raises RuntimeError (one line) when it cannot."""
+    cpu_ops.load()
+
+
+# Rows up to which a projection runs on the ops' weight-streaming GEMM instead of torch's BLAS
+# (decode steps: one row per sequence; prefill chunks have hundreds of rows and go to the BLAS).
+SMALL_M = 64
+
+
+def small_m_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The decoder's linear kernel on this backend: the ops' GEMM for few rows, torch's BLAS else."""
+    if x.numel() <= SMALL_M * x.shape[-1] and x.dtype == weight.dtype and weight.is_contiguous():
+        return cpu_ops.linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class CpuAttention:
+    def __init__(self) -> None:
+        load_cpu_ops()  # fail here, when the backend is chosen, not in the first step
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotary: Rotary,
+                 cache: KVCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        k_cache, v_cache = cache.k[layer], cache.v[layer]
+        dtype = k_cache.dtype
+        q = cpu_ops.rope_and_store(q.to(dtype), k.to(dtype), v.to(dtype), rotary.positions,
+                                   rotary.cos_table.to(dtype), rotary.sin_table.to(dtype), k_cache, v_cache,
+                                   meta.slot_mapping)
+        if meta.is_decode:
+            return cpu_ops.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale,
+                                                  meta.prefix_levels)
+        return prefill_attention(layer, q, cache, meta, scale)

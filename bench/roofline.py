@@ -96,9 +96,11 @@ class Roofline:
 
 
 def decode_roofline(step_log: list[tuple[float, dict]], shape: Shape, elem: int, mean_prompt: float,
-                    gen_len: int, votes: int, bandwidth: float, matmul: float) -> Roofline | None:
-    """step_log: (seconds, metric deltas) per engine step; only pure decode steps count."""
-    weights = linear_params(shape) * elem
+                    gen_len: int, votes: int, bandwidth: float, matmul: float,
+                    weight_bytes: float | None = None) -> Roofline | None:
+    """step_log: (seconds, metric deltas) per engine step; only pure decode steps count.
+    weight_bytes: what the served linears occupy when not params x elem (quantised weights)."""
+    weights = linear_params(shape) * elem if weight_bytes is None else weight_bytes
     kv_tok = shape.kv_bytes_per_token(elem)
     steps = [(t, d["decode_tokens_computed"]) for t, d in step_log
              if d["prefill_tokens_computed"] == 0 and d["decode_tokens_computed"] > 0]

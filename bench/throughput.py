@@ -400,8 +400,9 @@ def compare(setup: Setup, votes: int, prompt_len: int, gen_len: int, log=print) 
                 "comparisons_per_s": results["c"].comparisons_per_s / results[base].comparisons_per_s,
             }
     if "c" in results:
+        from rrm_engine.weight_formats import served_weight_bytes
         rl = decode_roofline(rec.step_log, setup.shape, setup.elem, statistics.mean(lens), gen_len, votes,
-                             setup.ceilings[0], setup.ceilings[1])
+                             setup.ceilings[0], setup.ceilings[1], served_weight_bytes(setup.llm_c.loaded.model))
         report["roofline_c"] = rl.as_dict() if rl is not None else None
         report["roofline_line"] = rl.line() if rl is not None else "roofline: no pure decode step in (c)"
     return report

@@ -192,6 +192,14 @@ def _dtype_name(decoder: nn.Module) -> str:
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dt, str(dt))
 
 
+def served_weight_bytes(decoder: nn.Module) -> int:
+    """Bytes of the linears and LM head as served (what a decode step reads of the weights)."""
+    total = sum(_nbytes(m) for _, m in _named_linears(decoder))
+    total += sum(_nbytes(m) for m in decoder.modules() if isinstance(m, ServingLinear) and m is not decoder.head)
+    head = decoder.head if decoder.head is not None else None
+    return total + (_nbytes(head) if head is not None else decoder.lm_head_weight.numel() * decoder.lm_head_weight.element_size())
+
+
 def served_format(decoder: nn.Module) -> str:
     """The format the decoder's linears are served in now (its parameters' dtype when dense)."""
     for m in decoder.modules():

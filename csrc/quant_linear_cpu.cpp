@@ -287,11 +287,18 @@ void tile_avx2_half(const uint8_t* wg, const QuantX& x, int64_t r0, int half, fl
     if constexpr (FMT == kQ4_1) mw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rec + QSB + 32 + 16 * half)));
     for (int r = 0; r < R; ++r) {
       const int32_t* xr = reinterpret_cast<const int32_t*>(x.q + (r0 + r) * x.K + b * QK);
-      __m256i s = _mm256_setzero_si256();
-      for (int j = 0; j < 8; ++j) {
-        __m256i xb = _mm256_set1_epi32(xr[j]);
-        if constexpr (FMT == kQ8_0) xb = _mm256_sign_epi8(xb, wsign[j]);
-        s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(w[j], xb), ones));
+      __m256i s;
+      if constexpr (FMT == kQ4_1) {
+        // nibbles: a pair sum is at most 2 * 15 * 127, so the 8 chunks add up in int16 (<= 30480)
+        __m256i s16 = _mm256_setzero_si256();
+        for (int j = 0; j < 8; ++j) s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(w[j], _mm256_set1_epi32(xr[j])));
+        s = _mm256_madd_epi16(s16, ones);
+      } else {
+        s = _mm256_setzero_si256();
+        for (int j = 0; j < 8; ++j) {
+          const __m256i xb = _mm256_sign_epi8(_mm256_set1_epi32(xr[j]), wsign[j]);
+          s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(w[j], xb), ones));
+        }
       }
       const int64_t xi = (r0 + r) * x.KB + b;
       const float dx = x.d[xi];

@@ -35,7 +35,7 @@ def test_forced_verdict_matches_transformers(llm, hf_tiny_model, template):
     assert len(c.votes) == 2 and c.invalid == 0
     v = c.votes[0]
     assert v.forced and v.verdict in (1, 2) and 0.0 < v.p_first < 1.0
-    assert v.reason in ("truncated", "no_box", "empty")
+    assert v.reason == "truncated"  # only a vote that ran out of tokens is forced by default
     # transformers on the same token sequence: prompt + generated (EOS removed) + forced text
     prompt = judge.builder.build(Q, A, B)
     gen = [t for t in v.token_ids if t not in judge.eos_ids]

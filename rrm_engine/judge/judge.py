@@ -5,11 +5,13 @@ prefilled once and forked), read each vote (verdict.py), aggregate (voting.py). 
 batch goes through one add_request/step loop, so the engine batches all of them together;
 tournaments submit a match as soon as both of its players are known.
 
-Reading votes. A vote whose text carries no valid verdict (cut by the thinking budget, EOS without a
-box, ...) is, unless `strict`, continued with the forced text "[\\n</think>]\\n\\n\\boxed{Assistant "
-(the close marker only when the thinking section is still open) and its verdict is read from the
-next-token log-probs of "1" vs "2": every vote then yields a verdict and a soft score p_first.
-`strict=True` is paper-faithful: nothing is forced, "</think>" is required, invalid stays invalid.
+Reading votes. A vote's verdict is read from its text (verdict.py). A vote that ran out of tokens
+(thinking budget, max_tokens or context: reason "truncated") is then, by default, continued with the
+forced text "[\\n</think>]\\n\\n\\boxed{Assistant " (the close marker only when the thinking section is
+still open) and its verdict is read from the next-token log-probs of "1" vs "2": it counts as a
+forced vote with a soft p_first. A vote that finished without an answer (\\boxed{both}, \\boxed{}, no box
+after </think>, ...) stays invalid unless the caller opts in with force="invalid"; strict=True
+(paper-faithful, the same as force="never") forces nothing and requires "</think>".
 When the model's template does not open a thinking section (the embedded SmolLM2) and the text
 never opens one itself, the non-strict judge reads the whole text as the answer.
 
@@ -28,7 +30,8 @@ from typing import Any, Callable, Literal, Sequence
 from .prompt import THINK_CLOSE, THINK_OPEN, PromptBuilder, RRMPrompt, check_text
 from .tournament import Knockout, Match, RoundRobin, Tournament
 from .verdict import read_verdict
-from .voting import SWAP_MODES, SwapMode, Vote, decided, presentation_orders, tally, unswap
+from .voting import (FORCE_POLICIES, SWAP_MODES, ForcePolicy, SwapMode, Vote, decided, may_force,
+                     presentation_orders, tally, unswap)
 
 Method = Literal["knockout", "elo"]
 
@@ -46,16 +49,21 @@ def _engine_api() -> tuple[Any, Any]:
 
 @dataclass
 class Comparison:
+    """One comparison's votes. Every vote is exactly one of: valid (verdict read from its text),
+    forced (verdict read from log-probs after it ran out of tokens) or invalid (no verdict; never
+    counted for either side): valid + forced + invalid == len(votes)."""
     winner: int | None  # 0: response a, 1: response b, None: no decision (see voting.py tie rule)
     votes: list[Vote]
-    counts: tuple[int, int]  # valid votes for a, for b
-    p_first: float | None  # mean P(a better) over valid votes
+    counts: tuple[int, int]  # votes with a verdict (valid or forced) for a, for b
+    p_first: float | None  # mean P(a better) over the votes with a verdict
     invalid: int
     invalid_reasons: dict[str, int] = field(default_factory=dict)
     tokens_used: int = 0  # generated tokens of all votes, forced continuations included
     votes_aborted: int = 0  # adaptive voting: votes stopped once the majority was decided
     tokens_saved: int = 0  # estimate: aborted votes x mean tokens of the completed ones
     error: str | None = None  # this item failed (bad input or engine error); the others did not
+    valid: int = 0  # votes whose verdict was read from the text
+    forced: int = 0  # votes whose verdict was forced (truncated, or opted-in non-answers)
 
 
 @dataclass
@@ -193,7 +201,7 @@ class _CompareJob:
         verdict, reason = read_verdict(comp.text, comp.finish_reason, require_think_end=need_close,
                                        think_close=j.builder.think_close)
         tokens = len(comp.token_ids)
-        if verdict is not None or j.strict or comp.finish_reason == "abort":
+        if verdict is not None or comp.finish_reason == "abort" or not may_force(reason, j.force):
             p = None if verdict is None else float(verdict == 1)
             verdict, p = unswap(verdict, p, swapped)
             self.votes[v] = Vote(verdict, reason, comp.text, tokens, p, swapped, token_ids=list(comp.token_ids))
@@ -249,7 +257,7 @@ class _CompareJob:
         used = sum(x.tokens for x in done)
         saved = round(aborted * used / len(done)) if done else 0
         self.on_done(Comparison(t.winner, done, t.counts, t.p_first, t.invalid, t.invalid_reasons, used,
-                                aborted, saved))
+                                aborted, saved, valid=t.valid, forced=t.forced))
 
 
 class Judge:
@@ -268,8 +276,18 @@ class Judge:
         user_template: str | None = None,
         chat_template: str | None = None,
         think_markers: tuple[str, str] = (THINK_OPEN, THINK_CLOSE),
+        force: ForcePolicy | None = None,
     ):
+        """force: which votes without a verdict get one read from log-probs: "truncated" (default:
+        votes that ran out of tokens), "invalid" (opt-in: every vote without a verdict, explicit
+        non-answers included) or "never" (strict=True implies it)."""
         self._check_votes(votes)
+        if force is None:
+            force = "never" if strict else "truncated"
+        if force not in FORCE_POLICIES:
+            raise ValueError(f"force must be one of {FORCE_POLICIES}, got {force!r}")
+        if strict and force != "never":
+            raise ValueError(f"strict=True forces nothing; it cannot be combined with force={force!r}")
         if not isinstance(max_tokens, int) or max_tokens < 1:
             raise ValueError(f"max_tokens must be an int >= 1, got {max_tokens!r}")
         if thinking_budget is not None and (not isinstance(thinking_budget, int) or thinking_budget < 1):
@@ -282,6 +300,7 @@ class Judge:
         self.votes, self.max_tokens, self.temperature, self.top_p = votes, max_tokens, temperature, top_p
         self.thinking_budget, self.strict, self.swap, self.seed, self.adaptive = (
             thinking_budget, strict, swap, seed, adaptive)
+        self.force: ForcePolicy = force
         kw: dict[str, Any] = {"chat_template": chat_template, "think_open": think_markers[0],
                               "think_close": think_markers[1]}
         if user_template is not None:
@@ -291,7 +310,7 @@ class Judge:
         self.eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
         self._forced: dict[bool, tuple[list[int], int, int]] = {}
         self.errors: list[str] = []
-        if not strict:
+        if force != "never":
             self.forced_ids(True)  # fail now, not mid-batch, if the tokenizer cannot express it
 
     @classmethod

@@ -1,9 +1,15 @@
-"""The scorer API: Judge.compare / compare_batch / rank / rank_batch over the engine's public API.
+"""The scorer API: Judge.compare / compare_batch / rank / rank_batch, and their async forms
+(acompare, acompare_batch, arank, arank_batch).
 
 One judgment: build the RRM prompt (prompt.py), submit it to the engine with n = votes (one prompt,
-prefilled once and forked), read each vote (verdict.py), aggregate (voting.py). Every request of a
-batch goes through one add_request/step loop, so the engine batches all of them together;
-tournaments submit a match as soon as both of its players are known.
+prefilled once and forked), read each vote (verdict.py), aggregate (voting.py): pair_job.py. A
+ranking is a tournament of such comparisons (rank_job.py, tournament.py).
+
+Every request goes through the engine's AsyncLLM (rrm_engine/serving/async_llm.py), one per LLM and
+shared by every Judge, adapter and server route over that LLM: its background thread runs the step
+loop and batches whatever all callers have in flight. The async methods run on the caller's event
+loop (any loop, several at once); the sync methods run the same coroutines on one background loop
+(background_loop.py) and block, so they are safe from any number of threads.
 
 Reading votes. A vote's verdict is read from its text (verdict.py). A vote that ran out of tokens
 (thinking budget, max_tokens or context: reason "truncated") is then, by default, continued with the
@@ -15,25 +21,27 @@ after </think>, ...) stays invalid unless the caller opts in with force="invalid
 When the model's template does not open a thinking section (the embedded SmolLM2) and the text
 never opens one itself, the non-strict judge reads the whole text as the answer.
 
-Votes are read as their samples finish (step() reports a request whenever one of its samples ends);
-adaptive voting (`adaptive=True`) aborts the comparison's requests once the majority cannot change.
+Adaptive voting (`adaptive=True`) reads votes as their samples finish and aborts the comparison's
+requests once the majority cannot change. A timeout aborts what is still running; those items come
+back with error "timeout" (invalid, never a made-up verdict).
 """
 from __future__ import annotations
 
+import asyncio
 import inspect
-import math
 import random
-import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Awaitable, Callable, Literal, Sequence
 
-from .prompt import THINK_CLOSE, THINK_OPEN, PromptBuilder, RRMPrompt, check_text
-from .tournament import Knockout, Match, RoundRobin, Tournament
-from .verdict import read_verdict
-from .voting import (FORCE_POLICIES, SWAP_MODES, ForcePolicy, SwapMode, Vote, decided, may_force,
-                     presentation_orders, tally, unswap)
+from .background_loop import run_sync
+from .pair_job import PairJob
+from .prompt import THINK_CLOSE, THINK_OPEN, PromptBuilder, check_text
+from .rank_job import rank_candidates
+from .results import Comparison, RankedMatch, Ranking, failed_comparison, failed_ranking
+from .voting import FORCE_POLICIES, SWAP_MODES, ForcePolicy, SwapMode
 
 Method = Literal["knockout", "elo"]
+
+__all__ = ["Judge", "Comparison", "Ranking", "RankedMatch", "Method"]
 
 
 def _engine_api() -> tuple[Any, Any]:
@@ -45,219 +53,6 @@ def _engine_api() -> tuple[Any, Any]:
     if sp is None:  # until the package exports it
         from rrm_engine.sampling_params import SamplingParams as sp
     return llm_cls, sp
-
-
-@dataclass
-class Comparison:
-    """One comparison's votes. Every vote is exactly one of: valid (verdict read from its text),
-    forced (verdict read from log-probs after it ran out of tokens) or invalid (no verdict; never
-    counted for either side): valid + forced + invalid == len(votes)."""
-    winner: int | None  # 0: response a, 1: response b, None: no decision (see voting.py tie rule)
-    votes: list[Vote]
-    counts: tuple[int, int]  # votes with a verdict (valid or forced) for a, for b
-    p_first: float | None  # mean P(a better) over the votes with a verdict
-    invalid: int
-    invalid_reasons: dict[str, int] = field(default_factory=dict)
-    tokens_used: int = 0  # generated tokens of all votes, forced continuations included
-    votes_aborted: int = 0  # adaptive voting: votes stopped once the majority was decided
-    tokens_saved: int = 0  # estimate: aborted votes x mean tokens of the completed ones
-    error: str | None = None  # this item failed (bad input or engine error); the others did not
-    valid: int = 0  # votes whose verdict was read from the text
-    forced: int = 0  # votes whose verdict was forced (truncated, or opted-in non-answers)
-
-
-@dataclass
-class RankedMatch:
-    i: int
-    j: int
-    round: int
-    winner: int | None  # candidate index; knockout fills a coin flip when the comparison had none
-    invalid: bool
-    comparison: Comparison
-
-
-@dataclass
-class Ranking:
-    order: list[int]  # candidate indices, best first
-    scores: list[float]  # knockout: rounds survived; elo: ELO-scale Bradley-Terry ratings
-    matches: list[RankedMatch]
-    invalid: int  # matches whose comparison gave no winner
-    tokens_used: int
-    method: str = "knockout"
-    error: str | None = None
-
-
-def _failed(err: str) -> Comparison:
-    return Comparison(None, [], (0, 0), None, 0, error=err)
-
-
-class _Driver:
-    """The add_request / step loop: callbacks run as requests finish and may submit more work.
-
-    With a timeout, everything still running at the deadline is aborted in the engine and its
-    comparisons fail with error "timeout" (invalid, never a made-up verdict)."""
-
-    def __init__(self, llm: Any, timeout: float | None = None):
-        self.llm = llm
-        self.waiting: dict[str, Callable[[Any], None]] = {}
-        self.jobs: list[_CompareJob] = []
-        self.deadline = None if timeout is None else time.monotonic() + timeout
-        self.closed = False
-
-    def submit(self, prompt_ids: list[int], params: Any, on_done: Callable[[Any], None]) -> str:
-        if self.closed:
-            raise TimeoutError("timeout")
-        rid = self.llm.add_request(prompt_ids, params)
-        self.waiting[rid] = on_done
-        return rid
-
-    def abort(self, rid: str) -> None:
-        if self.waiting.pop(rid, None) is not None:
-            self.llm.abort(rid)
-
-    def _expire(self) -> None:
-        self.closed = True
-        for rid in list(self.waiting):
-            self.abort(rid)
-        for job in list(self.jobs):
-            if not job.finished:
-                job._fail("timeout")
-
-    def run(self) -> None:
-        while self.waiting:
-            if self.deadline is not None and time.monotonic() > self.deadline:
-                self._expire()
-                break
-            outs = self.llm.step()
-            for out in outs:
-                cb = self.waiting.get(out.request_id)
-                if out.finished:
-                    self.waiting.pop(out.request_id, None)
-                if cb is not None:
-                    cb(out)
-            if not outs and not self.llm.has_unfinished() and self.waiting:
-                raise RuntimeError(f"engine idle with {len(self.waiting)} request(s) never returned")
-
-
-class _CompareJob:
-    """The votes of one comparison, from submission to the Comparison."""
-
-    def __init__(self, judge: "Judge", query: str, a: str, b: str, votes: int, rng: random.Random,
-                 on_done: Callable[[Comparison], None]):
-        self.judge, self.on_done = judge, on_done
-        self.k = votes
-        self.orders = presentation_orders(votes, judge.swap, rng)
-        self.prompts: dict[bool, RRMPrompt] = {}
-        for swapped in set(self.orders):
-            self.prompts[swapped] = judge.builder.build(query, b, a) if swapped else judge.builder.build(query, a, b)
-        self.seed = rng.randrange(2**31)
-        self.votes: dict[int, Vote] = {}
-        self.live: dict[str, list[int]] = {}  # request id -> vote indices it carries
-        self.seen: set[tuple[str, int]] = set()  # (request id, sample index) already read
-        self.finished = False
-
-    def start(self, driver: _Driver) -> None:
-        self.driver = driver
-        driver.jobs.append(self)
-        try:  # one request per presentation order, n = its votes: prefilled once, forked
-            for swapped in sorted(set(self.orders)):
-                idx = [v for v, s in enumerate(self.orders) if s == swapped]
-                self._submit(swapped, idx, self.judge._params(len(idx), self.seed + idx[0]))
-        except Exception as e:  # e.g. a prompt longer than the context: this item only
-            self._fail(f"{type(e).__name__}: {e}")
-
-    def _submit(self, swapped: bool, idx: list[int], params: Any) -> None:
-        prompt = self.prompts[swapped]
-        rid = self.driver.submit(prompt.token_ids, params, lambda out: self._on_output(out, swapped, idx))
-        self.live[rid] = idx
-
-    def _fail(self, err: str) -> None:
-        for rid in list(self.live):
-            self.driver.abort(rid)
-        self.live.clear()
-        if not self.finished:
-            self.finished = True
-            self.on_done(_failed(err))
-
-    def _on_output(self, out: Any, swapped: bool, idx: list[int]) -> None:
-        """Called for every step in which one of the request's samples finished (votes are read
-        one by one, so adaptive voting can stop the rest)."""
-        if out.finished:
-            self.live.pop(out.request_id, None)
-        if self.finished:
-            return
-        for comp in out.outputs:
-            key = (out.request_id, comp.index)
-            if comp.finish_reason is not None and key not in self.seen:
-                self.seen.add(key)
-                self._read(idx[comp.index], comp, swapped, out.prompt_token_ids)
-        self._maybe_done()
-
-    def _read(self, v: int, comp: Any, swapped: bool, prompt_ids: list[int]) -> None:
-        j = self.judge
-        prompt = self.prompts[swapped]
-        opened = j.builder.think_open in comp.text
-        need_close = j.strict or prompt.opens_think or opened
-        verdict, reason = read_verdict(comp.text, comp.finish_reason, require_think_end=need_close,
-                                       think_close=j.builder.think_close)
-        tokens = len(comp.token_ids)
-        if verdict is not None or comp.finish_reason == "abort" or not may_force(reason, j.force):
-            p = None if verdict is None else float(verdict == 1)
-            verdict, p = unswap(verdict, p, swapped)
-            self.votes[v] = Vote(verdict, reason, comp.text, tokens, p, swapped, token_ids=list(comp.token_ids))
-            return
-        # force the answer: prompt + generated tokens (minus a final EOS) + the forced text
-        gen = list(comp.token_ids)
-        if gen and (gen[-1] == getattr(comp, "stop_reason", None) or gen[-1] in j.eos_ids):
-            gen = gen[:-1]
-        still_thinking = (prompt.opens_think and j.builder.think_close not in comp.text) or (
-            comp.text.rfind(j.builder.think_open) > comp.text.rfind(j.builder.think_close))
-        forced_ids, id1, id2 = j.forced_ids(still_thinking)
-        params = j._sp(n=1, temperature=0.0, max_tokens=1, logprob_token_ids=[id1, id2])
-
-        def on_forced(out: Any) -> None:
-            if not out.finished:
-                return
-            self.live.pop(out.request_id, None)
-            if self.finished:
-                return
-            c = out.outputs[0]
-            lp = (c.logprobs or [{}])[0]
-            if id1 not in lp or id2 not in lp:
-                self.votes[v] = Vote(None, reason, comp.text, tokens, None, swapped, token_ids=list(comp.token_ids))
-            else:
-                p1 = 1.0 / (1.0 + math.exp(lp[id2] - lp[id1]))  # P("1") renormalised over {"1", "2"}
-                fv = None if p1 == 0.5 else (1 if p1 > 0.5 else 2)
-                fv, p = unswap(fv, p1, swapped)
-                self.votes[v] = Vote(fv, reason, comp.text, tokens + len(forced_ids) + 1, p, swapped, forced=True,
-                                     token_ids=list(comp.token_ids))
-            self._maybe_done()
-
-        try:
-            rid = self.driver.submit(prompt_ids + gen + forced_ids, params, on_forced)
-            self.live[rid] = [v]
-        except Exception as e:
-            self.votes[v] = Vote(None, "error", comp.text, tokens, None, swapped, token_ids=list(comp.token_ids))
-            self.judge._log_error(e)
-
-    def _maybe_done(self) -> None:
-        if self.finished:
-            return
-        done = [self.votes[v] for v in sorted(self.votes)]
-        aborted = 0
-        if len(done) < self.k:
-            if not (self.judge.adaptive and decided(done, self.k)):
-                return
-            for rid in list(self.live):
-                self.driver.abort(rid)
-            self.live.clear()
-            aborted = self.k - len(done)
-        self.finished = True
-        t = tally(done)
-        used = sum(x.tokens for x in done)
-        saved = round(aborted * used / len(done)) if done else 0
-        self.on_done(Comparison(t.winner, done, t.counts, t.p_first, t.invalid, t.invalid_reasons, used,
-                                aborted, saved, valid=t.valid, forced=t.forced))
 
 
 class Judge:
@@ -296,7 +91,10 @@ class Judge:
             raise ValueError(f"swap must be one of {SWAP_MODES}, got {swap!r}")
         _, self._sp = _engine_api()
         self._sp(temperature=temperature, top_p=top_p)  # let SamplingParams validate them now
-        self.llm = llm
+        if hasattr(llm, "submit") and hasattr(llm, "llm"):  # an AsyncLLM: judge over its engine
+            self.llm, self._engine = llm.llm, llm
+        else:
+            self.llm, self._engine = llm, None
         self.votes, self.max_tokens, self.temperature, self.top_p = votes, max_tokens, temperature, top_p
         self.thinking_budget, self.strict, self.swap, self.seed, self.adaptive = (
             thinking_budget, strict, swap, seed, adaptive)
@@ -305,8 +103,8 @@ class Judge:
                               "think_close": think_markers[1]}
         if user_template is not None:
             kw["user_template"] = user_template
-        self.builder = PromptBuilder(llm.tokenizer, **kw)
-        eos = getattr(llm.tokenizer, "eos_token_id", None)
+        self.builder = PromptBuilder(self.llm.tokenizer, **kw)
+        eos = getattr(self.llm.tokenizer, "eos_token_id", None)
         self.eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
         self._forced: dict[bool, tuple[list[int], int, int]] = {}
         self.errors: list[str] = []
@@ -324,6 +122,14 @@ class Judge:
         judge_kwargs = {k: v for k, v in kwargs.items() if k in own}
         llm_kwargs = {k: v for k, v in kwargs.items() if k not in own}
         return cls(llm_cls(model, **llm_kwargs), **judge_kwargs)
+
+    @property
+    def engine(self) -> Any:
+        """The AsyncLLM every request goes through: the one of this LLM, shared with every other Judge,
+        adapter and server route over it (created on first use)."""
+        if self._engine is None:
+            self._engine = _async_llm_cls().of(self.llm)
+        return self._engine
 
     # -- helpers ---------------------------------------------------------------------------------
     @staticmethod
@@ -382,7 +188,10 @@ class Judge:
 
     # -- comparisons -----------------------------------------------------------------------------
     def compare(self, query: str, a: str, b: str, votes: int | None = None) -> Comparison:
-        out = self.compare_batch([(query, a, b)], votes=votes, errors="raise")[0]
+        return run_sync(self.acompare(query, a, b, votes))
+
+    async def acompare(self, query: str, a: str, b: str, votes: int | None = None) -> Comparison:
+        out = (await self.acompare_batch([(query, a, b)], votes=votes, errors="raise"))[0]
         if out.error is not None:
             raise RuntimeError(out.error)
         return out
@@ -392,7 +201,12 @@ class Judge:
                       timeout: float | None = None) -> list[Comparison]:
         """Judge many (query, a, b) at once. errors="raise": a bad item raises ValueError before anything
         runs; "return": it comes back as a Comparison with `error` set and the others still run.
-        timeout (seconds): items not finished by then come back with error "timeout"."""
+        timeout (seconds): items not finished by then are aborted and come back with error "timeout"."""
+        return run_sync(self.acompare_batch(items, votes, errors, progress, timeout))
+
+    async def acompare_batch(self, items: Sequence[tuple[str, str, str]], votes: int | None = None,
+                             errors: Literal["raise", "return"] = "raise", progress: bool = False,
+                             timeout: float | None = None) -> list[Comparison]:
         k = self._check_votes(self.votes if votes is None else votes)
         results: list[Comparison | None] = [None] * len(items)
         valid: list[tuple[int, tuple[str, str, str]]] = []
@@ -402,33 +216,25 @@ class Judge:
             except ValueError as e:
                 if errors == "raise":
                     raise ValueError(f"item {n}: {e}") from None
-                results[n] = _failed(f"ValueError: {e}")
-        bar = _progress(progress, len(valid), "compare")
-        driver = _Driver(self.llm, timeout)
-
-        def finish(n: int) -> Callable[[Comparison], None]:
-            def done(c: Comparison) -> None:
-                results[n] = c
-                bar.update(1)
-            return done
-
-        # grouped by query so that each query's prompts reach the engine together (shared prefix)
+                results[n] = failed_comparison(f"ValueError: {e}")
+        # grouped by query so that each query's prompts reach the engine together (shared prefix);
+        # seeded by content, not batch position: the same item gets the same votes in any batch, on any
+        # replica of a pool, from any caller
         valid.sort(key=lambda x: x[1][0])
-        for n, (q, a, b) in valid:
-            try:
-                # seeded by content, not batch position: the same item gets the same votes in any batch,
-                # on any replica of a pool
-                _CompareJob(self, q, a, b, k, self._rng("c", q, a, b), finish(n)).start(driver)
-            except ValueError as e:
-                results[n] = _failed(f"ValueError: {e}")
-        driver.run()
-        bar.close()
-        return [r if r is not None else _failed("no result") for r in results]
+        jobs = [(n, lambda q=q, a=a, b=b: PairJob(self, q, a, b, k, self._rng("c", q, a, b)).run())
+                for n, (q, a, b) in valid]
+        await _run_items(jobs, results, timeout, _progress(progress, len(valid), "compare"),
+                         lambda err: failed_comparison(err))
+        return results  # type: ignore[return-value]
 
     # -- rankings --------------------------------------------------------------------------------
     def rank(self, query: str, candidates: Sequence[str], method: Method = "knockout",
              votes: int | None = None) -> Ranking:
-        out = self.rank_batch([(query, candidates)], method=method, votes=votes, errors="raise")[0]
+        return run_sync(self.arank(query, candidates, method, votes))
+
+    async def arank(self, query: str, candidates: Sequence[str], method: Method = "knockout",
+                    votes: int | None = None) -> Ranking:
+        out = (await self.arank_batch([(query, candidates)], method=method, votes=votes, errors="raise"))[0]
         if out.error is not None:
             raise RuntimeError(out.error)
         return out
@@ -440,7 +246,12 @@ class Judge:
     def rank_batch(self, items: Sequence[tuple[str, Sequence[str]]], method: Method = "knockout",
                    votes: int | None = None, errors: Literal["raise", "return"] = "raise",
                    progress: bool = False, timeout: float | None = None) -> list[Ranking]:
-        """Rank the candidates of many queries; all their matches share one engine loop."""
+        """Rank the candidates of many queries; all their matches run on the engine together."""
+        return run_sync(self.arank_batch(items, method, votes, errors, progress, timeout))
+
+    async def arank_batch(self, items: Sequence[tuple[str, Sequence[str]]], method: Method = "knockout",
+                          votes: int | None = None, errors: Literal["raise", "return"] = "raise",
+                          progress: bool = False, timeout: float | None = None) -> list[Ranking]:
         k = self._check_votes(self.votes if votes is None else votes)
         if method not in ("knockout", "elo"):
             raise ValueError(f"method must be 'knockout' or 'elo', got {method!r}")
@@ -452,46 +263,45 @@ class Judge:
             except ValueError as e:
                 if errors == "raise":
                     raise ValueError(f"item {n}: {e}") from None
-                results[n] = Ranking([], [], [], 0, 0, method, error=f"ValueError: {e}")
-        bar = _progress(progress, len(valid), f"rank ({method})")
-        driver = _Driver(self.llm, timeout)
-        for n, (q, cands) in valid:
-            t: Tournament = Knockout(len(cands), self.seed) if method == "knockout" else RoundRobin(len(cands), self.seed)
-            _RankJob(self, n, q, cands, t, method, k, driver, results, bar).advance()
-        driver.run()
+                results[n] = failed_ranking(method, f"ValueError: {e}")
+        jobs = [(n, lambda q=q, c=c: rank_candidates(self, q, c, method, k)) for n, (q, c) in valid]
+        await _run_items(jobs, results, timeout, _progress(progress, len(valid), f"rank ({method})"),
+                         lambda err: failed_ranking(method, err))
+        return results  # type: ignore[return-value]
+
+
+async def _run_items(jobs: list[tuple[int, Callable[[], Awaitable[Any]]]], results: list, timeout: float | None,
+                     bar: Any, failed: Callable[[str], Any]) -> None:
+    """Run each item's coroutine as a task; fill results[n]. An item that raises fails alone; items
+    still running at the timeout (or when this call is cancelled) are cancelled, i.e. aborted in the engine."""
+    tasks = {asyncio.ensure_future(make()): n for n, make in jobs}
+    for task in tasks:
+        task.add_done_callback(lambda _: bar.update(1))
+    try:
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
+    finally:
+        pending = [t for t in tasks if not t.done()]
+        for t in pending:
+            t.cancel()
+        if pending:  # let the cancellations run, so that every abort reaches the engine
+            await asyncio.gather(*pending, return_exceptions=True)
         bar.close()
-        return [r if r is not None else Ranking([], [], [], 0, 0, method, error="no result") for r in results]
+    for task, n in tasks.items():
+        if task.cancelled():
+            results[n] = failed("timeout")
+        elif task.exception() is not None:
+            e = task.exception()
+            results[n] = failed(f"{type(e).__name__}: {e}")
+        else:
+            results[n] = task.result()
 
 
-class _RankJob:
-    def __init__(self, judge: Judge, n: int, query: str, cands: list[str], t: Tournament, method: str, k: int,
-                 driver: _Driver, results: list, bar: Any):
-        self.judge, self.n, self.query, self.cands, self.t = judge, n, query, cands, t
-        self.method, self.k, self.driver, self.results, self.bar = method, k, driver, results, bar
-        self.records: dict[int, Comparison] = {}
+def _async_llm_cls() -> Any:
+    # the engine's async front (rrm_engine/serving/async_llm.py); imported late: serving imports the judge
+    from rrm_engine.serving.async_llm import AsyncLLM
 
-    def advance(self) -> None:
-        for m in self.t.ready():
-            job = _CompareJob(self.judge, self.query, self.cands[m.i], self.cands[m.j], self.k,
-                              self.judge._rng("r", self.query, *self.cands, m.id), lambda c, m=m: self._report(m, c))
-            job.start(self.driver)
-        if self.t.done and self.results[self.n] is None:
-            self._finish()
-
-    def _report(self, m: Match, c: Comparison) -> None:
-        self.records[m.id] = c
-        self.t.report(m.id, None if c.winner is None else (m.i, m.j)[c.winner])
-        self.advance()
-
-    def _finish(self) -> None:
-        matches = [RankedMatch(m.i, m.j, m.round, m.winner, m.invalid, self.records[m.id]) for m in self.t.matches]
-        errs = [r.comparison.error for r in matches if r.comparison.error]
-        self.results[self.n] = Ranking(
-            order=self.t.order(), scores=self.t.scores(), matches=matches,
-            invalid=sum(r.comparison.winner is None for r in matches),
-            tokens_used=sum(r.comparison.tokens_used for r in matches), method=self.method,
-            error=f"{len(errs)} match(es) failed: {errs[0]}" if errs else None)
-        self.bar.update(1)
+    return AsyncLLM
 
 
 class _NoBar:

@@ -1,0 +1,108 @@
+"""One Judge (and a second one) over one LLM, called at once from threads, several event loops, an
+AsyncJudge and with timeouts: every result equals the same item judged alone (votes are seeded by
+content), a timed-out item is "timeout" and nothing else, no call raises, and the engine ends idle
+with its cache invariants intact. Tiny random Qwen2; its votes are forced (truncated), which puts the
+forced continuations in the mix too."""
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+
+import pytest
+import torch
+
+import rrm_engine as rrm
+from rrm_engine.judge import AsyncJudge, Judge
+from test_judge_engine import wait_idle
+
+ITEMS = [(f"Question {q}?", f"Answer {a}.", f"Reply {b}!") for q in range(3) for a, b in ((0, 1), (2, 3))]
+RANK = ("Pick the best.", ["One.", "Two.", "Three.", "Four."])
+JUDGE_KW = dict(votes=2, max_tokens=4, temperature=0.6, seed=11)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_qwen2_dir, smollm2_tokenizer):
+    llm = rrm.LLM(str(tiny_qwen2_dir), device="cpu", dtype=torch.float32, kv_cache_tokens=16384)
+    yield llm
+    Judge(llm).engine.shutdown()
+
+
+def plain(c):
+    """What must match exactly (texts, tokens, verdicts) and what within float noise of batching (p_first)."""
+    assert c.error is None, c.error
+    return ([(v.token_ids, v.verdict, v.forced, v.reason) for v in c.votes], c.counts, c.winner,
+            [pytest.approx(v.p_first, abs=1e-5) for v in c.votes])
+
+
+def test_threads_loops_timeouts_equal_sequential(llm):
+    judge, twin = Judge(llm, **JUDGE_KW), Judge(llm, **JUDGE_KW)
+    alone = {item: plain(judge.compare(*item)) for item in ITEMS}
+    rank_alone = judge.rank(*RANK)
+    errors: list[BaseException] = []
+    checked = {"equal": 0, "timeout": 0}
+    lock = threading.Lock()
+
+    def check(item, c):
+        with lock:
+            if c.error == "timeout":
+                checked["timeout"] += 1
+                assert c.winner is None and not c.votes
+            else:
+                assert plain(c) == alone[item]
+                checked["equal"] += 1
+
+    def guarded(fn):
+        def run(*args):
+            try:
+                fn(*args)
+            except BaseException as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+        return run
+
+    def sync_caller(seed: int) -> None:
+        rng = random.Random(seed)
+        for _ in range(6):
+            item = rng.choice(ITEMS)
+            check(item, rng.choice((judge, twin)).compare(*item))
+
+    async def loop_caller(seed: int) -> None:
+        rng = random.Random(seed)
+        batch = rng.sample(ITEMS, 3)
+        outs = await asyncio.gather(*(judge.acompare(*it) for it in batch),
+                                    twin.acompare_batch(batch, errors="return", timeout=rng.choice((0.0, 0.02, None))),
+                                    AsyncJudge(judge, timeout=60).compare_batch(batch))
+        for it, c in zip(batch, outs[:3]):
+            check(it, c)
+        for it, c in zip(batch, outs[3]):
+            check(it, c)
+        for it, c in zip(batch, outs[4]):
+            check(it, c)
+        r = await judge.arank(*RANK)
+        assert r.order == rank_alone.order and [plain(m.comparison) for m in r.matches] == [
+            plain(m.comparison) for m in rank_alone.matches]
+
+    threads = [threading.Thread(target=guarded(sync_caller), args=(s,)) for s in range(4)]
+    threads += [threading.Thread(target=guarded(lambda s: asyncio.run(loop_caller(s))), args=(s,)) for s in (7, 8, 9)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=240)
+    assert not any(t.is_alive() for t in threads), "a caller hung"
+    assert not errors, errors
+    assert checked["equal"] >= 4 * 6 + 3 * 9 - 3 * 3  # at most the timed-out batches are not compared
+    wait_idle(llm)
+    llm.engine.check()
+
+
+def test_sync_call_inside_the_judge_loop_is_refused_not_a_deadlock(llm):
+    judge = Judge(llm, **JUDGE_KW)
+
+    async def inside():
+        from rrm_engine.judge.background_loop import run_sync
+        return run_sync(asyncio.sleep(0))
+
+    from rrm_engine.judge.background_loop import run_sync
+    with pytest.raises(RuntimeError, match="deadlock"):
+        run_sync(inside())
+    assert judge.compare(*ITEMS[0]).error is None  # the loop still serves

@@ -1,10 +1,11 @@
-"""Command line: python -m rrm_engine {judge, rank, eval, demo, train}.
+"""Command line: python -m rrm_engine {judge, rank, eval, demo, serve, train}.
 
   judge --pairs in.jsonl --out out.jsonl        rows {query, a, b[, label, id]} -> one verdict row each
   rank  --input in.jsonl --out out.jsonl        rows {query, candidates: [...][, id]} -> order + scores
   eval  --pandalm FILE [--limit N]              accuracy vs human labels (ties reported separately)
   eval  --rewardbench FILE [--limit N]          rows {prompt, chosen, rejected, subset}: per-subset + sections
   demo                                          the embedded model: two comparisons and a small ranking
+  serve --port 8000                             HTTP: OpenAI routes, judge routes, OpenRLHF reward (serving/)
   train ...                                     added by rrm_engine.train.cli when present
 
 Uses only the public API (rrm_engine.LLM via Judge.from_pretrained, the judge layer).
@@ -79,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="a couple of comparisons and a small ranking on the embedded model")
     _common(d, 32, 1)
 
+    _add_serve_parser(sub)
+
     # --- train hook: the training engineer's parser, when the package provides it -----------------
     try:
         from .train.cli import add_parser as add_train_parser
@@ -88,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         add_train_parser(sub)
     return p
+
+
+def _add_serve_parser(sub: Any) -> None:
+    """`serve` (rrm_engine/serving/serve_cli.py): its own arguments and handler (args.func)."""
+    from .serving.serve_cli import add_parser
+
+    add_parser(sub)
 
 
 def _judge(args: argparse.Namespace) -> Judge:

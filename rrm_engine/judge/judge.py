@@ -142,6 +142,24 @@ class Judge:
         budget = self.max_tokens if self.thinking_budget is None else min(self.max_tokens, self.thinking_budget)
         return self._sp(n=n, temperature=self.temperature, top_p=self.top_p, max_tokens=budget, seed=seed)
 
+    def _validate(self, prompt_ids: list[int], params: Any) -> None:
+        """The engine's own admission check (ValueError naming what is wrong), without submitting."""
+        engine = getattr(self.llm, "engine", None)
+        if engine is not None and hasattr(engine, "validate"):
+            engine.validate(prompt_ids, params)
+
+    def _check_rank_fits(self, query: str, cands: list[str], votes: int) -> None:
+        """The longest match of a ranking (its two longest candidates) must fit the engine."""
+        if len(cands) < 2:
+            return
+        lengths = [len(self.builder.encode(c)) for c in cands]
+        i, j = sorted(range(len(cands)), key=lambda x: -lengths[x])[:2]
+        prompt = self.builder.build(query, cands[i], cands[j])
+        try:
+            self._validate(prompt.token_ids, self._params(votes, 0))
+        except ValueError as e:
+            raise ValueError(f"candidates {i} and {j}: {e}") from None
+
     def _log_error(self, e: Exception) -> None:
         self.errors.append(f"{type(e).__name__}: {e}")
 
@@ -221,8 +239,17 @@ class Judge:
         # seeded by content, not batch position: the same item gets the same votes in any batch, on any
         # replica of a pool, from any caller
         valid.sort(key=lambda x: x[1][0])
-        jobs = [(n, lambda q=q, a=a, b=b: PairJob(self, q, a, b, k, self._rng("c", q, a, b)).run())
-                for n, (q, a, b) in valid]
+        jobs = []
+        for n, (q, a, b) in valid:
+            try:
+                job = PairJob(self, q, a, b, k, self._rng("c", q, a, b))
+                job.check()
+            except ValueError as e:  # e.g. longer than the context: refused before anything runs
+                if errors == "raise":
+                    raise ValueError(f"item {n}: {e}") from None
+                results[n] = failed_comparison(f"ValueError: {e}")
+                continue
+            jobs.append((n, job.run))
         await _run_items(jobs, results, timeout, _progress(progress, len(valid), "compare"),
                          lambda err: failed_comparison(err))
         return results  # type: ignore[return-value]
@@ -259,7 +286,9 @@ class Judge:
         valid = []
         for n, item in enumerate(items):
             try:
-                valid.append((n, self.validate_rank(item)))
+                q, cands = self.validate_rank(item)
+                self._check_rank_fits(q, cands, k)
+                valid.append((n, (q, cands)))
             except ValueError as e:
                 if errors == "raise":
                     raise ValueError(f"item {n}: {e}") from None

@@ -35,6 +35,12 @@ class PairJob:
         self.error: str | None = None
         self.settled = asyncio.Event()  # all votes in, the majority decided (adaptive), or an error
 
+    def check(self) -> None:
+        """Raise ValueError now if the engine would refuse a request of this comparison (a prompt longer
+        than the context, or more KV than the pool holds), before anything is submitted."""
+        for swapped, prompt in self.prompts.items():
+            self.judge._validate(prompt.token_ids, self.judge._params(self.orders.count(swapped), 0))
+
     async def run(self) -> Comparison:
         groups = []
         for swapped in sorted(set(self.orders)):

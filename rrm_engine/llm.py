@@ -2,15 +2,21 @@
 
 Also the caller-driven interface used by judges and trainers: add_request / step / abort /
 has_unfinished, and metrics() / reset_metrics() / invalidate_prefix_cache().
+
+When an AsyncLLM (serving/async_llm.py) drives this LLM's engine from its background thread,
+generate() goes through it (submit + wait), abort() is forwarded to it, add_request()/step() raise
+(the background loop owns stepping), and reset_metrics()/invalidate_prefix_cache() run under its
+engine lock. Without one, everything runs in the caller's thread as before.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence as SequenceABC
 
 import torch
 
-from .engine import Engine
+from .engine import Engine, StepError
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 
@@ -57,6 +63,7 @@ class LLM:
                              max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs, seed=seed,
                              cuda_graphs=cuda_graphs)
         self._pending: list[RequestOutput] = []  # outputs of caller-driven requests seen inside generate()
+        self._async_llm = None  # the AsyncLLM driving self.engine, if any (set and cleared by it)
 
     # ------------------------------------------------------------------------- generation
     def generate(self, prompts: str | list[str] | list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
@@ -74,21 +81,41 @@ class LLM:
         encoded = [self._encode(p) for p in prompts]
         for (ids, _), sp in zip(encoded, plist):
             self.engine.validate(ids, sp)
-        ids_in_order = [self.engine.add_request(ids, sp, prompt=text) for (ids, text), sp in zip(encoded, plist)]
-        wanted = set(ids_in_order)
+        if self._async_llm is not None:
+            return self._async_llm.generate_encoded(encoded, plist)
+        ids_in_order: list[str] = []
         done: dict[str, RequestOutput] = {}
         bar = _progress(len(prompts)) if use_tqdm else None
-        while len(done) < len(wanted):
-            for out in self.engine.step():
-                if out.request_id in wanted:
-                    if out.finished:
-                        done[out.request_id] = out
-                        if bar is not None:
-                            bar.update(1)
-                else:
-                    self._pending.append(out)
-        if bar is not None:
-            bar.close()
+        try:
+            for (ids, text), sp in zip(encoded, plist):
+                ids_in_order.append(self.engine.add_request(ids, sp, prompt=text))
+            wanted = set(ids_in_order)
+            while len(done) < len(wanted):
+                try:
+                    outs = self.engine.step()
+                except StepError as e:  # rolled back; raise only if it failed one of ours
+                    self._pending.extend(o for o in e.outputs if o.request_id not in wanted)
+                    if any(o.request_id in wanted for o in e.outputs):
+                        raise
+                    continue
+                for out in outs:
+                    if out.request_id in wanted:
+                        if out.finished:
+                            done[out.request_id] = out
+                            if bar is not None:
+                                bar.update(1)
+                    else:
+                        self._pending.append(out)
+        except BaseException:
+            # an error or Ctrl-C: nothing of this call stays queued for the next one
+            for rid in ids_in_order:
+                if rid not in done:
+                    with contextlib.suppress(Exception):
+                        self.engine.abort(rid)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
         return [done[r] for r in ids_in_order]
 
     def _encode(self, prompt) -> tuple[list[int], str | None]:
@@ -102,16 +129,25 @@ class LLM:
 
     # -------------------------------------------------------------------- caller-driven API
     def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> str:
+        self._refuse_if_driven("add_request")
         ids, text = self._encode(prompt)
         return self.engine.add_request(ids, params, request_id=request_id, prompt=text)
 
     def step(self) -> list[RequestOutput]:
         """Outputs of requests that had a sample finish in this step (finished=True when all n
-        are done)."""
-        out, self._pending = self._pending, []
-        return out + self.engine.step()
+        are done). A failed step raises StepError (see engine.py); it was rolled back, the
+        requests it names have failed, the others go on: call step() again."""
+        self._refuse_if_driven("step")
+        outs = self.engine.step()
+        pending, self._pending = self._pending, []
+        return pending + outs
 
     def abort(self, request_id: str) -> RequestOutput | None:
+        """Returns the request's final output; None if it is unknown or done. With an AsyncLLM
+        attached the abort is forwarded to it and its waiter gets the output (returns None)."""
+        if self._async_llm is not None:
+            self._async_llm.abort(request_id)
+            return None
         return self.engine.abort(request_id)
 
     def has_unfinished(self) -> bool:
@@ -121,10 +157,22 @@ class LLM:
         return self.engine.metrics()
 
     def reset_metrics(self) -> None:
-        self.engine.reset_metrics()
+        with self._engine_lock():
+            self.engine.reset_metrics()
 
     def invalidate_prefix_cache(self) -> None:
-        self.engine.invalidate_prefix_cache()
+        with self._engine_lock():
+            self.engine.invalidate_prefix_cache()
+
+    # ----------------------------------------------------- when an AsyncLLM drives the engine
+    def _refuse_if_driven(self, what: str) -> None:
+        if self._async_llm is not None:
+            raise RuntimeError(f"LLM.{what}() while an AsyncLLM drives this engine: its background loop does the "
+                               "stepping; submit through the AsyncLLM (submit/generate/stream) or call generate()")
+
+    def _engine_lock(self):
+        """The AsyncLLM's engine lock (its loop steps under it), or nothing without one."""
+        return self._async_llm.engine_lock if self._async_llm is not None else contextlib.nullcontext()
 
 
 def _use_backend(decoder, name: str) -> None:

@@ -1,16 +1,21 @@
-"""Serving: the engine's async front (AsyncLLM), the HTTP server of `python -m rrm_engine serve`, its
-client, and the training-loop entry points that need them (verl.py).
+"""Serving: the async engine (one background step loop shared by every caller) and, above it,
+the HTTP server of `python -m rrm_engine serve`, its client, and the training-loop entry points
+that need them (verl.py).
 
-Sits above the engine and the judge. Names are imported on first use, so importing this package does
-not need the `serve` extra (fastapi, uvicorn, httpx).
+The server and client are imported on first use (JudgeClient, build_app, run_server), so importing
+this package does not need the `serve` extra (fastapi, uvicorn, httpx).
 """
 from __future__ import annotations
 
 from typing import Any
 
-_LAZY = {"AsyncLLM": "async_llm", "JudgeClient": "client", "build_app": "server", "run_server": "server"}
+from .async_llm import AsyncLLM
+from .errors import EngineDeadError, RequestFailedError, RequestTimeoutError
+from .stream import RequestStream
 
-__all__ = list(_LAZY)
+_LAZY = {"JudgeClient": "client", "build_app": "server", "run_server": "server"}
+
+__all__ = ["AsyncLLM", "EngineDeadError", "RequestFailedError", "RequestTimeoutError", "RequestStream", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

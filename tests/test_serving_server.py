@@ -230,10 +230,23 @@ def test_openrlhf_reward_shape(srv):
 
 def test_client_that_disconnects_aborts_its_requests(srv):
     long = {"prompt": "Tell me everything.", "max_tokens": 1900, "n": 4, "ignore_eos": True}
-    for body in (long, {**long, "stream": True}):
-        before = metric(srv, "rrm_generated_tokens_total")
+
+    def plain_request_given_up():
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(f"{srv.url}/v1/completions", json=body, timeout=httpx.Timeout(60, read=0.5))
+            httpx.post(f"{srv.url}/v1/completions", json=long, timeout=httpx.Timeout(60, read=0.5))
+
+    def stream_left_after_two_chunks():
+        with httpx.stream("POST", f"{srv.url}/v1/completions", json={**long, "stream": True}, timeout=60) as r:
+            got: list[str] = []
+            for line in r.iter_lines():
+                got += [line] if line.startswith("data: ") else []
+                if len(got) == 2:
+                    break
+            assert len(got) == 2 and "[DONE]" not in got[-1]
+
+    for leave in (plain_request_given_up, stream_left_after_two_chunks):
+        before = metric(srv, "rrm_generated_tokens_total")
+        leave()
         deadline = time.monotonic() + 20
         while metric(srv, "rrm_queue_depth") > 0 and time.monotonic() < deadline:
             time.sleep(0.1)

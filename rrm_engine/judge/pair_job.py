@@ -3,7 +3,8 @@
 One request per presentation order with n = its votes (the prompt is prefilled once and forked).
 Each finished sample is read (verdict.py); a vote that may be forced (voting.may_force) is continued
 with the forced text as a one-token request whose log-probs of "1" vs "2" give its verdict.
-Adaptive voting streams the requests, reads votes as their samples finish and, once the majority
+Adaptive voting streams the requests (each item holds what is new per sample), reads votes as their
+samples finish and, once the majority
 cannot change, cancels the rest: cancelling a request's await aborts it in the engine. Cancelling
 the whole job (a timeout, a disconnected client) aborts everything it still has in flight.
 """
@@ -14,6 +15,7 @@ import math
 import random
 from typing import TYPE_CHECKING, Any
 
+from ..outputs import CompletionOutput
 from .prompt import RRMPrompt
 from .results import Comparison, failed_comparison
 from .verdict import read_verdict
@@ -81,13 +83,21 @@ class PairJob:
                 out = await engine.generate(prompt.token_ids, params)
                 for comp in out.outputs:
                     reads.append(asyncio.ensure_future(self._read(idx[comp.index], comp, swapped)))
-            else:
-                seen: set[int] = set()
+            else:  # stream items carry what is new for each sample: join them until a sample finishes
+                texts: dict[int, list[str]] = {}
+                tokens: dict[int, list[int]] = {}
+                finished: set[int] = set()  # later items repeat a finished sample's finish_reason
                 async for out in engine.stream(prompt.token_ids, params):
                     for comp in out.outputs:
-                        if comp.finish_reason is not None and comp.index not in seen:
-                            seen.add(comp.index)
-                            reads.append(asyncio.ensure_future(self._read(idx[comp.index], comp, swapped)))
+                        if comp.index in finished:
+                            continue
+                        texts.setdefault(comp.index, []).append(comp.text)
+                        tokens.setdefault(comp.index, []).extend(comp.token_ids)
+                        if comp.finish_reason is not None:
+                            finished.add(comp.index)
+                            whole = CompletionOutput(comp.index, "".join(texts[comp.index]), tokens[comp.index],
+                                                     comp.finish_reason, 0.0, stop_reason=comp.stop_reason)
+                            reads.append(asyncio.ensure_future(self._read(idx[comp.index], whole, swapped)))
             await asyncio.gather(*reads)
         except asyncio.CancelledError:
             for r in reads:

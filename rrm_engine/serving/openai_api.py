@@ -183,34 +183,3 @@ def chat_response(rid: str, model: str, out: RequestOutput, tokenizer: Any, top_
                for c in out.outputs]
     return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": choices, "usage": usage([out])}
-
-
-class StreamDeltas:
-    """Turns a request's successive RequestOutputs into per-choice text deltas. While a choice runs,
-    the last few characters are held back when stop strings are set (a stop string found later is cut
-    from the final text, and a sent delta cannot be taken back)."""
-
-    def __init__(self, hold_back: int):
-        self.hold = hold_back
-        self.sent: dict[int, str] = {}
-        self.tokens_sent: dict[int, int] = {}
-
-    def deltas(self, out: RequestOutput) -> list[tuple[Any, str, int, bool]]:
-        """(completion, new text, index of its first new token, just finished) for every choice with news."""
-        news = []
-        for c in out.outputs:
-            if self.sent.get(c.index, "") is None:
-                continue  # finished and sent already
-            prev = self.sent.get(c.index, "")
-            finished = c.finish_reason is not None
-            if finished:
-                text = c.text
-            else:  # hold back a possible stop string's start, and undecoded bytes of a partial character
-                text = c.text[: max(len(prev), len(c.text) - self.hold)].rstrip("\ufffd")
-            delta = text[len(prev):] if len(text) > len(prev) else ""
-            t0 = self.tokens_sent.get(c.index, 0)
-            if delta or finished or len(c.token_ids) > t0:
-                news.append((c, delta, t0, finished))
-            self.sent[c.index] = None if finished else prev + delta  # type: ignore[assignment]
-            self.tokens_sent[c.index] = len(c.token_ids)
-        return news

@@ -32,7 +32,7 @@ from ..judge.results import comparison_to_dict, ranking_to_dict, vote_stats
 from ..sampling_params import SamplingParams
 from . import prometheus
 from .judge_api import CompareBody, OpenRLHFBody, RankBody
-from .openai_api import (BadField, ChatRequest, CompletionRequest, StreamDeltas, chat_logprobs, chat_response,
+from .openai_api import (BadField, ChatRequest, CompletionRequest, chat_logprobs, chat_response,
                          completion_logprobs, completion_response, new_id)
 from .openrlhf import OpenRLHFConfig, openrlhf_rewards
 
@@ -65,12 +65,18 @@ async def watch(request: Request, work: Awaitable[Any], on_disconnect: Callable[
                 return task.result()
             if await request.is_disconnected():
                 task.cancel()
+                task.add_done_callback(_consume)  # its CancelledError has nobody to go to
                 if on_disconnect is not None:
                     on_disconnect()
                 raise ClientGone()
     finally:
         if not task.done():
             task.cancel()
+
+
+def _consume(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def build_app(judge: Judge, model_name: str, default_max_tokens: int = 256,
@@ -135,20 +141,18 @@ def build_app(judge: Judge, model_name: str, default_max_tokens: int = 256,
         rid = new_id("cmpl")
         rids = [f"{rid}-{i}" for i in range(len(prompts))]
         if body.stream:
-            return _sse(_completion_chunks(rid, prompts, rids, params))
+            return _sse(_completion_chunks(rid, open_streams(prompts, rids, params), params.n))
         outs = await watch(request, asyncio.gather(*(engine.generate(ids, params, request_id=r)
                                                      for ids, r in zip(prompts, rids))),
                            lambda: [engine.abort(r) for r in rids])
         return completion_response(rid, model_name, list(outs), tok)
 
-    async def _completion_chunks(rid: str, prompts: list[list[int]], rids: list[str],
-                                 params: SamplingParams) -> AsyncIterator[dict]:
-        n = params.n
-        async for i, c, delta, t0, finished in _merged_streams(prompts, rids, params):
-            lp = completion_logprobs(tok, c.token_ids[t0:], None if c.logprobs is None else c.logprobs[t0:])
+    async def _completion_chunks(rid: str, streams: list[Any], n: int) -> AsyncIterator[dict]:
+        async for i, c in _merged(streams):
             yield {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model_name,
-                   "choices": [{"index": i * n + c.index, "text": delta, "logprobs": lp,
-                                "finish_reason": c.finish_reason if finished else None}]}
+                   "choices": [{"index": i * n + c.index, "text": c.text,
+                                "logprobs": completion_logprobs(tok, c.token_ids, c.logprobs),
+                                "finish_reason": c.finish_reason}]}
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request) -> Any:
@@ -159,40 +163,54 @@ def build_app(judge: Judge, model_name: str, default_max_tokens: int = 256,
         rid = new_id("chatcmpl")
         top = body.top_logprobs or 0
         if body.stream:
-            return _sse(_chat_chunks(rid, ids, params, top))
+            return _sse(_chat_chunks(rid, open_streams([ids], [rid], params), top))
         out = await watch(request, engine.generate(ids, params, request_id=rid), lambda: engine.abort(rid))
         return chat_response(rid, model_name, out, tok, top)
 
-    async def _chat_chunks(rid: str, ids: list[int], params: SamplingParams, top: int) -> AsyncIterator[dict]:
+    async def _chat_chunks(rid: str, streams: list[Any], top: int) -> AsyncIterator[dict]:
         started: set[int] = set()
-        async for _, c, delta, t0, finished in _merged_streams([ids], [rid], params):
-            delta_msg: dict[str, Any] = {} if c.index in started else {"role": "assistant"}
+        async for _, c in _merged(streams):
+            delta: dict[str, Any] = {} if c.index in started else {"role": "assistant"}
             started.add(c.index)
-            delta_msg["content"] = delta
-            lp = chat_logprobs(tok, c.token_ids[t0:], None if c.logprobs is None else c.logprobs[t0:], top)
+            delta["content"] = c.text
             yield {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model_name,
-                   "choices": [{"index": c.index, "delta": delta_msg, "logprobs": lp,
-                                "finish_reason": c.finish_reason if finished else None}]}
+                   "choices": [{"index": c.index, "delta": delta, "logprobs": chat_logprobs(tok, c.token_ids, c.logprobs, top),
+                                "finish_reason": c.finish_reason}]}
 
-    async def _merged_streams(prompts: list[list[int]], rids: list[str], params: SamplingParams
-                              ) -> AsyncIterator[tuple[int, Any, str, int, bool]]:
-        """(prompt index, completion, text delta, first new token, finished) from every prompt's
-        stream as it comes. Cancelled (client gone), it cancels the streams, which abort their requests."""
+    def open_streams(prompts: list[list[int]], rids: list[str], params: SamplingParams) -> list[Any]:
+        """Submit every prompt now (so that a refusal is an HTTP error, not a broken stream)."""
+        streams: list[Any] = []
+        try:
+            for ids, r in zip(prompts, rids):
+                streams.append(engine.stream(ids, params, request_id=r))
+        except BaseException:
+            for st in streams:
+                st.close()
+            raise
+        return streams
+
+    async def _merged(streams: list[Any]) -> AsyncIterator[tuple[int, Any]]:
+        """(prompt index, what is new for one sample) from every prompt's stream as it comes (the
+        AsyncLLM's stream items hold what is new per sample, stop strings held back); a sample's
+        finish_reason is set on its last item. Cancelled (the client went away), it closes the
+        streams, which aborts their requests."""
         queue: asyncio.Queue = asyncio.Queue()
-        hold = max((len(s) for s in params.stop), default=1) - 1
 
-        async def pump(i: int, ids: list[int], r: str) -> None:
-            deltas = StreamDeltas(hold)
+        async def pump(i: int, stream: Any) -> None:
+            done: set[int] = set()  # items after a sample's end repeat its finish_reason
             try:
-                async for out in engine.stream(ids, params, request_id=r):
-                    for c, delta, t0, finished in deltas.deltas(out):
-                        await queue.put((i, c, delta, t0, finished))
+                async for out in stream:
+                    for c in out.outputs:
+                        if c.index not in done and (c.text or c.token_ids or c.finish_reason is not None):
+                            if c.finish_reason is not None:
+                                done.add(c.index)
+                            await queue.put((i, c))
             except Exception as e:
                 await queue.put(e)
             finally:
                 await queue.put(None)
 
-        tasks = [asyncio.ensure_future(pump(i, ids, r)) for i, (ids, r) in enumerate(zip(prompts, rids))]
+        tasks = [asyncio.ensure_future(pump(i, st)) for i, st in enumerate(streams)]
         try:
             live = len(tasks)
             while live:
@@ -206,6 +224,8 @@ def build_app(judge: Judge, model_name: str, default_max_tokens: int = 256,
         finally:
             for t in tasks:
                 t.cancel()
+            for st in streams:
+                st.close()
 
     # ------------------------------------------------------------------------------- judge
     def count(comparisons: list[Any]) -> dict:

@@ -13,9 +13,9 @@ Reference mode (`reference_column="solution"`): each completion is compared with
 column's reference answer; the reward is P(completion beats the reference). No gathering is needed.
 
 Invalid -> None (TRL: NaN, ignored by its nan-aware sum); see rewards.py for the scales. When TRL
-passes `log_metric`, the judge's statistics of the batch are logged: rrm/invalid_rate,
-rrm/forced_rate, rrm/votes, rrm/tokens, rrm/seconds, rrm/unscored (fraction of completions without a
-reward). Group mode logs the totals over all processes (the same on each); reference mode each
+passes `log_metric`, the judge's statistics of the batch are logged under the function's name
+(rrm_knockout, rrm_elo or rrm_reference): <name>/invalid_rate, /forced_rate, /votes, /tokens,
+/seconds and /unscored (the fraction of completions without a reward). Group mode logs the totals over all processes (the same on each); reference mode each
 process's own (TRL averages them over processes).
 """
 from __future__ import annotations
@@ -77,8 +77,8 @@ class _TRLReward:
         log_metric = kwargs.get("log_metric")
         if callable(log_metric):
             for key in ("invalid_rate", "forced_rate", "votes", "tokens", "seconds"):
-                log_metric(f"rrm/{key}", float(stats[key]))
-            log_metric("rrm/unscored", sum(r is None for r in rewards) / max(1, len(rewards)))
+                log_metric(f"{self.name}/{key}", float(stats[key]))
+            log_metric(f"{self.name}/unscored", sum(r is None for r in rewards) / max(1, len(rewards)))
         return rewards
 
     async def _against_reference(self, queries: list[str], texts: list[str], kwargs: dict):

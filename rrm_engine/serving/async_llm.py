@@ -157,9 +157,10 @@ class AsyncLLM:
 
     def abort(self, request_id: str) -> None:
         """Abort a request from any thread or loop; its waiter gets its output (finish_reason "abort")."""
-        self._aborts.append((request_id, None))
         with self._cv:
-            self._cv.notify()
+            if self._dead is None:  # a dead loop has already answered every waiter
+                self._aborts.append((request_id, None))
+                self._cv.notify()
 
     def generate_encoded(self, encoded: list[tuple[list[int], str | None]],
                          params: list[SamplingParams]) -> list[RequestOutput]:
@@ -317,17 +318,15 @@ class AsyncLLM:
 
     def _deliver(self, results: list, snapshots: list) -> None:
         with self._cv:
-            for p, _ in results:
+            for p, outcome in results:
                 if self._live.get(p.request_id) is p:
                     del self._live[p.request_id]
+                self._stats[_outcome_key(outcome)] += 1
         for p, outcome in results:
             if isinstance(outcome, BaseException):
-                key = ("requests_timed_out" if isinstance(outcome, RequestTimeoutError) else "requests_failed")
                 _settle(p.future, exception=outcome)
             else:
-                key = "requests_aborted" if any(c.finish_reason == "abort" for c in outcome.outputs) else "requests_finished"
                 _settle(p.future, result=outcome)
-            self._stats[key] += 1
         for p, snap in snapshots:
             s = p.stream()
             if s is None:  # the consumer dropped the stream
@@ -375,6 +374,12 @@ class AsyncLLM:
             m.update(self._stats)
         return m
 
+    def reset_metrics(self) -> None:
+        """Restart the engine's cumulative counters (waits for the current step; the
+        requests_* counters of this AsyncLLM keep counting since its start)."""
+        with self.engine_lock:
+            self._engine.reset_metrics()
+
     def shutdown(self) -> None:
         """Stop the loop after its current step; requests in flight get EngineDeadError. Idempotent."""
         with self._cv:
@@ -388,6 +393,14 @@ class AsyncLLM:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+def _outcome_key(outcome: RequestOutput | BaseException) -> str:
+    if isinstance(outcome, RequestTimeoutError):
+        return "requests_timed_out"
+    if isinstance(outcome, BaseException):
+        return "requests_failed"
+    return "requests_aborted" if any(c.finish_reason == "abort" for c in outcome.outputs) else "requests_finished"
 
 
 def _unstarted(p: _Pending) -> RequestOutput:

@@ -79,9 +79,9 @@ def test_futures_coroutines_and_streams_give_the_sequential_results(model, alm):
         outs = await asyncio.gather(*(alm.generate(p, sp) for p, sp in zip(prompts, params)))
         assert [tokens(o) for o in outs] == ref
 
-        async def collect(p, sp):
+        async def deltas(p, sp):
             got = [[] for _ in range(sp.n)]
-            items = [d async for d in alm.stream(p, sp)]
+            items = [d async for d in alm.stream(p, sp, delta=True)]
             assert items[-1].finished and not any(d.finished for d in items[:-1])
             for d in items:
                 for c in d.outputs:
@@ -89,9 +89,18 @@ def test_futures_coroutines_and_streams_give_the_sequential_results(model, alm):
             assert all(c.finish_reason == "length" for c in items[-1].outputs)
             return got, len(items)
 
-        streamed = await asyncio.gather(*(collect(p, sp) for p, sp in zip(prompts, params)))
-        assert [g for g, _ in streamed] == ref
-        assert max(n for _, n in streamed) > 2  # really incremental, not one final item
+        async def snapshots(p, sp):
+            items = [d async for d in alm.stream(p, sp)]
+            assert items[-1].finished and not any(d.finished for d in items[:-1])
+            final = tokens(items[-1])
+            for d in items:  # every item is the output so far
+                assert all(f[:len(t)] == t for t, f in zip(tokens(d), final))
+            return final, len(items)
+
+        for collect in (deltas, snapshots):
+            streamed = await asyncio.gather(*(collect(p, sp) for p, sp in zip(prompts, params)))
+            assert [g for g, _ in streamed] == ref
+            assert max(n for _, n in streamed) > 2  # really incremental, not one final item
     asyncio.run(main())
     assert_idle_and_clean(alm)
 
@@ -110,12 +119,15 @@ def test_streamed_text_joins_to_the_final_text_and_never_shows_a_cut_stop_string
     with AsyncLLM(llm) as a:
         async def main():
             for sp, final in zip(cases, finals):
-                items = [d.outputs[0] async for d in a.stream(prompt, sp)]
+                items = [d.outputs[0] async for d in a.stream(prompt, sp, delta=True)]
                 assert "".join(c.text for c in items) == final.text
                 assert sum((c.token_ids for c in items), []) == final.token_ids
                 assert len(items) > 2
                 if sp.stop:
                     assert all(stop not in "".join(c.text for c in items[:k + 1]) for k in range(len(items)))
+                snaps = [d.outputs[0] async for d in a.stream(prompt, sp)]
+                assert len(snaps) > 2 and all(final.text.startswith(c.text) for c in snaps)
+                assert (snaps[-1].text, snaps[-1].token_ids) == (final.text, final.token_ids)
         asyncio.run(main())
 
 
@@ -123,7 +135,7 @@ def test_abort_from_other_threads_gives_the_partial_output(alm):
     prompt = rand_ids(random.Random(2), 12)
 
     async def main():
-        s = alm.stream(prompt, LONG, request_id="victim")
+        s = alm.stream(prompt, LONG, request_id="victim", delta=True)
         first = await s.__anext__()
         assert first.outputs[0].token_ids and not first.finished
         # two callers abort the same id at once, and someone aborts an id nobody knows

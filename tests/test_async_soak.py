@@ -120,16 +120,21 @@ def loop_caller(a: AsyncLLM, work, book: Book, li: int) -> None:
         async with gate:
             if mode < 0.3:
                 book.record(rid, spec, "result", await a.generate(prompt, params, request_id=rid))
-            elif mode < 0.55:  # stream: rebuild the output from the deltas
+            elif mode < 0.45:  # stream of deltas: rebuild the output from them
                 got = [[] for _ in range(params.n)]
                 last = None
-                async for last in a.stream(prompt, params, request_id=rid):
+                async for last in a.stream(prompt, params, request_id=rid, delta=True):
                     for c in last.outputs:
                         got[c.index] += c.token_ids
                 assert last.finished
                 for c in last.outputs:
                     c.token_ids = got[c.index]
                 book.record(rid, spec, "result", last)
+            elif mode < 0.55:  # stream of snapshots: each one the output so far
+                items = [d async for d in a.stream(prompt, params, request_id=rid)]
+                assert items[-1].finished and all(
+                    f[:len(t)] == t for d in items for t, f in zip(tokens(d), tokens(items[-1])))
+                book.record(rid, spec, "result", items[-1])
             elif mode < 0.7:
                 try:
                     book.record(rid, spec, "result", await a.generate(prompt, params, request_id=rid, timeout=delay))
@@ -280,7 +285,7 @@ def test_soak_with_random_step_faults(model, sequential):
 
         async def streamed(rid, spec):
             got, last = [[] for _ in range(work[spec][1].n)], None
-            async for last in a.stream(*work[spec], request_id=rid):
+            async for last in a.stream(*work[spec], request_id=rid, delta=True):
                 for c in last.outputs:
                     got[c.index] += c.token_ids
             for c in last.outputs:

@@ -367,3 +367,12 @@ def test_the_idle_loop_sleeps_on_its_condition(alm):
     frame = sys._current_frames()[alm._thread.ident]
     assert frame.f_code.co_name == "wait" and frame.f_code.co_filename.endswith("threading.py")
     assert alm.metrics()["steps"] == steps
+
+
+def test_tensor_parallel_ranks_are_refused():
+    """Ranks of a tensor-parallel engine must step in lockstep; independent loops would not."""
+    llm = make_llm(small_model())
+    llm.engine.model.gather_logits = lambda x: x  # what shard_for_engine leaves on a sharded decoder
+    with pytest.raises(ValueError, match="tensor-parallel"):
+        AsyncLLM(llm)
+    assert llm._async_llm is None

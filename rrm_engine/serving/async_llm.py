@@ -94,6 +94,9 @@ class AsyncLLM:
         with AsyncLLM._attach_lock:
             if llm._async_llm is not None:
                 raise ValueError("this LLM is already driven by an AsyncLLM: share it with AsyncLLM.of(llm)")
+            if getattr(llm.engine.model, "gather_logits", None) is not None:
+                raise ValueError("AsyncLLM needs a single-process engine: tensor-parallel ranks must run identical "
+                                 "steps, and one loop per rank fed by its own callers cannot guarantee that")
             if llm.has_unfinished():
                 raise ValueError("this LLM has unfinished caller-driven requests: finish or abort them before "
                                  "an AsyncLLM takes over its engine")

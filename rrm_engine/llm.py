@@ -4,14 +4,17 @@ Also the caller-driven interface used by judges and trainers: add_request / step
 has_unfinished, and metrics() / reset_metrics() / invalidate_prefix_cache().
 
 When an AsyncLLM (serving/async_llm.py) drives this LLM's engine from its background thread,
-generate() goes through it (submit + wait), abort() is forwarded to it, add_request()/step() raise
-(the background loop owns stepping), and reset_metrics()/invalidate_prefix_cache() run under its
-engine lock. Without one, everything runs in the caller's thread as before.
+generate() goes through it (submit + wait; its errors are the AsyncLLM's), abort() is forwarded to
+it, add_request()/step() raise (the background loop owns stepping), and reset_metrics() /
+invalidate_prefix_cache() run under its engine lock. Without one, everything runs in the caller's
+thread as before, one call at a time: calls from several threads wait for each other instead of
+corrupting the engine (for concurrent callers batched together, use AsyncLLM.of(llm)).
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Sequence as SequenceABC
 
 import torch
@@ -64,6 +67,7 @@ class LLM:
                              cuda_graphs=cuda_graphs)
         self._pending: list[RequestOutput] = []  # outputs of caller-driven requests seen inside generate()
         self._async_llm = None  # the AsyncLLM driving self.engine, if any (set and cleared by it)
+        self._lock = threading.RLock()  # one caller-driven call at a time; an AsyncLLM attaches under it
 
     # ------------------------------------------------------------------------- generation
     def generate(self, prompts: str | list[str] | list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
@@ -81,11 +85,18 @@ class LLM:
         encoded = [self._encode(p) for p in prompts]
         for (ids, _), sp in zip(encoded, plist):
             self.engine.validate(ids, sp)
-        if self._async_llm is not None:
-            return self._async_llm.generate_encoded(encoded, plist)
+        with self._lock:
+            driver = self._async_llm
+            if driver is None:
+                return self._generate_here(encoded, plist, use_tqdm)
+        return driver.generate_encoded(encoded, plist)
+
+    def _generate_here(self, encoded: list[tuple[list[int], str | None]], plist: list[SamplingParams],
+                       use_tqdm: bool) -> list[RequestOutput]:
+        """generate() driving the engine in this thread (self._lock held)."""
         ids_in_order: list[str] = []
         done: dict[str, RequestOutput] = {}
-        bar = _progress(len(prompts)) if use_tqdm else None
+        bar = _progress(len(encoded)) if use_tqdm else None
         try:
             for (ids, text), sp in zip(encoded, plist):
                 ids_in_order.append(self.engine.add_request(ids, sp, prompt=text))
@@ -129,26 +140,30 @@ class LLM:
 
     # -------------------------------------------------------------------- caller-driven API
     def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> str:
-        self._refuse_if_driven("add_request")
         ids, text = self._encode(prompt)
-        return self.engine.add_request(ids, params, request_id=request_id, prompt=text)
+        with self._lock:
+            self._refuse_if_driven("add_request")
+            return self.engine.add_request(ids, params, request_id=request_id, prompt=text)
 
     def step(self) -> list[RequestOutput]:
         """Outputs of requests that had a sample finish in this step (finished=True when all n
         are done). A failed step raises StepError (see engine.py); it was rolled back, the
         requests it names have failed, the others go on: call step() again."""
-        self._refuse_if_driven("step")
-        outs = self.engine.step()
-        pending, self._pending = self._pending, []
-        return pending + outs
+        with self._lock:
+            self._refuse_if_driven("step")
+            outs = self.engine.step()
+            pending, self._pending = self._pending, []
+            return pending + outs
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Returns the request's final output; None if it is unknown or done. With an AsyncLLM
         attached the abort is forwarded to it and its waiter gets the output (returns None)."""
-        if self._async_llm is not None:
-            self._async_llm.abort(request_id)
-            return None
-        return self.engine.abort(request_id)
+        with self._lock:
+            driver = self._async_llm
+            if driver is None:
+                return self.engine.abort(request_id)
+        driver.abort(request_id)
+        return None
 
     def has_unfinished(self) -> bool:
         return self.engine.has_unfinished() or bool(self._pending)
@@ -170,9 +185,17 @@ class LLM:
             raise RuntimeError(f"LLM.{what}() while an AsyncLLM drives this engine: its background loop does the "
                                "stepping; submit through the AsyncLLM (submit/generate/stream) or call generate()")
 
+    @contextlib.contextmanager
     def _engine_lock(self):
-        """The AsyncLLM's engine lock (its loop steps under it), or nothing without one."""
-        return self._async_llm.engine_lock if self._async_llm is not None else contextlib.nullcontext()
+        """Exclusive use of the engine: the AsyncLLM's engine lock (its loop steps under it), or
+        without one this LLM's own lock."""
+        with self._lock:
+            driver = self._async_llm
+            if driver is None:
+                yield
+                return
+        with driver.engine_lock:
+            yield
 
 
 def _use_backend(decoder, name: str) -> None:

@@ -376,3 +376,33 @@ def test_tensor_parallel_ranks_are_refused():
     with pytest.raises(ValueError, match="tensor-parallel"):
         AsyncLLM(llm)
     assert llm._async_llm is None
+
+
+def test_a_plain_llm_called_from_many_threads_serialises_its_calls(model):
+    """Without an AsyncLLM, sync calls from a thread pool wait for each other instead of
+    corrupting the engine; an AsyncLLM attaching meanwhile waits for the call in progress and
+    the later calls go through it."""
+    prompts, params = work(8, 6)
+    llm = make_llm(model)
+    ref = [tokens(o) for o in make_llm(model).generate(prompts, params)]
+    results: dict[int, object] = {}
+
+    def call(i):
+        try:
+            results[i] = [tokens(o) for o in llm.generate(prompts, params)]
+        except Exception as e:  # noqa: BLE001 - reported below
+            results[i] = e
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(6)]
+    for t in threads[:3]:
+        t.start()
+    time.sleep(0.05)
+    a = AsyncLLM.of(llm)
+    for t in threads[3:]:
+        t.start()
+    for t in threads:
+        t.join(120)
+    try:
+        assert [results[i] for i in range(6)] == [ref] * 6
+        assert_idle_and_clean(a)
+    finally:
+        a.shutdown()

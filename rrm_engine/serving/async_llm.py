@@ -91,7 +91,7 @@ class AsyncLLM:
     def __init__(self, llm: LLM):
         if not isinstance(llm, LLM):
             raise TypeError(f"AsyncLLM wraps an rrm_engine.LLM, got {type(llm).__name__}")
-        with AsyncLLM._attach_lock:
+        with AsyncLLM._attach_lock, llm._lock:  # waits for a caller-driven call in progress
             if llm._async_llm is not None:
                 raise ValueError("this LLM is already driven by an AsyncLLM: share it with AsyncLLM.of(llm)")
             if getattr(llm.engine.model, "gather_logits", None) is not None:

@@ -27,29 +27,25 @@ class LLM:
                  gpu_memory_utilization: float = 0.9, memory_probe: MemoryProbe | None = None):
         """cuda_graphs: run pure decode steps as CUDA graphs replayed at padded batch sizes (1, 2,
         4, ...); off by default until validated on a GPU. On CPU it runs the same padded path eagerly.
-        tensor_parallel_size > 1: this process is one rank of an initialised torch.distributed group of
-        that size (torchrun or rrm_engine.distributed.tensor_parallel_launch); every rank runs the same
-        calls on the same inputs (see rrm_engine/distributed/tensor_parallel.py, docs/SCALE_OUT.md).
+        tensor_parallel_size > 1: from a plain process, this LLM spawns that many worker processes
+        (one GPU each) and drives them (distributed/tp_workers.py); inside an initialised
+        torch.distributed group of that size (torchrun, tensor_parallel_launch) this process is one
+        rank and every rank runs the same calls on the same inputs. Either way each rank reads only
+        its shard of the checkpoint (see distributed/tensor_parallel.py, docs/SCALE_OUT.md).
         gpu_memory_utilization: the fraction of the device's total memory this engine may use
         (weights, activations, CUDA graphs and KV cache together; vLLM's meaning). On a GPU the KV
         cache gets what a profiling step and the graphs leave (memory_plan.py); the plan is printed
         at start-up and returned by memory_plan(). memory_probe: where device memory is read
         (default: the CUDA allocator on a GPU, none on CPU, where kv_cache_tokens defaults to 16384)."""
-        from .loader import LoadedModel, load
-
-        if isinstance(model, (str, os.PathLike)):
-            loaded = load(model, device=device, dtype=dtype)
-        elif isinstance(model, LoadedModel) or hasattr(model, "model") and hasattr(model, "eos_token_ids"):
-            loaded = model
-        else:
-            raise TypeError(f"model must be a name, a path or a LoadedModel, got {type(model).__name__}")
+        if tensor_parallel_size != 1 and _spawns_workers(tensor_parallel_size):
+            args = {k: v for k, v in locals().items() if k not in ("self", "model", "tensor_parallel_size", "__class__")}
+            self._start_workers(model, tensor_parallel_size, args)
+            return
+        loaded = _load_for_rank(model, device, dtype, tensor_parallel_size)  # sharded: model.cfg names the shard's heads
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         decoder = loaded.model
         decoder.eval()
-        if tensor_parallel_size != 1:  # shard first: the KV cache below is sized from the shard's model.cfg
-            from .distributed.tensor_parallel import shard_for_engine
-            shard_for_engine(decoder, tensor_parallel_size)
         _use_backend(decoder, attention_backend)
         if kv_cache_tokens is not None and (not isinstance(kv_cache_tokens, int) or kv_cache_tokens < block_size):
             raise ValueError(f"kv_cache_tokens must be an integer >= block_size ({block_size}), got {kv_cache_tokens!r}")
@@ -65,6 +61,24 @@ class LLM:
         if cuda_graphs:
             _capture_graphs_at_init(self.engine)
         self._pending: list[RequestOutput] = []  # outputs of caller-driven requests seen inside generate()
+
+    def _start_workers(self, model, tensor_parallel_size: int, llm_kwargs: dict) -> None:
+        """tensor_parallel_size ranks in spawned processes; this process keeps the tokenizer and
+        sends every engine call to them (no weights here: self.loaded.model is None)."""
+        from .distributed.tp_workers import WorkerEngine
+        from .loader import LoadedModel
+
+        if not isinstance(model, (str, os.PathLike)):
+            raise TypeError(f"tensor_parallel_size={tensor_parallel_size} from one process needs a model name or "
+                            f"path (each worker loads its own shard), got {type(model).__name__}")
+        self.engine = WorkerEngine(str(model), llm_kwargs, tensor_parallel_size)
+        info = self.engine.info
+        self.loaded = LoadedModel(model=None, tokenizer=info["tokenizer"], config=info["config"],
+                                  eos_token_ids=info["eos_token_ids"], generation=info["generation"],
+                                  name=info["name"], bytes_read=info["bytes_read"])
+        self.tokenizer = info["tokenizer"]
+        self._memory_plan = info["memory_plan"]
+        self._pending = []
 
     # ------------------------------------------------------------------------- generation
     def generate(self, prompts: str | list[str] | list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
@@ -137,6 +151,34 @@ class LLM:
 
     def invalidate_prefix_cache(self) -> None:
         self.engine.invalidate_prefix_cache()
+
+
+def _spawns_workers(tensor_parallel_size: int) -> bool:
+    """True when this process is not a rank of a process group: LLM then spawns its own ranks.
+    A torchrun rank that has not joined its group yet gets the error that says how."""
+    import torch.distributed as dist
+
+    from .distributed.tensor_parallel import check_tensor_parallel_size, launched_by_torchrun
+    check_tensor_parallel_size(tensor_parallel_size)
+    return not (dist.is_available() and dist.is_initialized()) and not launched_by_torchrun()
+
+
+def _load_for_rank(model, device, dtype, tensor_parallel_size: int):
+    """The LoadedModel this process serves: from a name or path, only this rank's shard is read
+    (tensor_parallel_size > 1); a LoadedModel passed in whole is sharded in memory."""
+    from .loader import LoadedModel, load
+
+    shard = None
+    if tensor_parallel_size != 1:
+        from .distributed.tensor_parallel import rank_shard, shard_for_engine
+        shard = rank_shard(tensor_parallel_size)
+    if isinstance(model, (str, os.PathLike)):
+        return load(model, device=device, dtype=dtype, shard=shard)
+    if not (isinstance(model, LoadedModel) or hasattr(model, "model") and hasattr(model, "eos_token_ids")):
+        raise TypeError(f"model must be a name, a path or a LoadedModel, got {type(model).__name__}")
+    if shard is not None:
+        shard_for_engine(model.model, tensor_parallel_size)
+    return model
 
 
 def _use_backend(decoder, name: str) -> None:

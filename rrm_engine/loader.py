@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .config import CheckpointError, ModelConfig
+from .fused_linear import FusedLinear
 from .model import Decoder
 
 EMBEDDED_NAMES = ("embedded", "smollm2-135m")
@@ -120,7 +121,8 @@ def load_hf(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: 
     cfg = _model_config(raw)
     tensor_files = _tensor_files(path)
     model = _build_on_meta(cfg)
-    expected = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    # checkpoint names (fused projections appear as their separate parts) -> shape
+    expected = {n: tuple(t.shape) for n, t in model.state_dict().items()}
     found = _check_tensors(tensor_files, expected, cfg)
     if shard is not None:
         shard.shard(model)
@@ -225,6 +227,13 @@ def _stream_tensors(model: nn.Module, found: dict[str, Path], shapes: dict[str, 
                     device: torch.device, dtype: torch.dtype, shard: ShardPlan | None = None) -> int:
     """Read every tensor (or this rank's slice of it) onto the device; returns the bytes read."""
     read = 0
+    # a fused parameter is allocated whole first (this rank's rows of every part when sharded);
+    # each checkpoint part is then copied into its rows
+    for module_name, module in model.named_modules():
+        if isinstance(module, FusedLinear):
+            for leaf, p in list(module.named_parameters(recurse=False)):
+                _assign(model, f"{module_name}.{leaf}", torch.empty(p.shape, device=device, dtype=dtype))
+    targets = model.state_dict()  # checkpoint name -> meta parameter, or a view into a fused one
     by_file: dict[Path, list[str]] = {}
     for name, file in found.items():
         by_file.setdefault(file, []).append(name)
@@ -243,7 +252,10 @@ def _stream_tensors(model: nn.Module, found: dict[str, Path], shapes: dict[str, 
                 if shard is not None and pad:  # the last vocabulary slice is padded to the others' size
                     t = torch.cat([t, t.new_zeros(pad, *t.shape[1:])])
                 # one tensor in flight: the host copy is dropped as soon as it sits on the device
-                _assign(model, name, t.to(device=device, dtype=dtype))
+                if targets[name].is_meta:
+                    _assign(model, name, t.to(device=device, dtype=dtype))
+                else:
+                    targets[name].copy_(t)
                 del t
     still_meta = [n for n, p in model.named_parameters() if p.is_meta] + \
                  [n for n, b in model.named_buffers() if b.is_meta]

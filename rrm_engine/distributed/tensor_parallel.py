@@ -3,11 +3,17 @@
 Every rank runs the same engine on the same inputs (SPMD): the scheduler, sampler seeds and inputs
 are identical, and the logits are all-gathered, so every rank samples the same tokens and the
 engine needs no extra messages. Inside the decoder:
-  q/k/v, gate/up  column-parallel: each rank keeps its own heads / intermediate rows;
+  q/k/v, gate/up  column-parallel: each rank keeps its own heads / intermediate rows of each part
+                  of the fused qkv_proj / gate_up_proj (one GEMM each, as on one device);
   o, down         row-parallel: partial sums, one all-reduce per block half;
   embedding       vocab-parallel: rows split, ids outside the slice give zeros, all-reduce;
   LM head         vocab-parallel: each rank computes its vocab slice, all-gather.
 The KV cache splits by KV head because each rank's model.cfg names only its own heads.
+Loading: every rank reads only its slices of the checkpoint (loader.load(shard=RankShard(...)) cuts
+an empty decoder to the rank's shapes, then reads each tensor's part with safetensors get_slice);
+a GGUF is converted whole once into a cached HF dir, then read the same way.
+Launch: torchrun / tensor_parallel_launch (every rank runs the caller's script), or
+LLM(path, tensor_parallel_size=N) from one process, which spawns its ranks (tp_workers.py).
 Inference only: the collectives here are not autograd-aware.
 """
 from __future__ import annotations
@@ -22,6 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ..fused_linear import FusedLinear
 from ..model import Decoder
 
 
@@ -120,18 +127,23 @@ def shard_decoder(model: Decoder, rank: int, world: int, group: Any = None) -> D
     def take(name: str, t: torch.Tensor) -> torch.Tensor:
         return take_part(name, t.data, rank, world)
 
-    def column(prefix: str, linear: nn.Linear) -> None:
-        linear.weight = nn.Parameter(take(prefix + ".weight", linear.weight), requires_grad=False)
-        if linear.bias is not None:
-            linear.bias = nn.Parameter(take(prefix + ".bias", linear.bias), requires_grad=False)
+    def fused_column(prefix: str, linear: FusedLinear) -> None:
+        """Each part of a fused projection (q, k, v or gate, up) is cut on its own, by its checkpoint
+        name; this rank keeps its rows of every part, still stacked in part order."""
+        for t in ("weight", "bias"):
+            fused = getattr(linear, t)
+            if fused is None:
+                continue
+            parts = fused.data.split(linear.part_sizes, dim=0)
+            mine = [take(f"{prefix}{name}.{t}", part) for name, part in zip(linear.part_names, parts)]
+            setattr(linear, t, nn.Parameter(torch.cat(mine), requires_grad=False))
+        linear.part_sizes = [n // world for n in linear.part_sizes]
         linear.out_features = linear.weight.shape[0]
 
     for i, layer in enumerate(model.model.layers):
         attn, mlp, at = layer.self_attn, layer.mlp, f"model.layers.{i}."
-        for proj in ("q_proj", "k_proj", "v_proj"):
-            column(f"{at}self_attn.{proj}", getattr(attn, proj))
-        for proj in ("gate_proj", "up_proj"):
-            column(f"{at}mlp.{proj}", getattr(mlp, proj))
+        fused_column(f"{at}self_attn.", attn.qkv_proj)
+        fused_column(f"{at}mlp.", mlp.gate_up_proj)
         attn.o_proj = RowParallelLinear(take(f"{at}self_attn.o_proj.weight", attn.o_proj.weight), group)
         mlp.down_proj = RowParallelLinear(take(f"{at}mlp.down_proj.weight", mlp.down_proj.weight), group)
 

@@ -133,7 +133,7 @@ def _rollout_memory(args: argparse.Namespace, model: Any, cfg: Any) -> dict:
         return {}
     apply_trainable(model, cfg.trainable)  # the reserve covers the trained parameters only
     if args.trainer_memory_gb is not None:
-        trainer = TrainerMemory(0, 0, 0, given=int(args.trainer_memory_gb * GiB))
+        trainer = TrainerMemory(0, 0, 0, 0, given=int(args.trainer_memory_gb * GiB))
     else:
         trainer = estimate_trainer_memory(model, micro_batch_size=cfg.micro_batch_size,
                                           seq_len=args.max_prompt_tokens + cfg.max_tokens,

@@ -13,9 +13,9 @@ where `cap` is the fraction of the device trainer and rollouts may use together 
 now" is the trained parameters (plus a KL reference model, the CUDA context, other processes).
 
 The activation estimate counts what autograd saves per token and layer for this decoder (q/k/v,
-rotary outputs, attention output and log-sum-exp, the MLP's gate/up/product, the norms'
-inputs and outputs, the fp32 residual stream), with the chunked LM head's transient on top;
-tests/test_train_memory.py checks it against the tensors autograd really saves on CPU.
+rotary outputs, attention output, the MLP's gate/up/product, the norms' inputs and outputs, the
+residual stream), plus backward's transient (one layer's gradients, one LM-head chunk);
+tests/test_train_memory.py checks the saved part against the tensors autograd really saves on CPU.
 """
 from __future__ import annotations
 
@@ -29,8 +29,13 @@ from ..model import Decoder
 class TrainerMemory:
     gradients: int
     optimizer: int  # AdamW exp_avg + exp_avg_sq, and the foreach step's temporaries
-    activations: int  # one micro-batch, forward + backward peak
+    saved_activations: int  # what autograd keeps for backward over one micro-batch
+    transient: int  # on top during backward: one layer's activation gradients, one LM-head chunk
     given: int | None = None  # an explicit budget, which replaces the estimate
+
+    @property
+    def activations(self) -> int:
+        return self.saved_activations + self.transient
 
     @property
     def total(self) -> int:
@@ -52,18 +57,22 @@ def estimate_trainer_memory(model: Decoder, *, micro_batch_size: int, seq_len: i
     q = cfg.num_heads * cfg.head_dim
     a = activation_bytes
     r = next(model.parameters()).element_size()  # the residual stream stays in the parameters' dtype
-    # saved per token by one layer: norm outputs (2h), q/k/v and rotated q/k, attention output,
-    # MLP input, gate, up, silu(gate), their product (4i); the norms' fp32 inputs (2h)
-    full_layer = a * (4 * h + 3 * q + 3 * kv + 4 * i) + r * 2 * h
+    # saved per token by one layer: each of the two RMSNorms keeps its input, the normalised input
+    # and its output in the residual stream's dtype (3h each) and the linear after it a cast copy
+    # (h each); the fused q/k/v output, rotated q and k, the attention output (3q + 3kv); the
+    # fused gate/up output, silu(gate) and their product (4i)
+    full_layer = a * (2 * h + 3 * q + 3 * kv + 4 * i) + r * 6 * h
     tokens = micro_batch_size * seq_len
     if gradient_checkpointing:  # each layer keeps its two inputs; one layer at a time is recomputed
-        layers = tokens * (cfg.num_layers * (a + r) * h + full_layer)
+        saved = tokens * (cfg.num_layers * (a + r) * h + full_layer)
     else:
-        layers = tokens * cfg.num_layers * full_layer
-    embed_and_norm = tokens * 2 * r * h
-    # the LM head over one chunk of scored rows at a time: fp32 logits, their softmax and gradient
-    head = 3 * min(logprob_chunk_size, tokens) * cfg.vocab_size * 4
-    return TrainerMemory(gradients=param_bytes, optimizer=3 * param_bytes, activations=layers + embed_and_norm + head)
+        saved = tokens * cfg.num_layers * full_layer
+    saved += tokens * 4 * r * h  # the embedding output and the final norm's input, normalised input and output
+    # backward holds one layer's activation gradients at a time, and the LM head runs over one
+    # chunk of scored rows at a time: fp32 logits, their softmax and their gradient
+    transient = tokens * full_layer + 3 * min(logprob_chunk_size, tokens) * cfg.vocab_size * 4
+    return TrainerMemory(gradients=param_bytes, optimizer=3 * param_bytes, saved_activations=saved,
+                         transient=transient)
 
 
 def rollout_memory_utilization(probe: MemoryProbe, trainer: TrainerMemory, cap: float) -> float:

@@ -103,3 +103,23 @@ def test_bf16_rollouts_follow_every_optimizer_step(tiny_qwen2_dir):
         assert torch.equal(q, p.detach().to(torch.bfloat16)), name
     assert not torch.equal(before, served.model.layers[0].mlp.gate_up_proj.weight)
     assert not any(p.requires_grad for p in served.parameters())
+
+
+def test_train_cli_reserves_the_trainer_first(tiny_qwen2_dir, tmp_path, capsys):
+    """The CLI's GPU path on a fake 1 GiB device: the reserve is the estimate (or --trainer-memory-gb)
+    and the engine's utilization what it leaves of --gpu-memory-utilization."""
+    from rrm_engine.cli import build_parser
+    from rrm_engine.train.cli import _rollout_memory
+    from rrm_engine.train.trainer import TrainConfig
+    model = load_hf(tiny_qwen2_dir).model
+    base = ["train", "--data", "d.jsonl", "--out", str(tmp_path), "--steps", "1", "--max-tokens", "64",
+            "--micro-batch-size", "2", "--max-prompt-tokens", "192", "--gpu-memory-utilization", "0.8"]
+    cfg = TrainConfig(max_tokens=64, micro_batch_size=2)
+    probe = FakeProbe(total=GiB, free=GiB - 100 * MiB, activations=0)
+    est = estimate_trainer_memory(model, micro_batch_size=2, seq_len=256, gradient_checkpointing=False,
+                                  logprob_chunk_size=cfg.logprob_chunk_size, activation_bytes=2)
+    got = _rollout_memory(build_parser().parse_args(base), model, cfg, probe)
+    assert got == {"gpu_memory_utilization": pytest.approx((int(0.8 * GiB) - 100 * MiB - est.total) / GiB)}
+    assert "trainer reserve" in capsys.readouterr().err
+    got = _rollout_memory(build_parser().parse_args(base + ["--trainer-memory-gb", "0.25"]), model, cfg, probe)
+    assert got == {"gpu_memory_utilization": pytest.approx((int(0.8 * GiB) - 100 * MiB - GiB // 4) / GiB)}

@@ -119,9 +119,9 @@ def _rollout_dtype(choice: str, model: Any):
     return getattr(torch, choice)
 
 
-def _rollout_memory(args: argparse.Namespace, model: Any, cfg: Any) -> dict:
-    """On a GPU: reserve the trainer's memory first and return the rollout engine's
-    gpu_memory_utilization (printed with the reserve); nothing to do on CPU."""
+def _rollout_memory(args: argparse.Namespace, model: Any, cfg: Any, probe: Any = None) -> dict:
+    """On a GPU (or with a memory probe): reserve the trainer's memory first and return the rollout
+    engine's gpu_memory_utilization (printed with the reserve); nothing to do on CPU."""
     import sys
 
     from ..memory_plan import CudaMemoryProbe, GiB
@@ -129,7 +129,7 @@ def _rollout_memory(args: argparse.Namespace, model: Any, cfg: Any) -> dict:
     from .trainable import apply_trainable
 
     device = model.lm_head_weight.device
-    if device.type != "cuda":
+    if probe is None and device.type != "cuda":
         return {}
     apply_trainable(model, cfg.trainable)  # the reserve covers the trained parameters only
     if args.trainer_memory_gb is not None:
@@ -139,7 +139,7 @@ def _rollout_memory(args: argparse.Namespace, model: Any, cfg: Any) -> dict:
                                           seq_len=args.max_prompt_tokens + cfg.max_tokens,
                                           gradient_checkpointing=cfg.gradient_checkpointing,
                                           logprob_chunk_size=cfg.logprob_chunk_size, activation_bytes=2)
-    util = rollout_memory_utilization(CudaMemoryProbe(device), trainer, args.gpu_memory_utilization)
+    util = rollout_memory_utilization(probe or CudaMemoryProbe(device), trainer, args.gpu_memory_utilization)
     print(f"trainer reserve: {trainer.total / GiB:.2f} GiB {trainer.as_dict()}; rollout engine "
           f"gpu_memory_utilization={util:.3f}", file=sys.stderr)
     return {"gpu_memory_utilization": util}

@@ -58,7 +58,7 @@ from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 from typing import AsyncIterator
 
-from ..engine import StepError
+from ..engine import Engine, StepError
 from ..llm import LLM
 from ..outputs import CompletionOutput, RequestOutput
 from ..sampling_params import SamplingParams
@@ -94,6 +94,9 @@ class AsyncLLM:
         with AsyncLLM._attach_lock, llm._lock:  # waits for a caller-driven call in progress
             if llm._async_llm is not None:
                 raise ValueError("this LLM is already driven by an AsyncLLM: share it with AsyncLLM.of(llm)")
+            if not isinstance(llm.engine, Engine):
+                raise ValueError(f"AsyncLLM drives an in-process Engine, not a {type(llm.engine).__name__} "
+                                 "(tensor_parallel_size > 1 from one process is not served by AsyncLLM yet)")
             if getattr(llm.engine.model, "gather_logits", None) is not None:
                 raise ValueError("AsyncLLM needs a single-process engine: tensor-parallel ranks must run identical "
                                  "steps, and one loop per rank fed by its own callers cannot guarantee that")

@@ -329,3 +329,19 @@ def test_random_faults_under_a_random_workload_never_leak_or_corrupt(model):
     assert all(kinds.values()), kinds
     assert llm.metrics()["num_preemptions"] > 0
     only_tree_holds_blocks(llm)
+
+
+def test_errors_survive_pickling():
+    """Tensor-parallel workers send a step's exception back to the calling process pickled."""
+    import pickle
+
+    from rrm_engine.outputs import CompletionOutput, RequestOutput
+    from rrm_engine.serving import RequestFailedError, RequestTimeoutError
+
+    out = RequestOutput("r1", None, [5], [CompletionOutput(0, "", [7], "error", -1.0)], True, error="X: y")
+    e = pickle.loads(pickle.dumps(StepError(InjectedFault("boom"), [out])))
+    assert e.request_ids == ["r1"] and isinstance(e.error, InjectedFault) and e.outputs[0].error == "X: y"
+    f = pickle.loads(pickle.dumps(RequestFailedError("r1", "failed", out)))
+    t = pickle.loads(pickle.dumps(RequestTimeoutError("r1", 2.5, out)))
+    assert (f.request_id, str(f), f.output.request_id) == ("r1", "failed", "r1")
+    assert (t.request_id, t.timeout, t.output.request_id) == ("r1", 2.5, "r1") and isinstance(t, TimeoutError)

@@ -13,7 +13,6 @@ import queue
 import random
 import threading
 import time
-from concurrent.futures import CancelledError as FutureCancelled
 
 import pytest
 

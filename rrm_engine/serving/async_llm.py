@@ -115,7 +115,7 @@ class AsyncLLM:
             self._tie = itertools.count()
             self._closing = False
             self._dead: EngineDeadError | None = None
-            self._encode_lock = threading.Lock()  # HF tokenizers are not safe to share across threads
+            self._encode_lock = threading.Lock()  # HF tokenizers have raised "Already borrowed" under concurrent use
             self._stats = dict.fromkeys(("requests_submitted", "requests_finished", "requests_aborted",
                                          "requests_timed_out", "requests_failed"), 0)
             self._thread = threading.Thread(target=self._run, name="rrm-async-llm", daemon=True)

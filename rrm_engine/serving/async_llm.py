@@ -86,12 +86,10 @@ class _Pending:
 
 
 class AsyncLLM:
-    _attach_lock = threading.RLock()
-
     def __init__(self, llm: LLM):
         if not isinstance(llm, LLM):
             raise TypeError(f"AsyncLLM wraps an rrm_engine.LLM, got {type(llm).__name__}")
-        with AsyncLLM._attach_lock, llm._lock:  # waits for a caller-driven call in progress
+        with llm._lock:  # attaching waits for a caller-driven call in progress
             if llm._async_llm is not None:
                 raise ValueError("this LLM is already driven by an AsyncLLM: share it with AsyncLLM.of(llm)")
             if not isinstance(llm.engine, Engine):
@@ -127,7 +125,7 @@ class AsyncLLM:
     def of(cls, llm: LLM) -> "AsyncLLM":
         """The AsyncLLM that drives llm's engine, created on first use (thread-safe). A dead one
         (its loop crashed) is returned as it is: its calls raise EngineDeadError naming the cause."""
-        with cls._attach_lock:
+        with llm._lock:
             return llm._async_llm if llm._async_llm is not None else cls(llm)
 
     @classmethod
@@ -361,7 +359,7 @@ class AsyncLLM:
             err.__cause__ = error.__cause__
             _settle(p.future, exception=err)
         if detach:
-            with AsyncLLM._attach_lock:
+            with self._llm._lock:
                 if self._llm._async_llm is self:
                     self._llm._async_llm = None
         _live_instances.discard(self)

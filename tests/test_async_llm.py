@@ -81,7 +81,7 @@ def test_futures_coroutines_and_streams_give_the_sequential_results(model, alm):
 
         async def deltas(p, sp):
             got = [[] for _ in range(sp.n)]
-            items = [d async for d in alm.stream(p, sp, delta=True)]
+            items = [d async for d in alm.stream(p, sp)]  # deltas by default
             assert items[-1].finished and not any(d.finished for d in items[:-1])
             for d in items:
                 for c in d.outputs:
@@ -90,7 +90,7 @@ def test_futures_coroutines_and_streams_give_the_sequential_results(model, alm):
             return got, len(items)
 
         async def snapshots(p, sp):
-            items = [d async for d in alm.stream(p, sp)]
+            items = [d async for d in alm.stream(p, sp, delta=False)]
             assert items[-1].finished and not any(d.finished for d in items[:-1])
             final = tokens(items[-1])
             for d in items:  # every item is the output so far
@@ -125,7 +125,7 @@ def test_streamed_text_joins_to_the_final_text_and_never_shows_a_cut_stop_string
                 assert len(items) > 2
                 if sp.stop:
                     assert all(stop not in "".join(c.text for c in items[:k + 1]) for k in range(len(items)))
-                snaps = [d.outputs[0] async for d in a.stream(prompt, sp)]
+                snaps = [d.outputs[0] async for d in a.stream(prompt, sp, delta=False)]
                 assert len(snaps) > 2 and all(final.text.startswith(c.text) for c in snaps)
                 assert (snaps[-1].text, snaps[-1].token_ids) == (final.text, final.token_ids)
         asyncio.run(main())

@@ -122,7 +122,7 @@ def loop_caller(a: AsyncLLM, work, book: Book, li: int) -> None:
             elif mode < 0.45:  # stream of deltas: rebuild the output from them
                 got = [[] for _ in range(params.n)]
                 last = None
-                async for last in a.stream(prompt, params, request_id=rid, delta=True):
+                async for last in a.stream(prompt, params, request_id=rid):  # deltas by default
                     for c in last.outputs:
                         got[c.index] += c.token_ids
                 assert last.finished
@@ -130,7 +130,7 @@ def loop_caller(a: AsyncLLM, work, book: Book, li: int) -> None:
                     c.token_ids = got[c.index]
                 book.record(rid, spec, "result", last)
             elif mode < 0.55:  # stream of snapshots: each one the output so far
-                items = [d async for d in a.stream(prompt, params, request_id=rid)]
+                items = [d async for d in a.stream(prompt, params, request_id=rid, delta=False)]
                 assert items[-1].finished and all(
                     f[:len(t)] == t for d in items for t, f in zip(tokens(d), tokens(items[-1])))
                 book.record(rid, spec, "result", items[-1])

@@ -20,9 +20,9 @@ Semantics (the contract the serving layer codes against)
   * timeout (seconds, counted from submission): at the deadline the request is aborted in the
     engine and the waiter gets RequestTimeoutError (a TimeoutError; .output is the partial
     output). Deadlines are checked between steps, so a request can overrun by one step.
-  * stream() items are cumulative by default (each the output so far; the last equals what
-    generate() returns; text never runs ahead of the final text); stream(..., delta=True) gives
-    only what is new in each item (serving/stream.py).
+  * stream() items hold only what is new since the previous item (joined, they give the final
+    output); stream(..., delta=False) gives each item as the output so far, the last equal to what
+    generate() returns. Streamed text never runs ahead of the final text (serving/stream.py).
   * Cancelling the Future (or the asyncio task awaiting generate()), or leaving a stream before
     its end (break, aclose(), cancel, dropping it), aborts the request.
   * A step that raises fails only the requests of that step (the engine rolls it back): their
@@ -155,10 +155,10 @@ class AsyncLLM:
         return await asyncio.wrap_future(fut)
 
     def stream(self, prompt: str | list[int], params: SamplingParams, *, request_id: str | None = None,
-               timeout: float | None = None, delta: bool = False) -> AsyncIterator[RequestOutput]:
-        """Outputs as tokens come, the last one finished=True: each the output so far (the last
-        equals generate()'s), or with delta=True only what is new (see serving/stream.py). The
-        request is queued now (validation errors raise here); consume it from one event loop."""
+               timeout: float | None = None, delta: bool = True) -> AsyncIterator[RequestOutput]:
+        """Outputs as tokens come, the last one finished=True: what is new in each item, or with
+        delta=False each item the output so far (see serving/stream.py). The request is queued
+        now (validation errors raise here); consume it from one event loop."""
         p = self._submit(prompt, params, request_id, timeout, stream=True, delta=delta)
         s, p.hold = p.hold, None  # from here on only the caller keeps the stream alive
         return s
@@ -190,14 +190,14 @@ class AsyncLLM:
                 self._cv.notify()
             raise
 
-    def _submit(self, prompt, params, request_id, timeout, stream: bool, delta: bool = False) -> _Pending:
+    def _submit(self, prompt, params, request_id, timeout, stream: bool, delta: bool = True) -> _Pending:
         self._check_open()
         with self._encode_lock:
             ids, text = self._llm._encode(prompt)
         self._engine.validate(ids, params)  # reads only the engine's fixed limits: safe from any thread
         return self._enqueue(ids, text, params, request_id, timeout, stream, delta)
 
-    def _enqueue(self, ids, text, params, request_id, timeout, stream: bool, delta: bool = False) -> _Pending:
+    def _enqueue(self, ids, text, params, request_id, timeout, stream: bool, delta: bool = True) -> _Pending:
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
                                     or not timeout > 0 or math.isinf(timeout)):
             raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")

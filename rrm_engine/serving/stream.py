@@ -4,13 +4,14 @@ The engine loop thread hands over cumulative snapshots (RequestOutput with every
 the consumer takes the latest one when it asks for the next item, so a slow consumer gets fewer
 items and nothing piles up. Every item holds all n samples; a sample's finish_reason is set from
 the item where it finishes on; the last item has finished=True. Two kinds of items:
-  * delta=False (default): each item is the output so far (like vLLM's CUMULATIVE kind); the last
-    one equals what generate() returns. A sample's text in an item is always a prefix of its final
-    text: with stop strings, the last (longest stop string - 1) characters of an unfinished sample
-    are held back, since a stop string completed later cuts them.
-  * delta=True: each item holds, per sample, only what is new since the previous item: token_ids,
-    text, logprobs, sampling_logprobs (cumulative_logprob is the running total). Joining a
-    sample's items gives its final token_ids and text (same hold-back of stop-string text).
+  * delta=True (default): each item holds, per sample, only what is new since the previous item:
+    token_ids, text, logprobs, sampling_logprobs (cumulative_logprob is the running total).
+    Joining a sample's items gives its final token_ids and text.
+  * delta=False: each item is the output so far (like vLLM's CUMULATIVE kind); the last one equals
+    what generate() returns.
+Either way streamed text never runs ahead of the final text: with stop strings, the last (longest
+stop string - 1) characters of an unfinished sample are held back, since a stop string completed
+later cuts them.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ class RequestStream:
     before the end (break, aclose(), a cancelled task, dropping it) aborts the request."""
 
     def __init__(self, request_id: str, future: Future, params: SamplingParams, abort: Callable[[], None],
-                 delta: bool = False):
+                 delta: bool = True):
         self.request_id = request_id
         self._future = future
         self._abort = abort

@@ -64,6 +64,9 @@ class StepError(RuntimeError):
         self.request_ids = [o.request_id for o in outputs]
         super().__init__(f"engine step failed with {type(error).__name__}: {error}; failed requests: {self.request_ids}")
 
+    def __reduce__(self):  # pickled back from tensor-parallel worker processes
+        return StepError, (self.error, self.outputs)
+
 
 class _EngineStuck(RuntimeError):
     pass
@@ -83,7 +86,7 @@ class Engine:
         self.vocab_size, self.max_model_len = cfg.vocab_size, cfg.max_position_embeddings
         p = next(model.parameters())
         # tensor-parallel shards hold fewer heads: size the cache from the module, not the config
-        kv_heads = model.model.layers[0].self_attn.k_proj.weight.shape[0] // cfg.head_dim
+        kv_heads = model.model.layers[0].self_attn.qkv_proj.part_sizes[1] // cfg.head_dim
         # one block more than the pool hands out: the scratch block that padded decode rows write to
         self.cache = KVCache.allocate(cfg.num_layers, num_blocks + 1, block_size, kv_heads, cfg.head_dim, p.dtype, p.device)
         self.pool = BlockPool(num_blocks, block_size)
@@ -173,7 +176,7 @@ class Engine:
             if seq.status is not Status.FINISHED:
                 seq.finish_reason = "abort"
                 self.scheduler.finish(seq)
-        return self._output(req, finished=True)
+        return self._final_output(req)
 
     def _forget(self, req: Request) -> None:
         self.requests.pop(req.request_id, None)
@@ -283,11 +286,7 @@ class Engine:
                     seq.finish_reason = "error"
                     self.scheduler.drop(seq)
             self._forget(req)
-            try:
-                out = self._output(req, finished=True)
-            except Exception:  # e.g. the tokenizer is what failed: report the error without text
-                out = RequestOutput(req.request_id, req.prompt, req.prompt_token_ids,
-                                    [CompletionOutput(i, "", [], "error", 0.0) for i in range(req.params.n)], True)
+            out = self._final_output(req)
             out.error = message
             outs.append(out)
         self._metrics.failed_steps += 1
@@ -344,17 +343,20 @@ class Engine:
                 return True
         return False
 
-    def _output(self, req: Request, finished: bool) -> RequestOutput:
+    def _output(self, req: Request, finished: bool, with_text: bool = True) -> RequestOutput:
         outs = []
         n = req.params.n
         seqs = sorted(req.seqs, key=lambda s: s.index)
         for i in range(n):
             seq = seqs[i] if i < len(seqs) else None
-            if seq is None:  # aborted before the fork
-                outs.append(CompletionOutput(i, "", [], "abort", 0.0, [] if seqs[0].logprobs is not None else None))
+            if seq is None:  # aborted (or failed) before the fork
+                reason = "error" if seqs[0].finish_reason == "error" else "abort"
+                outs.append(CompletionOutput(i, "", [], reason, 0.0, [] if seqs[0].logprobs is not None else None))
                 continue
             gen = seq.tokens[seq.prompt_len:]
-            if seq.stop_text is not None:
+            if not with_text:
+                text = ""
+            elif seq.stop_text is not None:
                 text = seq.stop_text
             elif seq.finish_reason is None and seq.detok is not None:
                 text = seq.detok.text  # unfinished (a streaming snapshot): no full decode every step
@@ -366,6 +368,16 @@ class Engine:
                                          list(seq.logprobs) if seq.logprobs is not None else None, seq.stop_reason,
                                          list(seq.sampling_logprobs)))
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, finished, req.num_cached_tokens)
+
+    def _final_output(self, req: Request) -> RequestOutput:
+        """The output of a request that leaves the engine by abort or failure: it must come out
+        even if decoding its text fails (then without text, the failure in .error)."""
+        try:
+            return self._output(req, finished=True)
+        except Exception as e:
+            out = self._output(req, finished=True, with_text=False)
+            out.error = f"decoding the output failed: {type(e).__name__}: {e}"
+            return out
 
     # ---------------------------------------------------------------------------- metrics
     def metrics(self) -> dict:

@@ -136,12 +136,14 @@ class Scheduler:
 
     def step_done(self, schedule: Schedule) -> None:
         """The step ran: its tokens' KV is in the cache (and its copy-on-write copies applied)."""
-        bs, fill = self.block_size, self.pool.fill
+        bs, filled = self.block_size, self.pool.num_filled
         for s in schedule.seqs:
             seq = s.seq
             start, end = seq.num_computed, seq.num_computed + s.num_new
-            for j in range(start // bs, (end - 1) // bs + 1):  # usually one block
-                fill(seq.block_table[j], min(bs, end - j * bs))
+            for j in range(start // bs, (end - 1) // bs + 1):  # usually one block (BlockPool.fill, inlined)
+                b, n = seq.block_table[j], min(bs, end - j * bs)
+                if n > filled[b]:
+                    filled[b] = n
             seq.num_computed = end
         if self.tree is not None:
             self.tree.mark_computed()

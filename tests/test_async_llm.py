@@ -79,9 +79,9 @@ def test_futures_coroutines_and_streams_give_the_sequential_results(model, alm):
         outs = await asyncio.gather(*(alm.generate(p, sp) for p, sp in zip(prompts, params)))
         assert [tokens(o) for o in outs] == ref
 
-        async def collect(p, sp):
+        async def deltas(p, sp):
             got = [[] for _ in range(sp.n)]
-            items = [d async for d in alm.stream(p, sp)]
+            items = [d async for d in alm.stream(p, sp)]  # deltas by default
             assert items[-1].finished and not any(d.finished for d in items[:-1])
             for d in items:
                 for c in d.outputs:
@@ -89,9 +89,18 @@ def test_futures_coroutines_and_streams_give_the_sequential_results(model, alm):
             assert all(c.finish_reason == "length" for c in items[-1].outputs)
             return got, len(items)
 
-        streamed = await asyncio.gather(*(collect(p, sp) for p, sp in zip(prompts, params)))
-        assert [g for g, _ in streamed] == ref
-        assert max(n for _, n in streamed) > 2  # really incremental, not one final item
+        async def snapshots(p, sp):
+            items = [d async for d in alm.stream(p, sp, delta=False)]
+            assert items[-1].finished and not any(d.finished for d in items[:-1])
+            final = tokens(items[-1])
+            for d in items:  # every item is the output so far
+                assert all(f[:len(t)] == t for t, f in zip(tokens(d), final))
+            return final, len(items)
+
+        for collect in (deltas, snapshots):
+            streamed = await asyncio.gather(*(collect(p, sp) for p, sp in zip(prompts, params)))
+            assert [g for g, _ in streamed] == ref
+            assert max(n for _, n in streamed) > 2  # really incremental, not one final item
     asyncio.run(main())
     assert_idle_and_clean(alm)
 
@@ -110,12 +119,15 @@ def test_streamed_text_joins_to_the_final_text_and_never_shows_a_cut_stop_string
     with AsyncLLM(llm) as a:
         async def main():
             for sp, final in zip(cases, finals):
-                items = [d.outputs[0] async for d in a.stream(prompt, sp)]
+                items = [d.outputs[0] async for d in a.stream(prompt, sp, delta=True)]
                 assert "".join(c.text for c in items) == final.text
                 assert sum((c.token_ids for c in items), []) == final.token_ids
                 assert len(items) > 2
                 if sp.stop:
                     assert all(stop not in "".join(c.text for c in items[:k + 1]) for k in range(len(items)))
+                snaps = [d.outputs[0] async for d in a.stream(prompt, sp, delta=False)]
+                assert len(snaps) > 2 and all(final.text.startswith(c.text) for c in snaps)
+                assert (snaps[-1].text, snaps[-1].token_ids) == (final.text, final.token_ids)
         asyncio.run(main())
 
 
@@ -123,7 +135,7 @@ def test_abort_from_other_threads_gives_the_partial_output(alm):
     prompt = rand_ids(random.Random(2), 12)
 
     async def main():
-        s = alm.stream(prompt, LONG, request_id="victim")
+        s = alm.stream(prompt, LONG, request_id="victim", delta=True)
         first = await s.__anext__()
         assert first.outputs[0].token_ids and not first.finished
         # two callers abort the same id at once, and someone aborts an id nobody knows
@@ -355,3 +367,42 @@ def test_the_idle_loop_sleeps_on_its_condition(alm):
     frame = sys._current_frames()[alm._thread.ident]
     assert frame.f_code.co_name == "wait" and frame.f_code.co_filename.endswith("threading.py")
     assert alm.metrics()["steps"] == steps
+
+
+def test_tensor_parallel_ranks_are_refused():
+    """Ranks of a tensor-parallel engine must step in lockstep; independent loops would not."""
+    llm = make_llm(small_model())
+    llm.engine.model.gather_logits = lambda x: x  # what shard_for_engine leaves on a sharded decoder
+    with pytest.raises(ValueError, match="tensor-parallel"):
+        AsyncLLM(llm)
+    assert llm._async_llm is None
+
+
+def test_a_plain_llm_called_from_many_threads_serialises_its_calls(model):
+    """Without an AsyncLLM, sync calls from a thread pool wait for each other instead of
+    corrupting the engine; an AsyncLLM attaching meanwhile waits for the call in progress and
+    the later calls go through it."""
+    prompts, params = work(8, 6)
+    llm = make_llm(model)
+    ref = [tokens(o) for o in make_llm(model).generate(prompts, params)]
+    results: dict[int, object] = {}
+
+    def call(i):
+        try:
+            results[i] = [tokens(o) for o in llm.generate(prompts, params)]
+        except Exception as e:  # noqa: BLE001 - reported below
+            results[i] = e
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(6)]
+    for t in threads[:3]:
+        t.start()
+    time.sleep(0.05)
+    a = AsyncLLM.of(llm)
+    for t in threads[3:]:
+        t.start()
+    for t in threads:
+        t.join(120)
+    try:
+        assert [results[i] for i in range(6)] == [ref] * 6
+        assert_idle_and_clean(a)
+    finally:
+        a.shutdown()

@@ -13,12 +13,12 @@ import queue
 import random
 import threading
 import time
-from concurrent.futures import CancelledError as FutureCancelled
 
 import pytest
 
 from rrm_engine import LLM, AsyncLLM, SamplingParams
-from rrm_engine.serving import RequestTimeoutError
+from fault_injection import Chaos, InjectedFault
+from rrm_engine.serving import RequestFailedError, RequestTimeoutError
 from tiny_engine_model import rand_ids, small_model
 
 THREADS, LOOPS, CALLS = 8, 4, 50
@@ -119,16 +119,21 @@ def loop_caller(a: AsyncLLM, work, book: Book, li: int) -> None:
         async with gate:
             if mode < 0.3:
                 book.record(rid, spec, "result", await a.generate(prompt, params, request_id=rid))
-            elif mode < 0.55:  # stream: rebuild the output from the deltas
+            elif mode < 0.45:  # stream of deltas: rebuild the output from them
                 got = [[] for _ in range(params.n)]
                 last = None
-                async for last in a.stream(prompt, params, request_id=rid):
+                async for last in a.stream(prompt, params, request_id=rid):  # deltas by default
                     for c in last.outputs:
                         got[c.index] += c.token_ids
                 assert last.finished
                 for c in last.outputs:
                     c.token_ids = got[c.index]
                 book.record(rid, spec, "result", last)
+            elif mode < 0.55:  # stream of snapshots: each one the output so far
+                items = [d async for d in a.stream(prompt, params, request_id=rid, delta=False)]
+                assert items[-1].finished and all(
+                    f[:len(t)] == t for d in items for t, f in zip(tokens(d), tokens(items[-1])))
+                book.record(rid, spec, "result", items[-1])
             elif mode < 0.7:
                 try:
                     book.record(rid, spec, "result", await a.generate(prompt, params, request_id=rid, timeout=delay))
@@ -165,10 +170,16 @@ def loop_caller(a: AsyncLLM, work, book: Book, li: int) -> None:
     asyncio.run(main())
 
 
-def test_soak_threads_and_event_loops(model):
+@pytest.fixture(scope="module")
+def sequential(model):
+    """The workload's requests and their results run one at a time on a fresh engine."""
     work = specs()
     seq_llm = make_llm(model)
-    ref = [tokens(seq_llm.generate([p], sp)[0]) for p, sp in work]  # one request at a time
+    return work, [tokens(seq_llm.generate([p], sp)[0]) for p, sp in work]
+
+
+def test_soak_threads_and_event_loops(model, sequential):
+    work, ref = sequential
     book = Book()
     aborter: queue.Queue = queue.Queue()
     a = AsyncLLM(make_llm(model))
@@ -224,5 +235,97 @@ def test_soak_threads_and_event_loops(model):
             eng.check()
             assert all(c in (0, 1) for c in eng.pool.ref_counts)
             assert eng.pool.num_used == eng.tree.num_nodes  # only the prefix cache holds blocks
+    finally:
+        a.shutdown()
+
+
+def test_soak_with_random_step_faults(model, sequential):
+    """Callers in threads and event loops while faults fire at random points of random steps:
+    each call gets either the sequential result or RequestFailedError (its output a prefix of
+    that result); the loop survives every fault; nothing lost; the engine ends idle and clean."""
+    work, ref = sequential
+    a = AsyncLLM(make_llm(model))
+    eng = a.llm.engine
+    per_step = dict.fromkeys(("runner.copy_blocks", "compute_logits", "sample", "tree.evict", "_output"), 0.01)
+    chaos = Chaos(eng, p=dict.fromkeys(Chaos.POINTS, 0.002) | per_step, seed=3)  # before any request: loop idle
+    lock = threading.Lock()
+    outcomes: dict[str, str] = {}
+    unexpected: list[str] = []
+
+    def check(rid: str, spec: int, fn) -> None:
+        try:
+            out = fn()
+            assert tokens(out) == ref[spec], f"{rid} differs from the sequential result"
+            kind = "ok"
+        except RequestFailedError as e:
+            assert isinstance(e.__cause__, InjectedFault) and e.output.error
+            for c in e.output.outputs:
+                assert c.token_ids == ref[spec][c.index][:len(c.token_ids)], f"{rid}: not a prefix"
+            kind = "failed"
+        with lock:
+            outcomes[rid] = kind
+
+    def guarded(rid, spec, fn):
+        try:
+            check(rid, spec, fn)
+        except BaseException as e:  # noqa: BLE001
+            with lock:
+                unexpected.append(f"{rid}: {type(e).__name__}: {e}")
+
+    def thread_caller(t):
+        rng = random.Random(30 + t)
+        for k in range(30):
+            spec = rng.randrange(len(work))
+            guarded(f"T{t}-{k}", spec, lambda: a.submit(*work[spec], request_id=f"T{t}-{k}").result(120))
+
+    def loop_caller(li):
+        rng = random.Random(40 + li)
+        plan = [(f"L{li}-{k}", rng.randrange(len(work))) for k in range(30)]
+
+        async def streamed(rid, spec):
+            got, last = [[] for _ in range(work[spec][1].n)], None
+            async for last in a.stream(*work[spec], request_id=rid, delta=True):
+                for c in last.outputs:
+                    got[c.index] += c.token_ids
+            for c in last.outputs:
+                c.token_ids = got[c.index]
+            return last
+
+        async def main():
+            async def one(k, rid, spec):
+                coro = streamed(rid, spec) if k % 2 else a.generate(*work[spec], request_id=rid)
+                try:
+                    out = await coro
+                    fn = lambda: out  # noqa: E731
+                except RequestFailedError as e:
+                    def fn(e=e):
+                        raise e
+                guarded(rid, spec, fn)
+            await asyncio.gather(*(one(k, rid, spec) for k, (rid, spec) in enumerate(plan)))
+        asyncio.run(main())
+
+    try:
+        workers = [threading.Thread(target=thread_caller, args=(t,)) for t in range(6)]
+        workers += [threading.Thread(target=loop_caller, args=(li,)) for li in range(2)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(240)
+        assert not any(w.is_alive() for w in workers), "a caller hung"
+        assert unexpected == []
+        assert len(outcomes) == 8 * 30
+        kinds = list(outcomes.values())
+        assert kinds.count("failed") > 0 and kinds.count("ok") > 100, (kinds.count("ok"), kinds.count("failed"))
+        assert a._dead is None, "a fault killed the loop"
+        m = a.metrics()
+        assert m["failed_steps"] >= 3 and m["requests_failed"] == kinds.count("failed")
+        wait = time.monotonic() + 30
+        while a.has_unfinished() and time.monotonic() < wait:
+            time.sleep(0.01)
+        with a.engine_lock:
+            chaos.remove()
+            assert not eng.has_unfinished()
+            eng.check()
+            assert eng.pool.num_used == eng.tree.num_nodes
     finally:
         a.shutdown()

@@ -17,7 +17,7 @@ import pytest
 import rrm_engine.engine as engine_mod
 from rrm_engine import LLM, SamplingParams
 from rrm_engine.engine import StepError
-from fault_injection import Fault, InjectedFault
+from fault_injection import Chaos, Fault, InjectedFault
 from tiny_engine_model import rand_ids, small_model
 
 BS = 4
@@ -266,3 +266,82 @@ def test_caller_driven_requests_outside_a_failed_generate_go_on(model, clean):
     assert failed.request_id == mine and failed.finished and failed.error.startswith("InjectedFault")
     assert not llm.has_unfinished()
     llm.engine.check()
+
+
+def test_random_faults_under_a_random_workload_never_leak_or_corrupt(model):
+    """Hundreds of requests (shared prefixes, forks, aborts, a pool small enough to evict and
+    preempt) while faults fire at random points of random steps: check() holds after every step,
+    every request ends exactly once, and every output is the clean engine's (failed and aborted
+    samples: a prefix of it)."""
+    rng = random.Random(21)
+    heads = [rand_ids(rng, rng.randrange(3, 14)) for _ in range(5)]
+    specs = []
+    for i in range(30):
+        prompt = rng.choice(heads) + rand_ids(rng, rng.randrange(1, 12))
+        specs.append((prompt, SamplingParams(n=rng.choice([1, 2, 3]), temperature=rng.choice([0.0, 0.9]),
+                                             top_k=rng.choice([0, 16]), seed=300 + i,
+                                             max_tokens=rng.randrange(1, 10), ignore_eos=True)))
+    ref_llm = make_llm(model)
+    ref = [tokens(ref_llm.generate([p], sp)[0]) for p, sp in specs]
+    llm = LLM(model, kv_cache_tokens=24 * BS, block_size=BS, max_num_batched_tokens=48, max_num_seqs=12)
+    eng = llm.engine
+    # points reached once per step fire more often than those reached per sequence or per layer
+    per_step = dict.fromkeys(("runner.copy_blocks", "compute_logits", "sample", "tree.evict", "_output"), 0.015)
+    chaos = Chaos(eng, p=dict.fromkeys(Chaos.POINTS, 0.003) | per_step, seed=5)
+    ended: dict[str, object] = {}
+    spec_of: dict[str, int] = {}
+    submitted = failed_steps = 0
+    try:
+        while submitted < 300 or eng.has_unfinished():
+            for _ in range(min(rng.randrange(0, 6), 300 - submitted)):
+                k = rng.randrange(len(specs))
+                rid = llm.add_request(*specs[k])
+                spec_of[rid] = k
+                submitted += 1
+            if rng.random() < 0.03:
+                live = [r for r in spec_of if r not in ended]
+                if live and (out := llm.abort(rng.choice(live))) is not None:
+                    ended[out.request_id] = out
+            try:
+                outs = llm.step()
+            except StepError as e:
+                failed_steps += 1
+                outs = e.outputs
+            for o in outs:
+                if o.finished:
+                    assert o.request_id not in ended, f"{o.request_id} ended twice"
+                    ended[o.request_id] = o
+            eng.check()
+    finally:
+        chaos.remove()
+    assert len(ended) == submitted == 300  # nothing lost
+    assert failed_steps >= 10 and len(chaos.fired) >= 8, chaos.fired  # faults did fire, at most points
+    kinds = {"ok": 0, "error": 0, "abort": 0}
+    for rid, out in ended.items():
+        want = ref[spec_of[rid]]
+        for c in out.outputs:
+            if c.finish_reason in ("error", "abort"):
+                kinds[c.finish_reason] += 1
+                assert c.token_ids == want[c.index][:len(c.token_ids)], f"{rid}: not a prefix of the clean output"
+            else:
+                kinds["ok"] += 1
+                assert c.token_ids == want[c.index], f"{rid} sample {c.index} differs from the clean engine"
+    assert all(kinds.values()), kinds
+    assert llm.metrics()["num_preemptions"] > 0
+    only_tree_holds_blocks(llm)
+
+
+def test_errors_survive_pickling():
+    """Tensor-parallel workers send a step's exception back to the calling process pickled."""
+    import pickle
+
+    from rrm_engine.outputs import CompletionOutput, RequestOutput
+    from rrm_engine.serving import RequestFailedError, RequestTimeoutError
+
+    out = RequestOutput("r1", None, [5], [CompletionOutput(0, "", [7], "error", -1.0)], True, error="X: y")
+    e = pickle.loads(pickle.dumps(StepError(InjectedFault("boom"), [out])))
+    assert e.request_ids == ["r1"] and isinstance(e.error, InjectedFault) and e.outputs[0].error == "X: y"
+    f = pickle.loads(pickle.dumps(RequestFailedError("r1", "failed", out)))
+    t = pickle.loads(pickle.dumps(RequestTimeoutError("r1", 2.5, out)))
+    assert (f.request_id, str(f), f.output.request_id) == ("r1", "failed", "r1")
+    assert (t.request_id, t.timeout, t.output.request_id) == ("r1", 2.5, "r1") and isinstance(t, TimeoutError)

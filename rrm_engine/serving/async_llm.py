@@ -20,6 +20,9 @@ Semantics (the contract the serving layer codes against)
   * timeout (seconds, counted from submission): at the deadline the request is aborted in the
     engine and the waiter gets RequestTimeoutError (a TimeoutError; .output is the partial
     output). Deadlines are checked between steps, so a request can overrun by one step.
+  * stream() items hold only what is new since the previous item (joined, they give the final
+    output); stream(..., delta=False) gives each item as the output so far, the last equal to what
+    generate() returns. Streamed text never runs ahead of the final text (serving/stream.py).
   * Cancelling the Future (or the asyncio task awaiting generate()), or leaving a stream before
     its end (break, aclose(), cancel, dropping it), aborts the request.
   * A step that raises fails only the requests of that step (the engine rolls it back): their
@@ -55,7 +58,7 @@ from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 from typing import AsyncIterator
 
-from ..engine import StepError
+from ..engine import Engine, StepError
 from ..llm import LLM
 from ..outputs import CompletionOutput, RequestOutput
 from ..sampling_params import SamplingParams
@@ -83,14 +86,18 @@ class _Pending:
 
 
 class AsyncLLM:
-    _attach_lock = threading.RLock()
-
     def __init__(self, llm: LLM):
         if not isinstance(llm, LLM):
             raise TypeError(f"AsyncLLM wraps an rrm_engine.LLM, got {type(llm).__name__}")
-        with AsyncLLM._attach_lock:
+        with llm._lock:  # attaching waits for a caller-driven call in progress
             if llm._async_llm is not None:
                 raise ValueError("this LLM is already driven by an AsyncLLM: share it with AsyncLLM.of(llm)")
+            if not isinstance(llm.engine, Engine):
+                raise ValueError(f"AsyncLLM drives an in-process Engine, not a {type(llm.engine).__name__} "
+                                 "(tensor_parallel_size > 1 from one process is not served by AsyncLLM yet)")
+            if getattr(llm.engine.model, "gather_logits", None) is not None:
+                raise ValueError("AsyncLLM needs a single-process engine: tensor-parallel ranks must run identical "
+                                 "steps, and one loop per rank fed by its own callers cannot guarantee that")
             if llm.has_unfinished():
                 raise ValueError("this LLM has unfinished caller-driven requests: finish or abort them before "
                                  "an AsyncLLM takes over its engine")
@@ -106,7 +113,7 @@ class AsyncLLM:
             self._tie = itertools.count()
             self._closing = False
             self._dead: EngineDeadError | None = None
-            self._encode_lock = threading.Lock()  # HF tokenizers are not safe to share across threads
+            self._encode_lock = threading.Lock()  # HF tokenizers have raised "Already borrowed" under concurrent use
             self._stats = dict.fromkeys(("requests_submitted", "requests_finished", "requests_aborted",
                                          "requests_timed_out", "requests_failed"), 0)
             self._thread = threading.Thread(target=self._run, name="rrm-async-llm", daemon=True)
@@ -118,7 +125,7 @@ class AsyncLLM:
     def of(cls, llm: LLM) -> "AsyncLLM":
         """The AsyncLLM that drives llm's engine, created on first use (thread-safe). A dead one
         (its loop crashed) is returned as it is: its calls raise EngineDeadError naming the cause."""
-        with cls._attach_lock:
+        with llm._lock:
             return llm._async_llm if llm._async_llm is not None else cls(llm)
 
     @classmethod
@@ -148,18 +155,20 @@ class AsyncLLM:
         return await asyncio.wrap_future(fut)
 
     def stream(self, prompt: str | list[int], params: SamplingParams, *, request_id: str | None = None,
-               timeout: float | None = None) -> AsyncIterator[RequestOutput]:
-        """Incremental outputs as tokens come (see serving/stream.py), the last one finished=True.
-        The request is queued now (validation errors raise here), consumed from one event loop."""
-        p = self._submit(prompt, params, request_id, timeout, stream=True)
+               timeout: float | None = None, delta: bool = True) -> AsyncIterator[RequestOutput]:
+        """Outputs as tokens come, the last one finished=True: what is new in each item, or with
+        delta=False each item the output so far (see serving/stream.py). The request is queued
+        now (validation errors raise here); consume it from one event loop."""
+        p = self._submit(prompt, params, request_id, timeout, stream=True, delta=delta)
         s, p.hold = p.hold, None  # from here on only the caller keeps the stream alive
         return s
 
     def abort(self, request_id: str) -> None:
         """Abort a request from any thread or loop; its waiter gets its output (finish_reason "abort")."""
-        self._aborts.append((request_id, None))
         with self._cv:
-            self._cv.notify()
+            if self._dead is None:  # a dead loop has already answered every waiter
+                self._aborts.append((request_id, None))
+                self._cv.notify()
 
     def generate_encoded(self, encoded: list[tuple[list[int], str | None]],
                          params: list[SamplingParams]) -> list[RequestOutput]:
@@ -181,14 +190,14 @@ class AsyncLLM:
                 self._cv.notify()
             raise
 
-    def _submit(self, prompt, params, request_id, timeout, stream: bool) -> _Pending:
+    def _submit(self, prompt, params, request_id, timeout, stream: bool, delta: bool = True) -> _Pending:
         self._check_open()
         with self._encode_lock:
             ids, text = self._llm._encode(prompt)
         self._engine.validate(ids, params)  # reads only the engine's fixed limits: safe from any thread
-        return self._enqueue(ids, text, params, request_id, timeout, stream)
+        return self._enqueue(ids, text, params, request_id, timeout, stream, delta)
 
-    def _enqueue(self, ids, text, params, request_id, timeout, stream: bool) -> _Pending:
+    def _enqueue(self, ids, text, params, request_id, timeout, stream: bool, delta: bool = True) -> _Pending:
         if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
                                     or not timeout > 0 or math.isinf(timeout)):
             raise ValueError(f"timeout must be a positive number of seconds or None, got {timeout!r}")
@@ -206,7 +215,8 @@ class AsyncLLM:
             p = _Pending(request_id, ids, text, params, fut, timeout,
                          None if timeout is None else time.monotonic() + timeout)
             if stream:
-                p.hold = RequestStream(request_id, fut, params, abort=lambda: self._aborts.append((p.request_id, p)))
+                p.hold = RequestStream(request_id, fut, params, abort=lambda: self._aborts.append((p.request_id, p)),
+                                       delta=delta)
                 p.stream = weakref.ref(p.hold)
             self._live[request_id] = p
             self._inbox.append(p)
@@ -317,17 +327,15 @@ class AsyncLLM:
 
     def _deliver(self, results: list, snapshots: list) -> None:
         with self._cv:
-            for p, _ in results:
+            for p, outcome in results:
                 if self._live.get(p.request_id) is p:
                     del self._live[p.request_id]
+                self._stats[_outcome_key(outcome)] += 1
         for p, outcome in results:
             if isinstance(outcome, BaseException):
-                key = ("requests_timed_out" if isinstance(outcome, RequestTimeoutError) else "requests_failed")
                 _settle(p.future, exception=outcome)
             else:
-                key = "requests_aborted" if any(c.finish_reason == "abort" for c in outcome.outputs) else "requests_finished"
                 _settle(p.future, result=outcome)
-            self._stats[key] += 1
         for p, snap in snapshots:
             s = p.stream()
             if s is None:  # the consumer dropped the stream
@@ -351,7 +359,7 @@ class AsyncLLM:
             err.__cause__ = error.__cause__
             _settle(p.future, exception=err)
         if detach:
-            with AsyncLLM._attach_lock:
+            with self._llm._lock:
                 if self._llm._async_llm is self:
                     self._llm._async_llm = None
         _live_instances.discard(self)
@@ -375,6 +383,12 @@ class AsyncLLM:
             m.update(self._stats)
         return m
 
+    def reset_metrics(self) -> None:
+        """Restart the engine's cumulative counters (waits for the current step; the
+        requests_* counters of this AsyncLLM keep counting since its start)."""
+        with self.engine_lock:
+            self._engine.reset_metrics()
+
     def shutdown(self) -> None:
         """Stop the loop after its current step; requests in flight get EngineDeadError. Idempotent."""
         with self._cv:
@@ -388,6 +402,14 @@ class AsyncLLM:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+def _outcome_key(outcome: RequestOutput | BaseException) -> str:
+    if isinstance(outcome, RequestTimeoutError):
+        return "requests_timed_out"
+    if isinstance(outcome, BaseException):
+        return "requests_failed"
+    return "requests_aborted" if any(c.finish_reason == "abort" for c in outcome.outputs) else "requests_finished"
 
 
 def _unstarted(p: _Pending) -> RequestOutput:

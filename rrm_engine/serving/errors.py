@@ -13,6 +13,9 @@ class RequestFailedError(RuntimeError):
         self.request_id = request_id
         self.output = output
 
+    def __reduce__(self):
+        return RequestFailedError, (self.request_id, str(self), self.output)
+
 
 class RequestTimeoutError(TimeoutError):
     """The request ran past its timeout and was aborted in the engine. .output is its output at
@@ -24,6 +27,9 @@ class RequestTimeoutError(TimeoutError):
         self.request_id = request_id
         self.timeout = timeout
         self.output = output
+
+    def __reduce__(self):
+        return RequestTimeoutError, (self.request_id, self.timeout, self.output)
 
 
 class EngineDeadError(RuntimeError):

@@ -1,17 +1,22 @@
 """The async iterator that AsyncLLM.stream() returns: incremental outputs of one request.
 
 The engine loop thread hands over cumulative snapshots (RequestOutput with everything so far);
-the consumer turns the latest one into a delta when it asks for the next item, so a slow consumer
-gets fewer, larger items and nothing piles up. Each item holds, for each of the n samples, only
-what is new since the previous item: token_ids, text, logprobs, sampling_logprobs
-(cumulative_logprob is the running total); a sample's finish_reason is set on the item where it
-finishes; the last item has finished=True. Joining the items' token_ids (or text) of a sample
-gives the final output's. With stop strings, the last (longest stop string - 1) characters of an
-unfinished sample are held back, so text that a stop string later cuts is never streamed.
+the consumer takes the latest one when it asks for the next item, so a slow consumer gets fewer
+items and nothing piles up. Every item holds all n samples; a sample's finish_reason is set from
+the item where it finishes on; the last item has finished=True. Two kinds of items:
+  * delta=True (default): each item holds, per sample, only what is new since the previous item:
+    token_ids, text, logprobs, sampling_logprobs (cumulative_logprob is the running total).
+    Joining a sample's items gives its final token_ids and text.
+  * delta=False: each item is the output so far (like vLLM's CUMULATIVE kind); the last one equals
+    what generate() returns.
+Either way streamed text never runs ahead of the final text: with stop strings, the last (longest
+stop string - 1) characters of an unfinished sample are held back, since a stop string completed
+later cuts them.
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import weakref
 from concurrent.futures import Future
@@ -26,7 +31,8 @@ class RequestStream:
     request's future raises (RequestTimeoutError, RequestFailedError, EngineDeadError). Leaving it
     before the end (break, aclose(), a cancelled task, dropping it) aborts the request."""
 
-    def __init__(self, request_id: str, future: Future, params: SamplingParams, abort: Callable[[], None]):
+    def __init__(self, request_id: str, future: Future, params: SamplingParams, abort: Callable[[], None],
+                 delta: bool = True):
         self.request_id = request_id
         self._future = future
         self._abort = abort
@@ -35,7 +41,7 @@ class RequestStream:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._event: asyncio.Event | None = None
         self._done = False  # the last item was given (or the request's error raised)
-        self._deltas = _Deltas(params)
+        self._items = _Items(params, delta)
         me = weakref.ref(self)  # the future must not keep a dropped stream alive
         future.add_done_callback(lambda _: (s := me()) is not None and s._wake())
 
@@ -72,11 +78,11 @@ class RequestStream:
                 self._event.clear()
                 if self._future.done():
                     self._done = True
-                    return self._deltas.take(self._future.result())  # raises the request's error
+                    return self._items.take(self._future.result())  # raises the request's error
                 with self._lock:
                     snapshot, self._latest = self._latest, None
                 if snapshot is not None:
-                    return self._deltas.take(snapshot)
+                    return self._items.take(snapshot)
                 await self._event.wait()
         except asyncio.CancelledError:
             self.close()
@@ -103,20 +109,27 @@ class RequestStream:
             self._abort()  # lock-free: safe wherever the garbage collector runs this
 
 
-class _Deltas:
-    """Per sample, how many tokens and characters have been handed out."""
+class _Items:
+    """Snapshots to items; for deltas, per sample how many tokens and characters were handed out."""
 
-    def __init__(self, params: SamplingParams):
+    def __init__(self, params: SamplingParams, delta: bool):
         self.hold = max((len(s) for s in params.stop), default=1) - 1
+        self.delta = delta
         self.sent: dict[int, tuple[int, int]] = {}
 
     def take(self, out: RequestOutput) -> RequestOutput:
+        if not self.delta and not (self.hold and not out.finished):
+            return out  # the engine builds a fresh output every step: nothing to copy
         items = []
         for c in out.outputs:
             ntok, nchar = self.sent.get(c.index, (0, 0))
             end = len(c.text)
             if c.finish_reason is None and self.hold:
                 end = max(nchar, end - self.hold)
+            if not self.delta:
+                items.append(dataclasses.replace(c, text=c.text[:end]))
+                self.sent[c.index] = (0, end)
+                continue
             items.append(CompletionOutput(
                 c.index, c.text[nchar:end], c.token_ids[ntok:], c.finish_reason, c.cumulative_logprob,
                 c.logprobs[ntok:] if c.logprobs is not None else None, c.stop_reason, c.sampling_logprobs[ntok:]))

@@ -106,3 +106,24 @@ def test_sync_call_inside_the_judge_loop_is_refused_not_a_deadlock(llm):
     with pytest.raises(RuntimeError, match="deadlock"):
         run_sync(inside())
     assert judge.compare(*ITEMS[0]).error is None  # the loop still serves
+
+
+def test_lockstep_engine_judges_as_the_async_engine(llm, tiny_qwen2_dir):
+    """The stepping a tensor-parallel LLM gets (lockstep_engine.py), here on a plain LLM of the same
+    weights: the same comparisons, adaptive ones and rankings as through the AsyncLLM, from the sync
+    API and from another event loop."""
+    from rrm_engine.judge.background_loop import background_loop
+    from rrm_engine.judge.lockstep_engine import LockstepEngine
+
+    plain = rrm.LLM(str(tiny_qwen2_dir), device="cpu", dtype=torch.float32, kv_cache_tokens=16384)
+    for kw in (JUDGE_KW, {**JUDGE_KW, "votes": 5, "adaptive": True}):
+        ref, lock = Judge(llm, **kw), Judge(plain, **kw)
+        lock._engine = LockstepEngine(plain, background_loop())
+        assert [plain_c(c) for c in lock.compare_batch(ITEMS)] == [plain_c(c) for c in ref.compare_batch(ITEMS)]
+        got = asyncio.run(lock.arank(*RANK))  # from another loop: hops to the background loop
+        assert got.order == ref.rank(*RANK).order
+    assert not plain.has_unfinished()
+
+
+def plain_c(c):
+    return plain(c) + (c.votes_aborted,)

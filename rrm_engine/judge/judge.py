@@ -32,7 +32,8 @@ import inspect
 import random
 from typing import Any, Awaitable, Callable, Literal, Sequence
 
-from .background_loop import run_sync
+from .background_loop import background_loop, run_sync
+from .lockstep_engine import LockstepEngine
 from .pair_job import PairJob
 from .prompt import THINK_CLOSE, THINK_OPEN, PromptBuilder, check_text
 from .rank_job import rank_candidates
@@ -126,10 +127,24 @@ class Judge:
     @property
     def engine(self) -> Any:
         """The AsyncLLM every request goes through: the one of this LLM, shared with every other Judge,
-        adapter and server route over it (created on first use)."""
+        adapter and server route over it (created on first use). A tensor-parallel LLM, which an
+        AsyncLLM cannot drive, is stepped in lockstep on the judge's background loop instead
+        (lockstep_engine.py)."""
         if self._engine is None:
-            self._engine = _async_llm_cls().of(self.llm)
+            try:
+                self._engine = _async_llm_cls().of(self.llm)
+            except ValueError:
+                if not _tensor_parallel(self.llm):
+                    raise
+                self._engine = LockstepEngine(self.llm, background_loop())
         return self._engine
+
+    async def _on_engine_loop(self, coro: Any) -> Any:
+        """Await coro here, or, for a lockstep engine bound to the background loop, there."""
+        engine = self.engine
+        if isinstance(engine, LockstepEngine) and asyncio.get_running_loop() is not engine.loop:
+            return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, engine.loop))
+        return await coro
 
     # -- helpers ---------------------------------------------------------------------------------
     @staticmethod
@@ -225,6 +240,11 @@ class Judge:
     async def acompare_batch(self, items: Sequence[tuple[str, str, str]], votes: int | None = None,
                              errors: Literal["raise", "return"] = "raise", progress: bool = False,
                              timeout: float | None = None) -> list[Comparison]:
+        return await self._on_engine_loop(self._compare_batch(items, votes, errors, progress, timeout))
+
+    async def _compare_batch(self, items: Sequence[tuple[str, str, str]], votes: int | None,
+                             errors: Literal["raise", "return"], progress: bool,
+                             timeout: float | None) -> list[Comparison]:
         k = self._check_votes(self.votes if votes is None else votes)
         results: list[Comparison | None] = [None] * len(items)
         valid: list[tuple[int, tuple[str, str, str]]] = []
@@ -279,6 +299,11 @@ class Judge:
     async def arank_batch(self, items: Sequence[tuple[str, Sequence[str]]], method: Method = "knockout",
                           votes: int | None = None, errors: Literal["raise", "return"] = "raise",
                           progress: bool = False, timeout: float | None = None) -> list[Ranking]:
+        return await self._on_engine_loop(self._rank_batch(items, method, votes, errors, progress, timeout))
+
+    async def _rank_batch(self, items: Sequence[tuple[str, Sequence[str]]], method: Method,
+                          votes: int | None, errors: Literal["raise", "return"], progress: bool,
+                          timeout: float | None) -> list[Ranking]:
         k = self._check_votes(self.votes if votes is None else votes)
         if method not in ("knockout", "elo"):
             raise ValueError(f"method must be 'knockout' or 'elo', got {method!r}")
@@ -324,6 +349,15 @@ async def _run_items(jobs: list[tuple[int, Callable[[], Awaitable[Any]]]], resul
             results[n] = failed(f"{type(e).__name__}: {e}")
         else:
             results[n] = task.result()
+
+
+def _tensor_parallel(llm: Any) -> bool:
+    """Spawned worker ranks (the engine is not in this process) or a launched rank (logits gathered)."""
+    from rrm_engine.engine import Engine
+
+    engine = getattr(llm, "engine", None)
+    return engine is not None and (not isinstance(engine, Engine)
+                                   or getattr(getattr(engine, "model", None), "gather_logits", None) is not None)
 
 
 def _async_llm_cls() -> Any:

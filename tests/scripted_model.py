@@ -28,8 +28,6 @@ def write_scripted_qwen2(path: Path, tokenizer, chains: Sequence[Sequence[int]],
                          soft: dict[int, dict[int, float]] | None = None, weight: float = 10.0) -> Path:
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
-    from conftest import TINY_QWEN2
-
     table: dict[int, dict[int, float]] = {}
     for chain in chains:
         for t, u in zip(chain, chain[1:]):
@@ -42,7 +40,10 @@ def write_scripted_qwen2(path: Path, tokenizer, chains: Sequence[Sequence[int]],
         table[t] = dict(succ)
     if len(table) > HIDDEN:
         raise ValueError(f"{len(table)} scripted tokens; at most {HIDDEN} fit")
-    cfg = Qwen2Config(vocab_size=len(tokenizer), **{**TINY_QWEN2, "hidden_size": HIDDEN})
+    cfg = Qwen2Config(vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                      tie_word_embeddings=False, use_sliding_window=False, bos_token_id=1, eos_token_id=2,
+                      pad_token_id=2)
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(cfg)
     basis = torch.linalg.qr(torch.randn(HIDDEN, HIDDEN, dtype=torch.float64))[0].float()  # orthonormal rows

@@ -37,11 +37,14 @@ def direct(model: str, out: str, gather: bool) -> None:
     rank = dist.get_rank()
     prompts, completions = SPLIT[rank]
     logged: dict[str, float] = {}
-    reward = make_trl_reward(judge_for(model), gather=gather)
+    judge = judge_for(model)
+    reward = make_trl_reward(judge, gather=gather)
     r = reward(prompts=prompts, completions=completions, completion_ids=None, trainer_state=None,
                log_metric=lambda k, v: logged.__setitem__(k, v))
     with open(f"{out}.{rank}", "w") as f:
         json.dump({"rewards": r, "logged": logged}, f)
+    dist.barrier()
+    judge.engine.shutdown()
     dist.destroy_process_group()
 
 
@@ -72,3 +75,8 @@ if __name__ == "__main__":
     mode, model, out, gather = sys.argv[1:5]
     torch.set_num_threads(1)
     {"direct": direct, "trainer": trainer}[mode](model, out, gather == "1")
+    # results are written: leave without interpreter finalisation, where the judge's daemon loop
+    # thread and gloo's threads can be torn down in an order that aborts ("terminate called ...")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

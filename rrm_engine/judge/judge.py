@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import random
+import threading
 from typing import Any, Awaitable, Callable, Literal, Sequence
 
 from .background_loop import background_loop, run_sync
@@ -130,14 +131,15 @@ class Judge:
         adapter and server route over it (created on first use). A tensor-parallel LLM, which an
         AsyncLLM cannot drive, is stepped in lockstep on the judge's background loop instead
         (lockstep_engine.py)."""
-        if self._engine is None:
-            try:
-                self._engine = _async_llm_cls().of(self.llm)
-            except ValueError:
-                if not _tensor_parallel(self.llm):
-                    raise
-                self._engine = LockstepEngine(self.llm, background_loop())
-        return self._engine
+        with _engine_lock:
+            if self._engine is None:
+                try:
+                    self._engine = _async_llm_cls().of(self.llm)
+                except ValueError:
+                    if not _tensor_parallel(self.llm):
+                        raise
+                    self._engine = _lockstep_of(self.llm)
+            return self._engine
 
     async def _on_engine_loop(self, coro: Any) -> Any:
         """Await coro here, or, for a lockstep engine bound to the background loop, there."""
@@ -349,6 +351,18 @@ async def _run_items(jobs: list[tuple[int, Callable[[], Awaitable[Any]]]], resul
             results[n] = failed(f"{type(e).__name__}: {e}")
         else:
             results[n] = task.result()
+
+
+_engine_lock = threading.Lock()
+
+
+def _lockstep_of(llm: Any) -> LockstepEngine:
+    """The one lockstep engine of a tensor-parallel LLM (shared by every Judge over it, as an AsyncLLM is)."""
+    engine = getattr(llm, "_rrm_lockstep", None)
+    if engine is None:
+        engine = LockstepEngine(llm, background_loop())
+        llm._rrm_lockstep = engine
+    return engine
 
 
 def _tensor_parallel(llm: Any) -> bool:

@@ -64,7 +64,8 @@ async def openrlhf_rewards(scorer: Scorer, queries: list[str], prompts: list[str
                                           errors="return", timeout=cfg.timeout)
         for i, c in zip(ref, out):
             rewards[i], votes[i], forced[i] = comparison_reward(c), len(c.votes), c.forced
-    rest = [i for i in range(n) if responses[i] is not None and i not in set(ref)]
+    judged = set(ref)
+    rest = [i for i in range(n) if responses[i] is not None and i not in judged]
     groups = [[rest[k] for k in idx] for idx in group_by_prompt([prompts[i] for i in rest]).values() if len(idx) >= 2]
     if groups:
         out = await scorer.arank_batch([(prompts[g[0]], [responses[i] for i in g]) for g in groups],

@@ -13,8 +13,9 @@ Routes
 
 Bad input is answered before anything runs: 400 with OpenAI's error shape, whose `param` names the
 field (a body that does not parse, a setting out of range, a prompt longer than the context or than
-the KV pool holds). A client that disconnects has its requests aborted: a plain request is watched
-while it runs, a stream is cancelled by the server when its client goes.
+the KV pool holds). A failed engine step answers 500, a dead engine 503, both in the same shape. A
+client that disconnects has its requests aborted: a plain request is watched while it runs, a
+stream is cancelled by the server when its client goes.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from . import prometheus
 from .judge_api import CompareBody, OpenRLHFBody, RankBody
 from .openai_api import (BadField, ChatRequest, CompletionRequest, chat_logprobs, chat_response,
                          completion_logprobs, completion_response, new_id)
+from .errors import EngineDeadError, RequestFailedError
 from .openrlhf import OpenRLHFConfig, openrlhf_rewards
 
 
@@ -105,6 +107,14 @@ def build_app(judge: Judge, model_name: str, default_max_tokens: int = 256,
     @app.exception_handler(ValueError)
     async def _bad_value(_: Request, exc: ValueError) -> JSONResponse:
         return _error(400, str(exc), _field_of(str(exc)))
+
+    @app.exception_handler(EngineDeadError)
+    async def _dead(_: Request, exc: EngineDeadError) -> JSONResponse:
+        return _error(503, str(exc), kind="engine_dead")
+
+    @app.exception_handler(RequestFailedError)
+    async def _failed(_: Request, exc: RequestFailedError) -> JSONResponse:
+        return _error(500, str(exc), kind="engine_step_failed")
 
     @app.exception_handler(ClientGone)
     async def _gone(_: Request, exc: ClientGone) -> Response:

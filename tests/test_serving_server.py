@@ -307,3 +307,24 @@ def test_serve_command(tiny_qwen2_dir, smollm2_tokenizer):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+def test_a_failed_engine_step_answers_500_and_the_server_goes_on(srv):
+    from fault_injection import Fault
+
+    engine = srv.llm.engine
+    layer = engine.model.model.layers[0]
+    fault = Fault(engine, None, at=1)
+    handle = layer.register_forward_hook(fault.hook)
+    try:
+        r = srv.http.post("/v1/completions", json={"prompt": "Hello there", "max_tokens": 4})
+        assert r.status_code == 500 and r.json()["error"]["type"] == "engine_step_failed" and fault.fired
+        # the judge routes report a failed item instead of failing the batch
+        fault.fired, fault.calls = False, 0
+        out = srv.http.post("/v1/judge/compare", json={"items": [PAIRS[0]], "errors": "return"}).json()["results"]
+        assert fault.fired and "step" in out[0]["error"] and out[0]["winner"] is None
+    finally:
+        handle.remove()
+    r = srv.http.post("/v1/completions", json={"prompt": "Hello there", "max_tokens": 4})
+    assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("length", "stop")
+    assert srv.http.post("/v1/judge/compare", json={"items": [PAIRS[0]]}).json()["results"][0]["error"] is None

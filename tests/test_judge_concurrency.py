@@ -2,7 +2,8 @@
 AsyncJudge and with timeouts: every result equals the same item judged alone (votes are seeded by
 content), a timed-out item is "timeout" and nothing else, no call raises, and the engine ends idle
 with its cache invariants intact. Tiny random Qwen2; its votes are forced (truncated), which puts the
-forced continuations in the mix too."""
+forced continuations in the mix too. The slow variant is the issue's soak size: 8 threads x 50 calls
+and 4 event loops (each 5 rounds of plain, timed-out and AsyncJudge batches plus a ranking)."""
 from __future__ import annotations
 
 import asyncio
@@ -35,7 +36,11 @@ def plain(c):
             [pytest.approx(v.p_first, abs=1e-5) for v in c.votes])
 
 
-def test_threads_loops_timeouts_equal_sequential(llm):
+@pytest.mark.parametrize("threads, calls, loops", [
+    (4, 6, 3),
+    pytest.param(8, 50, 4, marks=pytest.mark.slow),  # the issue's soak: 8 threads x 50 calls + 4 event loops
+])
+def test_threads_loops_timeouts_equal_sequential(llm, threads, calls, loops):
     judge, twin = Judge(llm, **JUDGE_KW), Judge(llm, **JUDGE_KW)
     alone = {item: plain(judge.compare(*item)) for item in ITEMS}
     rank_alone = judge.rank(*RANK)
@@ -62,11 +67,15 @@ def test_threads_loops_timeouts_equal_sequential(llm):
 
     def sync_caller(seed: int) -> None:
         rng = random.Random(seed)
-        for _ in range(6):
+        for _ in range(calls):
             item = rng.choice(ITEMS)
             check(item, rng.choice((judge, twin)).compare(*item))
 
     async def loop_caller(seed: int) -> None:
+        for round_ in range(max(1, calls // 10)):
+            await loop_round(seed * 1000 + round_)
+
+    async def loop_round(seed: int) -> None:
         rng = random.Random(seed)
         batch = rng.sample(ITEMS, 3)
         outs = await asyncio.gather(*(judge.acompare(*it) for it in batch),
@@ -82,15 +91,18 @@ def test_threads_loops_timeouts_equal_sequential(llm):
         assert r.order == rank_alone.order and [plain(m.comparison) for m in r.matches] == [
             plain(m.comparison) for m in rank_alone.matches]
 
-    threads = [threading.Thread(target=guarded(sync_caller), args=(s,)) for s in range(4)]
-    threads += [threading.Thread(target=guarded(lambda s: asyncio.run(loop_caller(s))), args=(s,)) for s in (7, 8, 9)]
-    for t in threads:
+    workers = [threading.Thread(target=guarded(sync_caller), args=(s,)) for s in range(threads)]
+    workers += [threading.Thread(target=guarded(lambda s: asyncio.run(loop_caller(s))), args=(100 + s,))
+                for s in range(loops)]
+    for t in workers:
         t.start()
-    for t in threads:
-        t.join(timeout=240)
-    assert not any(t.is_alive() for t in threads), "a caller hung"
+    for t in workers:
+        t.join(timeout=900)
+    assert not any(t.is_alive() for t in workers), "a caller hung"
     assert not errors, errors
-    assert checked["equal"] >= 4 * 6 + 3 * 9 - 3 * 3  # at most the timed-out batches are not compared
+    rounds = loops * max(1, calls // 10)
+    assert checked["equal"] + checked["timeout"] == threads * calls + rounds * 9  # every call answered, checked
+    assert checked["equal"] >= threads * calls + rounds * 6  # only the timed-out batches may be missing
     wait_idle(llm)
     llm.engine.check()
 

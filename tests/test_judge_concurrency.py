@@ -42,6 +42,7 @@ def plain(c):
 ])
 def test_threads_loops_timeouts_equal_sequential(llm, threads, calls, loops):
     judge, twin = Judge(llm, **JUDGE_KW), Judge(llm, **JUDGE_KW)
+    one_async = AsyncJudge(judge, timeout=60)  # one AsyncJudge used from every event loop at once
     alone = {item: plain(judge.compare(*item)) for item in ITEMS}
     rank_alone = judge.rank(*RANK)
     errors: list[BaseException] = []
@@ -80,7 +81,7 @@ def test_threads_loops_timeouts_equal_sequential(llm, threads, calls, loops):
         batch = rng.sample(ITEMS, 3)
         outs = await asyncio.gather(*(judge.acompare(*it) for it in batch),
                                     twin.acompare_batch(batch, errors="return", timeout=rng.choice((0.0, 0.02, None))),
-                                    AsyncJudge(judge, timeout=60).compare_batch(batch))
+                                    one_async.compare_batch(batch))
         for it, c in zip(batch, outs[:3]):
             check(it, c)
         for it, c in zip(batch, outs[3]):

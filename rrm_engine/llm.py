@@ -6,6 +6,7 @@ has_unfinished, and metrics() / reset_metrics() / invalidate_prefix_cache().
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence as SequenceABC
 
 import torch
@@ -13,13 +14,14 @@ import torch
 from .engine import Engine
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
+from .threads import check_wait_policy
 
 _CPU_DEFAULT_KV_TOKENS = 16384  # 0.75 GB of fp32 KV for SmolLM2-135M
 _GPU_KV_FRACTION = 0.85  # of the memory free after loading the weights
 
 
 class LLM:
-    def __init__(self, model="embedded", device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+    def __init__(self, model="embedded", device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
                  kv_cache_tokens: int | None = None, enable_prefix_caching: bool = True, block_size: int = 16,
                  max_num_batched_tokens: int = 2048, max_num_seqs: int = 256, attention_backend: str = "auto",
                  seed: int = 0, cuda_graphs: bool = False, tensor_parallel_size: int = 1):
@@ -40,6 +42,7 @@ class LLM:
         self.tokenizer = loaded.tokenizer
         decoder = loaded.model
         decoder.eval()
+        check_wait_policy(next(decoder.parameters()).device.type)  # threads.py: torch imported before us
         if tensor_parallel_size != 1:  # shard first: the KV cache below is sized from the shard's model.cfg
             from .distributed.tensor_parallel import shard_for_engine
             shard_for_engine(decoder, tensor_parallel_size)
@@ -62,9 +65,17 @@ class LLM:
     def generate(self, prompts: str | list[str] | list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
         """One RequestOutput per prompt, in order. Text prompts are tokenised as they are (no chat
-        template). Every prompt is validated before any is queued."""
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        template). Every prompt is validated before any is queued.
+
+        prompts: a str (one prompt), a list of str, or a list of token-id lists. A flat list of ints
+        (generate([42, 7])) is refused rather than guessed at: it reads as one token-id prompt or as
+        a list of prompts gone wrong; write [[42, 7]] for one token-id prompt.
+        use_tqdm: a progress bar over finished prompts."""
+        if isinstance(prompts, str):
             prompts = [prompts]
+        if isinstance(prompts, list) and prompts and all(isinstance(p, int) for p in prompts):
+            raise TypeError(f"generate() got a flat list of {len(prompts)} int(s); pass [[...]] (a list of token-id "
+                            "lists) for token-id prompts, e.g. generate([[42, 7]]) for one prompt")
         if not isinstance(prompts, list):
             raise TypeError(f"prompts must be a str, a list of str or a list of token-id lists, got {type(prompts).__name__}")
         params = params if params is not None else SamplingParams()
@@ -77,16 +88,18 @@ class LLM:
         ids_in_order = [self.engine.add_request(ids, sp, prompt=text) for (ids, text), sp in zip(encoded, plist)]
         wanted = set(ids_in_order)
         done: dict[str, RequestOutput] = {}
-        bar = _progress(len(prompts)) if use_tqdm else None
+        bar = _GenerateProgress(len(prompts), self.engine) if use_tqdm else None
         while len(done) < len(wanted):
             for out in self.engine.step():
                 if out.request_id in wanted:
                     if out.finished:
                         done[out.request_id] = out
                         if bar is not None:
-                            bar.update(1)
+                            bar.finished(1)
                 else:
                     self._pending.append(out)
+            if bar is not None:
+                bar.tick()
         if bar is not None:
             bar.close()
         return [done[r] for r in ids_in_order]
@@ -156,6 +169,28 @@ def _default_kv_tokens(model, block_size: int) -> int:
     return max(block_size, int(free * _GPU_KV_FRACTION) // per_token)
 
 
-def _progress(total: int):
-    from tqdm import tqdm
-    return tqdm(total=total, desc="generate")
+class _GenerateProgress:
+    """tqdm over finished prompts, with the tokens generated so far: a single long prompt would
+    otherwise sit at 0/1 until it ends. The postfix is refreshed at most twice a second."""
+
+    def __init__(self, total: int, engine: Engine):
+        from tqdm.auto import tqdm
+
+        self.engine = engine
+        self.start = engine.metrics().get("generated_tokens", 0)
+        self.bar = tqdm(total=total, desc="generate", unit="prompt")
+        self.last = 0.0
+
+    def finished(self, n: int) -> None:
+        self.bar.update(n)
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if now - self.last >= 0.5:
+            self.last = now
+            self.bar.set_postfix(tokens=self.engine.metrics().get("generated_tokens", 0) - self.start)
+
+    def close(self) -> None:
+        self.last = 0.0
+        self.tick()
+        self.bar.close()

@@ -92,10 +92,10 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def optimizer_state_for_saving(optimizer: torch.optim.Optimizer, mode: str) -> dict | None:
     """The optimizer's state dict as a checkpoint keeps it. AdamW holds two moments per trained
-    parameter, so "full" (fp32) is twice the fp32 model on disk: 1.08 GB next to a 540 MB model for
+    parameter, so "full" (fp32) is twice the fp32 model on disk: 1.08 GB next to a 538 MB model for
     the 135M embedded model. "bf16" halves that (a resume continues from moments rounded to bf16:
-    close, not bit-exact); "none" drops it (a resume restarts the moments at zero, as after warm-up
-    from scratch). The step counter stays exact in every mode."""
+    close, not bit-exact); "none" drops it (a resume restarts the moments at zero). The step
+    counter, RNG and data position stay exact in every mode."""
     if mode not in ("full", "bf16", "none"):
         raise ValueError(f"optimizer_state must be 'full', 'bf16' or 'none', got {mode!r}")
     if mode == "none":

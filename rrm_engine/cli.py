@@ -136,6 +136,8 @@ LLM_OPTIONS: list[Option] = [
     Option(("--dtype",), "dtype", dict(type=dtype_arg, help="float32/fp32, bfloat16/bf16, float16/fp16 "
                                                             "(default: bf16 on cuda, fp32 on cpu)")),
     Option(("--kv-cache-tokens",), "kv_cache_tokens", dict(type=positive_int, help="KV cache size in tokens")),
+    Option(("--tensor-parallel-size",), "tensor_parallel_size", dict(
+        type=positive_int, help="split the model over this many GPUs (ranks spawned by the engine; default 1)")),
 ]
 
 JUDGE_OPTIONS: list[Option] = [

@@ -49,7 +49,7 @@ class Engine:
         self.vocab_size, self.max_model_len = cfg.vocab_size, cfg.max_position_embeddings
         p = next(model.parameters())
         # tensor-parallel shards hold fewer heads: size the cache from the module, not the config
-        kv_heads = model.model.layers[0].self_attn.k_proj.weight.shape[0] // cfg.head_dim
+        kv_heads = model.model.layers[0].self_attn.qkv_proj.part_sizes[1] // cfg.head_dim
         # one block more than the pool hands out: the scratch block that padded decode rows write to
         self.cache = KVCache.allocate(cfg.num_layers, num_blocks + 1, block_size, kv_heads, cfg.head_dim, p.dtype, p.device)
         self.pool = BlockPool(num_blocks, block_size)

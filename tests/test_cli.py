@@ -58,6 +58,31 @@ def test_parser_tables_and_plugins():
     assert "--debug" in train._option_string_actions  # plugins get --debug from main
 
 
+def test_tensor_parallel_size_option():
+    p = build_parser()
+    assert p.parse_args(["demo"]).tensor_parallel_size is None  # not given: not passed, the engine's 1
+    a = p.parse_args(["rank", "--input", str(EXAMPLES / "cands.jsonl"), "--out", "o", "--tensor-parallel-size", "2"])
+    assert a.tensor_parallel_size == 2 and cli.llm_kwargs(a)["tensor_parallel_size"] == 2
+
+
+@pytest.mark.slow
+def test_tensor_parallel_judge_matches_one_rank(tiny_qwen2_dir):
+    """--tensor-parallel-size 2 builds a judge whose engine is two spawned gloo ranks on CPU; its
+    greedy votes are those of one process."""
+    from rrm_engine.cli import make_judge
+    from rrm_engine.distributed.tp_workers import WorkerEngine
+    args = ["demo", "--model", str(tiny_qwen2_dir), "--temperature", "0", "--max-tokens", "6", "--votes", "2",
+            "--device", "cpu", "--dtype", "float32", "--quiet"]
+    one = make_judge(build_parser().parse_args(args))
+    two = make_judge(build_parser().parse_args(args + ["--tensor-parallel-size", "2"]))
+    try:
+        assert isinstance(two.llm.engine, WorkerEngine) and two.llm.engine.world == 2
+        a, b = (j.compare("2+2?", "4", "5") for j in (one, two))
+        assert [v.token_ids for v in b.votes] == [v.token_ids for v in a.votes] and len(a.votes[0].token_ids) == 6
+    finally:
+        two.llm.engine.shutdown()
+
+
 # --- arguments are checked before the model loads --------------------------------------------------
 BAD_ARGUMENTS = [
     (["--votes", "0"], "--votes: must be an integer >= 1"),
@@ -71,6 +96,7 @@ BAD_ARGUMENTS = [
     (["--batch-size", "0"], "--batch-size: must be an integer >= 1"),
     (["--batch-size", "-1"], "--batch-size"),
     (["--kv-cache-tokens", "0"], "--kv-cache-tokens"),
+    (["--tensor-parallel-size", "0"], "--tensor-parallel-size: must be an integer >= 1"),
     (["--dtype", "int8"], "unknown dtype 'int8'"),
     (["--device", "gpu"], "unknown device 'gpu'"),
     (["--model", "no/such/dir"], "no such file or directory"),

@@ -20,9 +20,9 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from . import placement
 from .config import CheckpointError, ModelConfig
 from .fused_linear import FusedLinear
-from . import placement
 from .model import Decoder
 from .placement import resolve_device, resolve_dtype
 
@@ -187,6 +187,13 @@ def _safetensors_problem(file: Path) -> str:
     """Say what is wrong with a safetensors file that safetensors refused, naming the first tensor
     whose bytes are missing when the file was cut short. The format: an 8-byte little-endian
     header length, a JSON header {name: {dtype, shape, data_offsets: [begin, end]}}, the data."""
+    try:
+        return _safetensors_layout_problem(file)
+    except Exception as e:  # the diagnosis must never hide the original error
+        return f"corrupt or truncated safetensors file {file} ({type(e).__name__} while reading its header: {e})"
+
+
+def _safetensors_layout_problem(file: Path) -> str:
     size = file.stat().st_size
     with open(file, "rb") as f:
         head = f.read(8)

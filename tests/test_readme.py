@@ -25,7 +25,7 @@ def readme_cli_commands() -> list[str]:
 
 
 COMMANDS = readme_cli_commands()
-IDS = [" ".join(c.split()[1:3]) for c in COMMANDS]
+IDS = ["-".join(c.split()[1:3]).replace("--", "") for c in COMMANDS]  # judge-pairs, eval-pandalm, ...
 
 
 def test_readme_lists_every_command():

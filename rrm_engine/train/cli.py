@@ -46,7 +46,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     t.add_argument("--updates-per-batch", type=positive_int, default=1)
     t.add_argument("--micro-batch-size", type=positive_int, default=8)
     t.add_argument("--gradient-checkpointing", action="store_true")
-    t.add_argument("--trainable", default="all",
+    t.add_argument("--trainable", default="all", type=_trainable,
                    help='"all" or "last_n:K": train only the last K decoder layers + final norm (default: all)')
     t.add_argument("--train-zero-advantage", action="store_true",
                    help="also run groups whose rewards all agree through the training pass (changes nothing "
@@ -75,6 +75,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def _group_size(text: str) -> int:
     from ..cli import number_arg
     return number_arg(text, int, lambda v: v >= 2, "an integer >= 2 (GRPO compares the rollouts of a group)")
+
+
+def _trainable(text: str) -> str:
+    from .trainable import parse_trainable
+    try:
+        parse_trainable(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def _nonneg_int(text: str) -> int:

@@ -5,10 +5,12 @@ from .threads import set_wait_policy
 
 set_wait_policy()
 
+from .engine import StepError  # noqa: E402
 from .judge import Comparison, Judge, Ranking, parse_verdict  # noqa: E402
 from .llm import LLM  # noqa: E402
 from .outputs import CompletionOutput, RequestOutput  # noqa: E402
 from .sampling_params import SamplingParams  # noqa: E402
+from .serving import AsyncLLM  # noqa: E402
 
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Judge", "Comparison", "Ranking",
-           "parse_verdict"]
+           "parse_verdict", "AsyncLLM", "StepError"]

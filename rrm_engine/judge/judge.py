@@ -34,6 +34,7 @@ import threading
 from typing import Any, Awaitable, Callable, Literal, Sequence
 
 from .background_loop import background_loop, run_sync
+from .defaults import default_max_tokens
 from .lockstep_engine import LockstepEngine
 from .pair_job import PairJob
 from .prompt import THINK_CLOSE, THINK_OPEN, PromptBuilder, check_text
@@ -62,7 +63,7 @@ class Judge:
         self,
         llm: Any,
         votes: int = 1,
-        max_tokens: int = 8192,
+        max_tokens: int | None = None,
         temperature: float = 0.6,
         top_p: float = 1.0,
         thinking_budget: int | None = None,
@@ -79,6 +80,8 @@ class Judge:
         votes that ran out of tokens), "invalid" (opt-in: every vote without a verdict, explicit
         non-answers included) or "never" (strict=True implies it)."""
         self._check_votes(votes)
+        if max_tokens is None:  # per model (defaults.py): the paper's 8192, a small budget for the demo model
+            max_tokens = default_max_tokens(llm)
         if force is None:
             force = "never" if strict else "truncated"
         if force not in FORCE_POLICIES:
@@ -233,30 +236,34 @@ class Judge:
 
     def compare_batch(self, items: Sequence[tuple[str, str, str]], votes: int | None = None,
                       errors: Literal["raise", "return"] = "raise", progress: bool = False,
-                      timeout: float | None = None) -> list[Comparison]:
+                      timeout: float | None = None,
+                      on_result: Callable[[int, Comparison], None] | None = None) -> list[Comparison]:
         """Judge many (query, a, b) at once. errors="raise": a bad item raises ValueError before anything
         runs; "return": it comes back as a Comparison with `error` set and the others still run.
-        timeout (seconds): items not finished by then are aborted and come back with error "timeout"."""
-        return run_sync(self.acompare_batch(items, votes, errors, progress, timeout))
+        timeout (seconds): items not finished by then are aborted and come back with error "timeout".
+        on_result(index, comparison): called as each item finishes (in completion order), e.g. to
+        stream results to a file; progress=True shows a tqdm bar over items."""
+        return run_sync(self.acompare_batch(items, votes, errors, progress, timeout, on_result))
 
     async def acompare_batch(self, items: Sequence[tuple[str, str, str]], votes: int | None = None,
                              errors: Literal["raise", "return"] = "raise", progress: bool = False,
-                             timeout: float | None = None) -> list[Comparison]:
-        return await self._on_engine_loop(self._compare_batch(items, votes, errors, progress, timeout))
+                             timeout: float | None = None,
+                             on_result: Callable[[int, Comparison], None] | None = None) -> list[Comparison]:
+        return await self._on_engine_loop(self._compare_batch(items, votes, errors, progress, timeout, on_result))
 
     async def _compare_batch(self, items: Sequence[tuple[str, str, str]], votes: int | None,
-                             errors: Literal["raise", "return"], progress: bool,
-                             timeout: float | None) -> list[Comparison]:
+                             errors: Literal["raise", "return"], progress: bool, timeout: float | None,
+                             on_result: Callable[[int, Comparison], None] | None) -> list[Comparison]:
         k = self._check_votes(self.votes if votes is None else votes)
-        results: list[Comparison | None] = [None] * len(items)
         valid: list[tuple[int, tuple[str, str, str]]] = []
+        refused: list[tuple[int, Comparison]] = []
         for n, item in enumerate(items):
             try:
                 valid.append((n, self.validate_pair(item)))
             except ValueError as e:
                 if errors == "raise":
                     raise ValueError(f"item {n}: {e}") from None
-                results[n] = failed_comparison(f"ValueError: {e}")
+                refused.append((n, failed_comparison(f"ValueError: {e}")))
         # grouped by query so that each query's prompts reach the engine together (shared prefix);
         # seeded by content, not batch position: the same item gets the same votes in any batch, on any
         # replica of a pool, from any caller
@@ -269,12 +276,11 @@ class Judge:
             except ValueError as e:  # e.g. longer than the context: refused before anything runs
                 if errors == "raise":
                     raise ValueError(f"item {n}: {e}") from None
-                results[n] = failed_comparison(f"ValueError: {e}")
+                refused.append((n, failed_comparison(f"ValueError: {e}")))
                 continue
             jobs.append((n, job.run))
-        await _run_items(jobs, results, timeout, _progress(progress, len(valid), "compare"),
-                         lambda err: failed_comparison(err))
-        return results  # type: ignore[return-value]
+        return await _run_items(len(items), refused, jobs, timeout, _progress(progress, len(items), "compare"),
+                                failed_comparison, on_result)
 
     # -- rankings --------------------------------------------------------------------------------
     def rank(self, query: str, candidates: Sequence[str], method: Method = "knockout",
@@ -294,23 +300,26 @@ class Judge:
 
     def rank_batch(self, items: Sequence[tuple[str, Sequence[str]]], method: Method = "knockout",
                    votes: int | None = None, errors: Literal["raise", "return"] = "raise",
-                   progress: bool = False, timeout: float | None = None) -> list[Ranking]:
-        """Rank the candidates of many queries; all their matches run on the engine together."""
-        return run_sync(self.arank_batch(items, method, votes, errors, progress, timeout))
+                   progress: bool = False, timeout: float | None = None,
+                   on_result: Callable[[int, Ranking], None] | None = None) -> list[Ranking]:
+        """Rank the candidates of many queries; all their matches run on the engine together.
+        on_result(index, ranking): called as each query's ranking is complete."""
+        return run_sync(self.arank_batch(items, method, votes, errors, progress, timeout, on_result))
 
     async def arank_batch(self, items: Sequence[tuple[str, Sequence[str]]], method: Method = "knockout",
                           votes: int | None = None, errors: Literal["raise", "return"] = "raise",
-                          progress: bool = False, timeout: float | None = None) -> list[Ranking]:
-        return await self._on_engine_loop(self._rank_batch(items, method, votes, errors, progress, timeout))
+                          progress: bool = False, timeout: float | None = None,
+                          on_result: Callable[[int, Ranking], None] | None = None) -> list[Ranking]:
+        return await self._on_engine_loop(self._rank_batch(items, method, votes, errors, progress, timeout,
+                                                           on_result))
 
     async def _rank_batch(self, items: Sequence[tuple[str, Sequence[str]]], method: Method,
                           votes: int | None, errors: Literal["raise", "return"], progress: bool,
-                          timeout: float | None) -> list[Ranking]:
+                          timeout: float | None, on_result: Callable[[int, Ranking], None] | None) -> list[Ranking]:
         k = self._check_votes(self.votes if votes is None else votes)
         if method not in ("knockout", "elo"):
             raise ValueError(f"method must be 'knockout' or 'elo', got {method!r}")
-        results: list[Ranking | None] = [None] * len(items)
-        valid = []
+        valid, refused = [], []
         for n, item in enumerate(items):
             try:
                 q, cands = self.validate_rank(item)
@@ -319,38 +328,51 @@ class Judge:
             except ValueError as e:
                 if errors == "raise":
                     raise ValueError(f"item {n}: {e}") from None
-                results[n] = failed_ranking(method, f"ValueError: {e}")
+                refused.append((n, failed_ranking(method, f"ValueError: {e}")))
         jobs = [(n, lambda q=q, c=c: rank_candidates(self, q, c, method, k)) for n, (q, c) in valid]
-        await _run_items(jobs, results, timeout, _progress(progress, len(valid), f"rank ({method})"),
-                         lambda err: failed_ranking(method, err))
-        return results  # type: ignore[return-value]
+        return await _run_items(len(items), refused, jobs, timeout, _progress(progress, len(items), f"rank ({method})"),
+                                lambda err: failed_ranking(method, err), on_result)
 
 
-async def _run_items(jobs: list[tuple[int, Callable[[], Awaitable[Any]]]], results: list, timeout: float | None,
-                     bar: Any, failed: Callable[[str], Any]) -> None:
-    """Run each item's coroutine as a task; fill results[n]. An item that raises fails alone; items
-    still running at the timeout (or when this call is cancelled) are cancelled, i.e. aborted in the engine."""
+async def _run_items(total: int, refused: list[tuple[int, Any]], jobs: list[tuple[int, Callable[[], Awaitable[Any]]]],
+                     timeout: float | None, bar: Any, failed: Callable[[str], Any],
+                     on_result: Callable[[int, Any], None] | None) -> list[Any]:
+    """Run each item's coroutine as a task and return the results in item order. An item that raises
+    fails alone; items still running at the timeout (or when this call is cancelled, or on_result
+    raises) are cancelled, i.e. aborted in the engine. on_result sees every item as it is settled."""
+    results: list[Any] = [None] * total
+
+    def settle(n: int, r: Any) -> None:
+        results[n] = r
+        bar.update(1)
+        if on_result is not None:
+            on_result(n, r)
+
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else loop.time() + timeout
     tasks = {asyncio.ensure_future(make()): n for n, make in jobs}
-    for task in tasks:
-        task.add_done_callback(lambda _: bar.update(1))
+    pending = set(tasks)
     try:
-        if tasks:
-            await asyncio.wait(tasks, timeout=timeout)
+        for n, r in refused:
+            settle(n, r)
+        while pending:
+            left = None if deadline is None else deadline - loop.time()
+            if left is not None and left <= 0:
+                break
+            done, pending = await asyncio.wait(pending, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            for task in sorted(done, key=tasks.__getitem__):
+                e = None if task.cancelled() else task.exception()
+                r = failed("cancelled") if task.cancelled() else failed(f"{type(e).__name__}: {e}") if e else task.result()
+                settle(tasks[task], r)
     finally:
-        pending = [t for t in tasks if not t.done()]
-        for t in pending:
-            t.cancel()
+        for task in pending:
+            task.cancel()
         if pending:  # let the cancellations run, so that every abort reaches the engine
             await asyncio.gather(*pending, return_exceptions=True)
         bar.close()
-    for task, n in tasks.items():
-        if task.cancelled():
-            results[n] = failed("timeout")
-        elif task.exception() is not None:
-            e = task.exception()
-            results[n] = failed(f"{type(e).__name__}: {e}")
-        else:
-            results[n] = task.result()
+    for task in sorted(pending, key=tasks.__getitem__):
+        settle(tasks[task], failed("timeout"))
+    return results
 
 
 _engine_lock = threading.Lock()

@@ -22,12 +22,14 @@ class LLM:
     def __init__(self, model="embedded", device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                  kv_cache_tokens: int | None = None, enable_prefix_caching: bool = True, block_size: int = 16,
                  max_num_batched_tokens: int = 2048, max_num_seqs: int = 256, attention_backend: str = "auto",
-                 seed: int = 0, cuda_graphs: bool = False, tensor_parallel_size: int = 1):
+                 seed: int = 0, cuda_graphs: bool = False, tensor_parallel_size: int = 1, sampler_backend: str = "auto"):
         """cuda_graphs: run pure decode steps as CUDA graphs replayed at padded batch sizes (1, 2,
         4, ...); off by default until validated on a GPU. On CPU it runs the same padded path eagerly.
         tensor_parallel_size > 1: this process is one rank of an initialised torch.distributed group of
         that size (torchrun or rrm_engine.distributed.tensor_parallel_launch); every rank runs the same
-        calls on the same inputs (see rrm_engine/distributed/tensor_parallel.py, docs/SCALE_OUT.md)."""
+        calls on the same inputs (see rrm_engine/distributed/tensor_parallel.py, docs/SCALE_OUT.md).
+        sampler_backend: "auto" (Triton on CUDA, torch on CPU), "triton", "torch", or "csrc" (the
+        CUDA C++ greedy kernel for all-greedy steps, Triton for the rest; CUDA only, JIT-built here)."""
         from .loader import LoadedModel, load
 
         if isinstance(model, (str, os.PathLike)):
@@ -55,7 +57,7 @@ class LLM:
                              num_blocks=kv_cache_tokens // block_size, block_size=block_size,
                              enable_prefix_caching=enable_prefix_caching,
                              max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs, seed=seed,
-                             cuda_graphs=cuda_graphs)
+                             cuda_graphs=cuda_graphs, sampler_backend=sampler_backend)
         self._pending: list[RequestOutput] = []  # outputs of caller-driven requests seen inside generate()
 
     # ------------------------------------------------------------------------- generation

@@ -15,6 +15,7 @@ class Metrics:
     steps: int = 0
     num_preemptions: int = 0
     num_deferred: int = 0  # admissions put off one step to share a leader's prefix
+    failed_requests: int = 0  # requests stopped with an error (NaN/inf logits), the batch going on
     step_time_s: float = 0.0  # wall time inside step()
 
     def as_dict(self, kv_blocks_peak: int, kv_blocks_total: int, kv_blocks_used: int) -> dict:

@@ -21,8 +21,11 @@ from .scheduler import Schedule
 
 
 class ModelRunner:
-    def __init__(self, model: Decoder, cache: KVCache, static_decode: StaticDecode | None = None):
+    def __init__(self, model: Decoder, cache: KVCache, static_decode: StaticDecode | None = None, pad_block: int = 0):
         self.model = model
+        # block id that pads short block-table rows: the engine's scratch block, owned by no
+        # sequence, so a backend's masked reads past a row's end never touch another's KV
+        self.pad_block = pad_block
         self.static_decode = static_decode
         self.cache = cache
         self.block_size = cache.block_size
@@ -53,7 +56,7 @@ class ModelRunner:
         padded = []
         for s, n in zip(schedule.seqs, seq_lens):
             nb = -(-n // bs)
-            padded.append(s.seq.block_table[:nb] + [0] * (max_blocks - nb))
+            padded.append(s.seq.block_table[:nb] + [self.pad_block] * (max_blocks - nb))
         table = torch.tensor(padded, dtype=torch.int32)
         q_lens_t = torch.tensor(q_lens, dtype=torch.int64)
         qsl = torch.zeros(len(q_lens) + 1, dtype=torch.int32)
@@ -119,7 +122,7 @@ class ModelRunner:
                 seq_group[b] = g
         dev = self.device
         return PrefixLevel(
-            block_tables=torch.tensor([blocks + [0] * (width - len(blocks)) for _, blocks in groups],
+            block_tables=torch.tensor([blocks + [self.pad_block] * (width - len(blocks)) for _, blocks in groups],
                                       dtype=torch.int32).to(dev),
             lens=torch.tensor([len(blocks) * self.block_size for _, blocks in groups], dtype=torch.int32).to(dev),
             seq_group=torch.tensor(seq_group, dtype=torch.int32).to(dev))

@@ -64,6 +64,8 @@ class Engine:
         self.scheduler = Scheduler(self.pool, self.tree, max_num_batched_tokens, max_num_seqs)
         static = StaticDecode(model, self.cache, max_num_seqs, self.max_model_len, scratch_block=num_blocks) if cuda_graphs else None
         self.runner = ModelRunner(model, self.cache, static, pad_block=num_blocks)
+        if static is not None:
+            static.capture_all()  # at start-up, on the real cache (a no-op off CUDA)
         self.requests: dict[str, Request] = {}
         self._arrival = itertools.count()
         self._seq_ids = itertools.count()

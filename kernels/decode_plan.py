@@ -26,6 +26,7 @@ written for it.
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -65,10 +66,14 @@ def decode_tile(page: int) -> TileConfig:
     return TileConfig(block_m=16, block_n=max(16, min(64, page)), num_warps=4)
 
 
-def prefix_tile(group: int, head_dim: int, page: int) -> TileConfig:
+def prefix_tile(group: int, head_dim: int, page: int, rows: int = 0) -> TileConfig:
     """Rows are (member, head) pairs: 8 votes of g heads fill one block_m tile. 8 warps above
     head_dim 64: at 4, ptxas spills 184 B at the 7B shape (g=7, d=128, block_m 64) on sm_90,
-    at 8 none (tests/test_csrc_build.py checks the default shapes)."""
+    at 8 none (tests/test_csrc_build.py checks the default shapes). rows: the largest group's
+    (member, head) rows; above 64, 128-row tiles halve the programs that re-read its prefix
+    (16-key tiles: at d=128 the only 128-row shape ptxas compiles without spills, 255 registers)."""
+    if rows > 64:
+        return TileConfig(block_m=128, block_n=16, num_warps=8)
     return TileConfig(block_m=max(16, min(64, triton.next_power_of_2(group * 8))), block_n=max(16, min(64, page)),
                       num_warps=8 if head_dim > 64 else 4)
 
@@ -266,10 +271,13 @@ def plan_decode(rows: int, num_q_heads: int, num_kv_heads: int, head_dim: int, p
     each row. levels: PrefixLevel-likes or HostLevels (host lists cost no device sync).
     num_splits forces the per-row pass's split count (plain decode only)."""
     group = num_q_heads // num_kv_heads
-    tile = check_tile(tile) if tile is not None else prefix_tile(group, head_dim, page)
-    suffix_tile = suffix_tile or decode_tile(page)
     hl = [host_level(lv) for lv in levels]
     _check_level_lens(hl, page)
+    if tile is None:
+        widest = max((n for lv in hl for g, n in Counter(lv.seq_group).items() if g >= 0), default=0)
+        tile = prefix_tile(group, head_dim, page, rows=widest * group)
+    tile = check_tile(tile)
+    suffix_tile = suffix_tile or decode_tile(page)
     if hl and tile.block_m < group:
         raise ValueError(f"the prefix tile's block_m ({tile.block_m}) must hold one member's {group} query heads")
     host = _host_plan(rows, hl, seq_lens, max_seq_len, max(1, tile.block_m // group))

@@ -6,6 +6,7 @@ on CPU) on the Triton backend: it keeps split-K sized to the step's context and 
 (build item 3), with the same samples as the eager path."""
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -18,6 +19,9 @@ from rrm_engine.loader import LoadedModel
 from rrm_engine.model import Decoder
 
 BS = 16
+# the Triton cases build CPU tensors for the interpreter; on a GPU, tests/gpu runs these paths
+INTERPRETER = pytest.mark.skipif(torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                                 reason="interpreter test (tests/gpu covers the GPU path)")
 SYSTEM = list(range(3, 3 + 2 * BS))  # two whole blocks shared by every prompt
 
 
@@ -59,7 +63,7 @@ def generate(llm: LLM, prompts, params) -> tuple[list[list[list[int]]], list]:
     return [[c.token_ids for c in o.outputs] for o in outs], levels
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=[pytest.mark.slow, INTERPRETER])])
 def test_two_queries_in_flight_three_levels_equal_plain_decode(backend):
     prompts = rrm_prompts(queries=2, comparisons=2, query_len=2 * BS, pair_len=BS + 5)
     params = SamplingParams(n=3, temperature=0.8, max_tokens=5, seed=3, ignore_eos=True)
@@ -88,6 +92,7 @@ def test_two_queries_in_flight_three_levels_equal_plain_decode(backend):
 
 
 @pytest.mark.slow
+@INTERPRETER
 def test_static_decode_on_triton_keeps_split_k_and_cascade():
     """cuda_graphs=True on CPU runs the graphs' padded path eagerly with the Triton kernels and
     the static plan they would read under a graph: its grid covers the model's 32K context, but

@@ -235,15 +235,13 @@ def _check_level_lens(levels: Sequence[HostLevel], page: int) -> None:
 
 def _pack(host: _HostPlan, cap: PlanCapacity, with_tables: bool) -> torch.Tensor:
     """The packed int32 metadata in DecodePlan's layout (zeros past what the step uses, so unused
-    items of a capacity have no members), followed by the [groups, width] tables if asked."""
-    buf = torch.zeros(cap.meta_size + (cap.groups * cap.width if with_tables else 0), dtype=torch.int32)
-    o = 0
+    items of a capacity have no members), followed by the [groups, width] tables if asked. One
+    Python list, one tensor: this runs once per step on the host."""
+    flat: list[int] = []
 
     def put(values, n: int) -> None:
-        nonlocal o
-        if values:
-            buf[o:o + len(values)] = torch.tensor(values, dtype=torch.int32)
-        o += n
+        flat.extend(values)
+        flat.extend([0] * (n - len(values)))
 
     put(list(host.split_len), 2)
     put(host.kv_start, cap.rows)
@@ -252,14 +250,16 @@ def _pack(host: _HostPlan, cap: PlanCapacity, with_tables: bool) -> torch.Tensor
     put(host.members, cap.members)
     put(host.group_lens, cap.groups)
     if with_tables:
-        _tables_into(buf[o:].view(cap.groups, cap.width), host.group_tables)
-    return buf
+        put(_flat_tables(host.group_tables, cap.width), cap.groups * cap.width)
+    return torch.tensor(flat, dtype=torch.int32)
 
 
-def _tables_into(out: torch.Tensor, tables: list[list[int]]) -> None:
-    for g, blocks in enumerate(tables):
-        if blocks:
-            out[g, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+def _flat_tables(tables: list[list[int]], width: int) -> list[int]:
+    flat: list[int] = []
+    for blocks in tables:
+        flat.extend(blocks)
+        flat.extend([0] * (width - len(blocks)))
+    return flat
 
 
 def plan_decode(rows: int, num_q_heads: int, num_kv_heads: int, head_dim: int, page: int, device: torch.device,
@@ -367,8 +367,7 @@ class StaticDecodePlan:
         self.meta.copy_(_pack(host, self._full, with_tables=False), non_blocking=True)
         if host.group_tables:  # only the rows and columns this step uses: the rest is never read
             w = max(len(t) for t in host.group_tables)
-            tables = torch.zeros(len(host.group_tables), w, dtype=torch.int32)
-            _tables_into(tables, host.group_tables)
+            tables = torch.tensor(_flat_tables(host.group_tables, w), dtype=torch.int32).view(-1, w)
             self.group_tables[:tables.shape[0], :w].copy_(tables, non_blocking=True)
 
 

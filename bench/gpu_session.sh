@@ -11,6 +11,9 @@
 #   bash bench/gpu_session.sh dry-run     on a CPU: the same tests through Triton's interpreter
 #                                         (RRM_GPU_TEST_DEVICE=cpu) and the sm_90 spill report
 #   bash bench/gpu_session.sh todo        print what still needs a GPU (also printed by every step)
+#   bash bench/gpu_session.sh memory      memory plan at 7B shapes (profiled peak vs a real full step, graph
+#                                         pools, budget held), GRPO trainer reserve vs a real step, one GRPO
+#                                         step from the CLI (bf16 rollouts, plan printed); TP=2 only with 2 GPUs
 # Logs go to $OUT (the device tool's output folder) or bench/out/. Record what you measured in
 # bench/RESULTS.md with device, date and command.
 set -uo pipefail
@@ -34,6 +37,7 @@ todo() {
             prefix-tree decode (3 levels) vs plain decode; pick tile defaults from the --sweep lines
  throughput judging workload at 7B shapes >= 60% of the memory roofline and >= 5x transformers
  graphs     the same workload with --cuda-graphs: tokens/s against the throughput step's (c)
+ memory     the memory plan, graph pools and the GRPO reserve (tests/gpu/test_memory_gpu.py, branch gpu-memtp)
  unknown    whether 128-row prefix tiles (groups over 64 rows) beat 64-row ones; the per-step
             plan's host cost (python) against a 7B decode step
 EOF
@@ -56,6 +60,15 @@ case "${1:-check}" in
     todo
     run timeout 560 python -m bench.throughput --device cuda --shape qwen2-7b --json "$out/throughput.json" \
       2>&1 | tee "$out/throughput.log" ;;
+  memory)
+    run timeout 300 python -m pytest -q -rs -s tests/gpu/test_memory_gpu.py 2>&1 | tee "$out/memory.log"
+    python - > "$out/pairs.jsonl" <<'PY'
+import json
+for i in range(8):
+    print(json.dumps({"prompt": f"What is {i} + {i}?", "chosen": f"{2 * i}", "rejected": f"{2 * i + 1}"}))
+PY
+    run timeout 240 python -m rrm_engine train --model embedded --data "$out/pairs.jsonl" --out "$out/grpo" \
+      --steps 1 --group-size 4 --pairs-per-step 2 --max-tokens 64 2>&1 | tee "$out/grpo.log" ;;
   graphs)
     todo
     run timeout 560 python -m bench.throughput --device cuda --shape qwen2-7b --systems b,c --cuda-graphs \
@@ -66,5 +79,5 @@ case "${1:-check}" in
     (unset TRITON_INTERPRET; run timeout 600 python -m bench.ptxas_report) 2>&1 | tee -a "$out/dry-run.log" ;;
   todo)
     todo ;;
-  *) echo "usage: bash bench/gpu_session.sh check|kernels|throughput|graphs|dry-run|todo" >&2; exit 2 ;;
+  *) echo "usage: bash bench/gpu_session.sh check|kernels|throughput|graphs|memory|dry-run|todo" >&2; exit 2 ;;
 esac

@@ -37,6 +37,8 @@ def _common(p: argparse.ArgumentParser, max_tokens: int, votes: int) -> None:
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: the engine's choice)")
     g.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                    help="weights and KV dtype (default: the engine's choice)")
+    g.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="split the model over this many GPUs (ranks spawned by the engine; default 1)")
     g.add_argument("--votes", type=int, default=votes, help="votes per comparison (majority)")
     g.add_argument("--max-tokens", type=int, default=max_tokens, help="max generated tokens per vote")
     g.add_argument("--thinking-budget", type=int, default=None,
@@ -92,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _judge(args: argparse.Namespace) -> Judge:
     llm_kwargs: dict[str, Any] = {} if args.device is None else {"device": args.device}
+    if args.tensor_parallel_size != 1:
+        llm_kwargs["tensor_parallel_size"] = args.tensor_parallel_size
     if args.dtype is not None:
         import torch
 

@@ -56,7 +56,7 @@ class Engine:
             from kernels.csrc_ops import load
             load()  # JIT-build it now (about a minute, once per machine), not inside the first step
         # tensor-parallel shards hold fewer heads: size the cache from the module, not the config
-        kv_heads = model.model.layers[0].self_attn.k_proj.weight.shape[0] // cfg.head_dim
+        kv_heads = model.model.layers[0].self_attn.qkv_proj.part_sizes[1] // cfg.head_dim
         # one block more than the pool hands out: the scratch block that padded decode rows write to
         self.cache = KVCache.allocate(cfg.num_layers, num_blocks + 1, block_size, kv_heads, cfg.head_dim, p.dtype, p.device)
         self.pool = BlockPool(num_blocks, block_size)
@@ -64,8 +64,6 @@ class Engine:
         self.scheduler = Scheduler(self.pool, self.tree, max_num_batched_tokens, max_num_seqs)
         static = StaticDecode(model, self.cache, max_num_seqs, self.max_model_len, scratch_block=num_blocks) if cuda_graphs else None
         self.runner = ModelRunner(model, self.cache, static, pad_block=num_blocks)
-        if static is not None:
-            static.capture_all()  # at start-up, on the real cache (a no-op off CUDA)
         self.requests: dict[str, Request] = {}
         self._arrival = itertools.count()
         self._seq_ids = itertools.count()

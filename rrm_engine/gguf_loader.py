@@ -64,10 +64,11 @@ def cache_root() -> Path:
 
 
 def load_gguf(file: str | os.PathLike, device: torch.device | str = "cpu",
-              dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a Llama/Qwen2 GGUF: convert it once into the cache, then load that HF dir."""
+              dtype: torch.dtype = torch.float32, shard: Any = None) -> LoadedModel:
+    """Load a Llama/Qwen2 GGUF: convert it once into the cache, then load that HF dir (only one
+    tensor-parallel rank's slices with `shard`, a loader.ShardPlan)."""
     file = Path(file)
-    return load_hf(converted_dir(file), device=device, dtype=dtype, name=file.stem)
+    return load_hf(converted_dir(file), device=device, dtype=dtype, name=file.stem, shard=shard)
 
 
 def converted_dir(file: str | os.PathLike) -> Path:

@@ -14,6 +14,7 @@ from torch import nn
 
 from .attention import AttentionBackend, AttentionMetadata, KVCache, TorchAttention, dense_causal_attention
 from .config import ModelConfig
+from .fused_linear import FusedLinear, save_and_load_as_parts
 from .rotary import Rotary, rotary_cos_sin
 
 
@@ -42,9 +43,10 @@ class Attention(nn.Module):
         super().__init__()
         self.layer, self.cfg = layer, cfg
         d, hq, hkv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
-        self.q_proj = nn.Linear(cfg.hidden_size, hq * d, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, hkv * d, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, hkv * d, bias=cfg.qkv_bias)
+        # q/k/v in one GEMM; checkpoints still hold q_proj, k_proj, v_proj (fused_linear.py)
+        self.qkv_proj = FusedLinear(cfg.hidden_size, (("q_proj", hq * d), ("k_proj", hkv * d), ("v_proj", hkv * d)),
+                                    bias=cfg.qkv_bias)
+        save_and_load_as_parts(self)
         self.o_proj = nn.Linear(hq * d, cfg.hidden_size, bias=False)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
@@ -56,9 +58,7 @@ class Attention(nn.Module):
         lead = x.shape[:-1]  # [T] when serving, [B, L] when training
         d = self.cfg.head_dim
         # -1 heads: a tensor-parallel shard holds only its own heads
-        q = self.q_proj(x).view(*lead, -1, d)
-        k = self.k_proj(x).view(*lead, -1, d)
-        v = self.v_proj(x).view(*lead, -1, d)
+        q, k, v = (t.view(*lead, -1, d) for t in self.qkv_proj.split(self.qkv_proj(x)))
         if self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if meta is None:
@@ -71,12 +71,15 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        # gate and up in one GEMM; checkpoints still hold gate_proj, up_proj
+        self.gate_up_proj = FusedLinear(cfg.hidden_size, (("gate_proj", cfg.intermediate_size),
+                                                          ("up_proj", cfg.intermediate_size)), bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        save_and_load_as_parts(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj.split(self.gate_up_proj(x))
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -101,8 +104,9 @@ class DecoderLayer(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Parameter names follow the Hugging Face layout (model.layers.N.self_attn.q_proj.weight ...)
-    so checkpoints load and save without renaming."""
+    """state_dict() names follow the Hugging Face layout (model.layers.N.self_attn.q_proj.weight ...)
+    so checkpoints load and save without renaming; the fused q/k/v and gate/up parameters
+    (qkv_proj, gate_up_proj) appear there as their separate parts."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

@@ -34,6 +34,30 @@ def test_parser_and_train_hook():
         assert "train" in p._subparsers._group_actions[0].choices
 
 
+def test_tensor_parallel_size_option():
+    p = build_parser()
+    assert p.parse_args(["demo"]).tensor_parallel_size == 1
+    assert p.parse_args(["rank", "--input", "i", "--out", "o", "--tensor-parallel-size", "2"]).tensor_parallel_size == 2
+
+
+@pytest.mark.slow
+def test_tensor_parallel_judge_matches_one_rank(tiny_qwen2_dir):
+    """--tensor-parallel-size 2 builds a judge whose engine is two spawned gloo ranks on CPU; its
+    greedy votes are those of one process."""
+    from rrm_engine.cli import _judge
+    from rrm_engine.distributed.tp_workers import WorkerEngine
+    args = ["demo", "--model", str(tiny_qwen2_dir), "--temperature", "0", "--max-tokens", "6", "--votes", "2",
+            "--device", "cpu", "--dtype", "float32"]
+    one = _judge(build_parser().parse_args(args))
+    two = _judge(build_parser().parse_args(args + ["--tensor-parallel-size", "2"]))
+    try:
+        assert isinstance(two.llm.engine, WorkerEngine) and two.llm.engine.world == 2
+        a, b = (j.compare("2+2?", "4", "5") for j in (one, two))
+        assert [v.token_ids for v in b.votes] == [v.token_ids for v in a.votes] and len(a.votes[0].token_ids) == 6
+    finally:
+        two.llm.engine.shutdown()
+
+
 def test_module_entry_point():
     out = subprocess.run([sys.executable, "-m", "rrm_engine", "--help"], capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parents[1], timeout=120)

@@ -40,7 +40,8 @@ def test_saved_model_loads_in_transformers_and_loader(tiny_qwen2_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     loaded = load_hf(tiny_qwen2_dir)
     with torch.no_grad():  # make it differ from the source checkpoint
-        loaded.model.model.layers[0].mlp.up_proj.weight.mul_(1.5)
+        # a view into the fused gate_up_proj: the change must reach the saved up_proj and nothing else
+        loaded.model.state_dict()["model.layers.0.mlp.up_proj.weight"].mul_(1.5)
     out = tmp_path / "saved"
     save_model(loaded.model, out, loaded.tokenizer)
     ids = torch.tensor([[5, 17, 300, 42, 9, 1000]])

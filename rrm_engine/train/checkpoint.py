@@ -63,14 +63,21 @@ def save_model(model: Decoder, out: str | Path, tokenizer: Any = None) -> None:
     """The model alone, as a Hugging Face dir. Tied embeddings are stored once (as HF does)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state = {k: _own_storage(v.detach().cpu()) for k, v in model.state_dict().items()}
     if model.cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     dtype = next(iter(state.values())).dtype
-    save_file({k: v.cpu() for k, v in state.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(hf_config(model.cfg, dtype), indent=2))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
+
+
+def _own_storage(t: torch.Tensor) -> torch.Tensor:
+    """t itself when it is its storage, else a copy: safetensors refuses tensors that share memory,
+    and the parts of a fused q/k/v or gate/up weight are views into one parameter."""
+    whole = t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.nbytes
+    return t if whole else t.clone()
 
 
 def _rng_state() -> dict[str, Any]:

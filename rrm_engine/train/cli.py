@@ -46,6 +46,15 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     t.add_argument("--resume", type=Path, default=None, help="a checkpoint dir written by this command")
     t.add_argument("--device", default=None, help="cuda when available, else cpu")
     t.add_argument("--kv-cache-tokens", type=int, default=None)
+    m = t.add_argument_group("GPU memory (trainer first, rollouts get the rest; see rrm_engine/train/memory.py)")
+    m.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="fraction of the GPU the trainer and the rollout engine use together (default 0.9)")
+    m.add_argument("--trainer-memory-gb", type=float, default=None,
+                   help="reserve this much for gradients, AdamW and activations instead of the estimate")
+    m.add_argument("--max-prompt-tokens", type=int, default=2048,
+                   help="longest prompt the trainer's activation estimate assumes (default 2048)")
+    m.add_argument("--rollout-dtype", choices=("auto", "bfloat16", "float32"), default="auto",
+                   help="engine dtype for rollouts (auto: bfloat16 on GPU, the parameters' fp32 on CPU)")
     t.set_defaults(func=run)
     return t
 
@@ -80,7 +89,9 @@ def run(args: argparse.Namespace) -> int:
     if cfg.kl_coef != 0.0:  # the reference is the initial model, also when resuming
         ref = load(args.model, device=args.device, dtype=torch.float32).model if args.resume else copy.deepcopy(loaded.model)
     llm_kwargs = {"kv_cache_tokens": args.kv_cache_tokens} if args.kv_cache_tokens else {}
-    sampler = EngineSampler.around(loaded, cfg.temperature, cfg.top_p, cfg.max_tokens, **llm_kwargs)
+    llm_kwargs.update(_rollout_memory(args, loaded.model, cfg))
+    sampler = EngineSampler.around(loaded, cfg.temperature, cfg.top_p, cfg.max_tokens,
+                                   rollout_dtype=_rollout_dtype(args.rollout_dtype, loaded.model), **llm_kwargs)
     trainer = GRPOTrainer(loaded.model, loaded.tokenizer, data, sampler, cfg, ref_model=ref)
     if args.resume:
         resume(trainer, args.resume, load_weights=False)
@@ -99,3 +110,36 @@ def run(args: argparse.Namespace) -> int:
     save_checkpoint(trainer, ckpt)
     print(f"saved {ckpt} (step {trainer.step_count}); metrics in {args.out / METRICS_FILE}")
     return 0
+
+
+def _rollout_dtype(choice: str, model: Any):
+    import torch
+    if choice == "auto":
+        return torch.bfloat16 if model.lm_head_weight.device.type == "cuda" else None
+    return getattr(torch, choice)
+
+
+def _rollout_memory(args: argparse.Namespace, model: Any, cfg: Any, probe: Any = None) -> dict:
+    """On a GPU (or with a memory probe): reserve the trainer's memory first and return the rollout
+    engine's gpu_memory_utilization (printed with the reserve); nothing to do on CPU."""
+    import sys
+
+    from ..memory_plan import CudaMemoryProbe, GiB
+    from .memory import TrainerMemory, estimate_trainer_memory, rollout_memory_utilization
+    from .trainable import apply_trainable
+
+    device = model.lm_head_weight.device
+    if probe is None and device.type != "cuda":
+        return {}
+    apply_trainable(model, cfg.trainable)  # the reserve covers the trained parameters only
+    if args.trainer_memory_gb is not None:
+        trainer = TrainerMemory(0, 0, 0, 0, given=int(args.trainer_memory_gb * GiB))
+    else:
+        trainer = estimate_trainer_memory(model, micro_batch_size=cfg.micro_batch_size,
+                                          seq_len=args.max_prompt_tokens + cfg.max_tokens,
+                                          gradient_checkpointing=cfg.gradient_checkpointing,
+                                          logprob_chunk_size=cfg.logprob_chunk_size, activation_bytes=2)
+    util = rollout_memory_utilization(probe or CudaMemoryProbe(device), trainer, args.gpu_memory_utilization)
+    print(f"trainer reserve: {trainer.total / GiB:.2f} GiB {trainer.as_dict()}; rollout engine "
+          f"gpu_memory_utilization={util:.3f}", file=sys.stderr)
+    return {"gpu_memory_utilization": util}

@@ -7,10 +7,12 @@ import os
 # before torch; a value the user set wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from .engine import StepError
 from .judge import Comparison, Judge, Ranking, parse_verdict
 from .llm import LLM
 from .outputs import CompletionOutput, RequestOutput
 from .sampling_params import SamplingParams
+from .serving import AsyncLLM
 
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Judge", "Comparison", "Ranking",
-           "parse_verdict"]
+           "parse_verdict", "AsyncLLM", "StepError"]

@@ -2,16 +2,25 @@
 
 Also the caller-driven interface used by judges and trainers: add_request / step / abort /
 has_unfinished, and metrics() / reset_metrics() / invalidate_prefix_cache().
+
+When an AsyncLLM (serving/async_llm.py) drives this LLM's engine from its background thread,
+generate() goes through it (submit + wait; its errors are the AsyncLLM's), abort() is forwarded to
+it, add_request()/step() raise (the background loop owns stepping), and reset_metrics() /
+invalidate_prefix_cache() run under its engine lock. Without one, everything runs in the caller's
+thread as before, one call at a time: calls from several threads wait for each other instead of
+corrupting the engine (for concurrent callers batched together, use AsyncLLM.of(llm)).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import threading
 from collections.abc import Sequence as SequenceABC
 
 import torch
 
-from .engine import Engine
+from .engine import Engine, StepError
 from .memory_plan import CudaMemoryProbe, MemoryPlan, MemoryProbe
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
@@ -64,6 +73,8 @@ class LLM:
         if cuda_graphs:
             _capture_graphs_at_init(self.engine)
         self._pending: list[RequestOutput] = []  # outputs of caller-driven requests seen inside generate()
+        self._async_llm = None  # the AsyncLLM driving self.engine, if any (set and cleared by it)
+        self._lock = threading.RLock()  # one caller-driven call at a time; an AsyncLLM attaches under it
 
     def _start_workers(self, model, tensor_parallel_size: int, llm_kwargs: dict) -> None:
         """tensor_parallel_size ranks in spawned processes; this process keeps the tokenizer and
@@ -82,6 +93,8 @@ class LLM:
         self.tokenizer = info["tokenizer"]
         self._memory_plan = info["memory_plan"]
         self._pending = []
+        self._async_llm = None
+        self._lock = threading.RLock()
 
     # ------------------------------------------------------------------------- generation
     def generate(self, prompts: str | list[str] | list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
@@ -99,21 +112,48 @@ class LLM:
         encoded = [self._encode(p) for p in prompts]
         for (ids, _), sp in zip(encoded, plist):
             self.engine.validate(ids, sp)
-        ids_in_order = [self.engine.add_request(ids, sp, prompt=text) for (ids, text), sp in zip(encoded, plist)]
-        wanted = set(ids_in_order)
+        with self._lock:
+            driver = self._async_llm
+            if driver is None:
+                return self._generate_here(encoded, plist, use_tqdm)
+        return driver.generate_encoded(encoded, plist)
+
+    def _generate_here(self, encoded: list[tuple[list[int], str | None]], plist: list[SamplingParams],
+                       use_tqdm: bool) -> list[RequestOutput]:
+        """generate() driving the engine in this thread (self._lock held)."""
+        ids_in_order: list[str] = []
         done: dict[str, RequestOutput] = {}
-        bar = _progress(len(prompts)) if use_tqdm else None
-        while len(done) < len(wanted):
-            for out in self.engine.step():
-                if out.request_id in wanted:
-                    if out.finished:
-                        done[out.request_id] = out
-                        if bar is not None:
-                            bar.update(1)
-                else:
-                    self._pending.append(out)
-        if bar is not None:
-            bar.close()
+        bar = _progress(len(encoded)) if use_tqdm else None
+        try:
+            for (ids, text), sp in zip(encoded, plist):
+                ids_in_order.append(self.engine.add_request(ids, sp, prompt=text))
+            wanted = set(ids_in_order)
+            while len(done) < len(wanted):
+                try:
+                    outs = self.engine.step()
+                except StepError as e:  # rolled back; raise only if it failed one of ours
+                    self._pending.extend(o for o in e.outputs if o.request_id not in wanted)
+                    if any(o.request_id in wanted for o in e.outputs):
+                        raise
+                    continue
+                for out in outs:
+                    if out.request_id in wanted:
+                        if out.finished:
+                            done[out.request_id] = out
+                            if bar is not None:
+                                bar.update(1)
+                    else:
+                        self._pending.append(out)
+        except BaseException:
+            # an error or Ctrl-C: nothing of this call stays queued for the next one
+            for rid in ids_in_order:
+                if rid not in done:
+                    with contextlib.suppress(Exception):
+                        self.engine.abort(rid)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
         return [done[r] for r in ids_in_order]
 
     def _encode(self, prompt) -> tuple[list[int], str | None]:
@@ -128,16 +168,29 @@ class LLM:
     # -------------------------------------------------------------------- caller-driven API
     def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> str:
         ids, text = self._encode(prompt)
-        return self.engine.add_request(ids, params, request_id=request_id, prompt=text)
+        with self._lock:
+            self._refuse_if_driven("add_request")
+            return self.engine.add_request(ids, params, request_id=request_id, prompt=text)
 
     def step(self) -> list[RequestOutput]:
         """Outputs of requests that had a sample finish in this step (finished=True when all n
-        are done)."""
-        out, self._pending = self._pending, []
-        return out + self.engine.step()
+        are done). A failed step raises StepError (see engine.py); it was rolled back, the
+        requests it names have failed, the others go on: call step() again."""
+        with self._lock:
+            self._refuse_if_driven("step")
+            outs = self.engine.step()
+            pending, self._pending = self._pending, []
+            return pending + outs
 
     def abort(self, request_id: str) -> RequestOutput | None:
-        return self.engine.abort(request_id)
+        """Returns the request's final output; None if it is unknown or done. With an AsyncLLM
+        attached the abort is forwarded to it and its waiter gets the output (returns None)."""
+        with self._lock:
+            driver = self._async_llm
+            if driver is None:
+                return self.engine.abort(request_id)
+        driver.abort(request_id)
+        return None
 
     def has_unfinished(self) -> bool:
         return self.engine.has_unfinished() or bool(self._pending)
@@ -146,14 +199,34 @@ class LLM:
         return self.engine.metrics()
 
     def reset_metrics(self) -> None:
-        self.engine.reset_metrics()
+        with self._engine_lock():
+            self.engine.reset_metrics()
 
     def memory_plan(self) -> dict:
         """How this engine (this rank) split device memory at start-up: MemoryPlan.as_dict()."""
         return self._memory_plan.as_dict()
 
     def invalidate_prefix_cache(self) -> None:
-        self.engine.invalidate_prefix_cache()
+        with self._engine_lock():
+            self.engine.invalidate_prefix_cache()
+
+    # ----------------------------------------------------- when an AsyncLLM drives the engine
+    def _refuse_if_driven(self, what: str) -> None:
+        if self._async_llm is not None:
+            raise RuntimeError(f"LLM.{what}() while an AsyncLLM drives this engine: its background loop does the "
+                               "stepping; submit through the AsyncLLM (submit/generate/stream) or call generate()")
+
+    @contextlib.contextmanager
+    def _engine_lock(self):
+        """Exclusive use of the engine: the AsyncLLM's engine lock (its loop steps under it), or
+        without one this LLM's own lock."""
+        with self._lock:
+            driver = self._async_llm
+            if driver is None:
+                yield
+                return
+        with driver.engine_lock:
+            yield
 
 
 def _spawns_workers(tensor_parallel_size: int) -> bool:

@@ -94,3 +94,26 @@ def test_nan_during_decode_fails_the_forked_request_and_the_rest_continue():
     for got, want in zip(outs[1:], clean[1:]):
         assert [c.token_ids for c in got.outputs] == [c.token_ids for c in want.outputs]
     assert llm.metrics()["failed_requests"] == 1
+
+
+def test_async_waiter_of_a_nan_request_gets_request_failed_error():
+    """Through AsyncLLM (serving): the NaN request's future raises RequestFailedError naming it,
+    with its final output; the other request's future gives its normal output."""
+    from rrm_engine import AsyncLLM
+    from rrm_engine.serving import RequestFailedError
+    bad_token = 77
+    m = tiny()
+    with torch.no_grad():
+        m.model.model.embed_tokens.weight[bad_token] = float("nan")
+    alm = AsyncLLM(LLM(m, kv_cache_tokens=1024, block_size=4))
+    try:
+        params = SamplingParams(n=2, temperature=0.0, max_tokens=4, ignore_eos=True)
+        bad = alm.submit(ids(5, 7, bad_token) + [bad_token], params, request_id="judge-7")
+        good = alm.submit(ids(6, 12, bad_token), params)
+        with pytest.raises(RequestFailedError, match="judge-7.*NaN") as err:
+            bad.result(timeout=60)
+        assert err.value.output.error is not None and err.value.output.outputs[0].finish_reason == "error"
+        out = good.result(timeout=60)
+        assert out.error is None and len(out.outputs[0].token_ids) == 4
+    finally:
+        alm.shutdown()

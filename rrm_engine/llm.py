@@ -16,6 +16,7 @@ import contextlib
 import os
 import sys
 import threading
+import time
 from collections.abc import Sequence as SequenceABC
 
 import torch
@@ -24,12 +25,13 @@ from .engine import Engine, StepError
 from .memory_plan import CudaMemoryProbe, MemoryPlan, MemoryProbe
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
+from .threads import check_wait_policy
 
 _CPU_DEFAULT_KV_TOKENS = 16384  # 0.75 GB of fp32 KV for SmolLM2-135M
 
 
 class LLM:
-    def __init__(self, model="embedded", device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+    def __init__(self, model="embedded", device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
                  kv_cache_tokens: int | None = None, enable_prefix_caching: bool = True, block_size: int = 16,
                  max_num_batched_tokens: int = 2048, max_num_seqs: int = 256, attention_backend: str = "auto",
                  seed: int = 0, cuda_graphs: bool = False, tensor_parallel_size: int = 1,
@@ -58,6 +60,7 @@ class LLM:
         self.tokenizer = loaded.tokenizer
         decoder = loaded.model
         decoder.eval()
+        check_wait_policy(next(decoder.parameters()).device.type)  # threads.py: torch imported before us
         _use_backend(decoder, attention_backend)
         if kv_cache_tokens is not None and (not isinstance(kv_cache_tokens, int) or kv_cache_tokens < block_size):
             raise ValueError(f"kv_cache_tokens must be an integer >= block_size ({block_size}), got {kv_cache_tokens!r}")
@@ -100,9 +103,17 @@ class LLM:
     def generate(self, prompts: str | list[str] | list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
         """One RequestOutput per prompt, in order. Text prompts are tokenised as they are (no chat
-        template). Every prompt is validated before any is queued."""
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        template). Every prompt is validated before any is queued.
+
+        prompts: a str (one prompt), a list of str, or a list of token-id lists. A flat list of ints
+        (generate([42, 7])) is refused rather than guessed at: it reads as one token-id prompt or as
+        a list of prompts gone wrong; write [[42, 7]] for one token-id prompt.
+        use_tqdm: a progress bar over finished prompts."""
+        if isinstance(prompts, str):
             prompts = [prompts]
+        if isinstance(prompts, list) and prompts and all(isinstance(p, int) for p in prompts):
+            raise TypeError(f"generate() got a flat list of {len(prompts)} int(s); pass [[...]] (a list of token-id "
+                            "lists) for token-id prompts, e.g. generate([[42, 7]]) for one prompt")
         if not isinstance(prompts, list):
             raise TypeError(f"prompts must be a str, a list of str or a list of token-id lists, got {type(prompts).__name__}")
         params = params if params is not None else SamplingParams()
@@ -123,7 +134,7 @@ class LLM:
         """generate() driving the engine in this thread (self._lock held)."""
         ids_in_order: list[str] = []
         done: dict[str, RequestOutput] = {}
-        bar = _progress(len(encoded)) if use_tqdm else None
+        bar = _GenerateProgress(len(encoded), self.engine) if use_tqdm else None
         try:
             for (ids, text), sp in zip(encoded, plist):
                 ids_in_order.append(self.engine.add_request(ids, sp, prompt=text))
@@ -141,9 +152,11 @@ class LLM:
                         if out.finished:
                             done[out.request_id] = out
                             if bar is not None:
-                                bar.update(1)
+                                bar.finished(1)
                     else:
                         self._pending.append(out)
+                if bar is not None:
+                    bar.tick()
         except BaseException:
             # an error or Ctrl-C: nothing of this call stays queued for the next one
             for rid in ids_in_order:
@@ -332,6 +345,28 @@ def _capture_graphs_at_init(engine: Engine) -> None:
         capture_decode_graphs(static)
 
 
-def _progress(total: int):
-    from tqdm import tqdm
-    return tqdm(total=total, desc="generate")
+class _GenerateProgress:
+    """tqdm over finished prompts, with the tokens generated so far: a single long prompt would
+    otherwise sit at 0/1 until it ends. The postfix is refreshed at most twice a second."""
+
+    def __init__(self, total: int, engine: Engine):
+        from tqdm.auto import tqdm
+
+        self.engine = engine
+        self.start = engine.metrics().get("generated_tokens", 0)
+        self.bar = tqdm(total=total, desc="generate", unit="prompt")
+        self.last = 0.0
+
+    def finished(self, n: int) -> None:
+        self.bar.update(n)
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if now - self.last >= 0.5:
+            self.last = now
+            self.bar.set_postfix(tokens=self.engine.metrics().get("generated_tokens", 0) - self.start)
+
+    def close(self) -> None:
+        self.last = 0.0
+        self.tick()
+        self.bar.close()

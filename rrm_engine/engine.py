@@ -36,6 +36,7 @@ import itertools
 import random
 import time
 
+import torch
 
 from .attention import KVCache
 from .block_pool import BlockPool
@@ -47,7 +48,7 @@ from .model import Decoder
 from .outputs import CompletionOutput, RequestOutput
 from .radix_cache import RadixCache
 from .runner import ModelRunner
-from .sampler import SampleRequest, sample, sample_seed
+from .sampler import SampleRequest, check_backend, sample, sample_seed
 from .sampling_params import SamplingParams
 from .scheduler import Schedule, Scheduler
 from .sequence import Request, Sequence, Status
@@ -75,16 +76,22 @@ class _EngineStuck(RuntimeError):
 class Engine:
     def __init__(self, model: Decoder, tokenizer, eos_token_ids: tuple[int, ...], *, num_blocks: int,
                  block_size: int = 16, enable_prefix_caching: bool = True, max_num_batched_tokens: int = 2048,
-                 max_num_seqs: int = 256, seed: int = 0, cuda_graphs: bool = False):
+                 max_num_seqs: int = 256, seed: int = 0, cuda_graphs: bool = False, sampler_backend: str = "auto"):
         for name, v in (("num_blocks", num_blocks), ("block_size", block_size),
                         ("max_num_batched_tokens", max_num_batched_tokens), ("max_num_seqs", max_num_seqs)):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         self.model, self.tokenizer = model, tokenizer
+        self.sampler_backend = check_backend(sampler_backend)
         self.eos_token_ids = frozenset(eos_token_ids)
         cfg = model.cfg
         self.vocab_size, self.max_model_len = cfg.vocab_size, cfg.max_position_embeddings
         p = next(model.parameters())
+        if sampler_backend == "csrc":
+            if p.device.type != "cuda":
+                raise ValueError(f"sampler_backend='csrc' needs the model on a CUDA device, got {p.device}")
+            from kernels.csrc_ops import load
+            load()  # JIT-build it now (about a minute, once per machine), not inside the first step
         # tensor-parallel shards hold fewer heads: size the cache from the module, not the config
         kv_heads = model.model.layers[0].self_attn.qkv_proj.part_sizes[1] // cfg.head_dim
         # one block more than the pool hands out: the scratch block that padded decode rows write to
@@ -93,7 +100,7 @@ class Engine:
         self.tree = RadixCache(self.pool) if enable_prefix_caching else None
         self.scheduler = Scheduler(self.pool, self.tree, max_num_batched_tokens, max_num_seqs)
         static = StaticDecode(model, self.cache, max_num_seqs, self.max_model_len, scratch_block=num_blocks) if cuda_graphs else None
-        self.runner = ModelRunner(model, self.cache, static)
+        self.runner = ModelRunner(model, self.cache, static, pad_block=num_blocks)
         self.requests: dict[str, Request] = {}
         self._arrival = itertools.count()
         self._seq_ids = itertools.count()
@@ -243,14 +250,18 @@ class Engine:
                 wants.append(SampleRequest(row, req.params, seq.seed, seq.num_generated))
                 owners.append((seq, seq.index))
         with phase("engine.sample"):
-            results = sample(logits, wants) if wants else []
+            results = sample(logits, wants, self.sampler_backend) if wants else []
         self.scheduler.step_done(sched)
+        failed = self._fail_bad_logits(owners, results)
+        if failed:  # their samples are meaningless: no fork, no token for them
+            kept = [k for k, (seq, _) in enumerate(owners) if seq.request.request_id not in failed]
+            owners, results = [owners[k] for k in kept], [results[k] for k in kept]
         # fork first (siblings copy the leader's blocks), then append and stop: a leader that
         # finishes at once (max_tokens=1) must not release its blocks before its siblings share them
         targets = [self._fork(seq, i) if i != seq.index else seq for seq, i in owners]
         for seq, _ in owners:
             seq.request.forked = True
-        touched: dict[str, Request] = {}
+        touched: dict[str, Request] = dict(failed)
         for seq, res in zip(targets, results):
             seq.prefill_done = True
             self._append(seq, res)
@@ -297,6 +308,36 @@ class Engine:
             raise RuntimeError(f"the engine could not roll back a failed step ({message}): {bad}; "
                                "it must not be used further") from bad
         return outs
+
+    def _fail_bad_logits(self, owners: list[tuple[Sequence, int]], results: list) -> dict[str, Request]:
+        """Fail every request with a sample whose logits row was NaN/inf (flagged by the sampler
+        with the step's one sync): its samples finish with "error" and RequestOutput.error says
+        why; the step itself succeeds and the rest of the batch goes on (unlike a step that raises,
+        see "Failed steps"). The full blocks it inserted into the prefix tree stay there: a request
+        with the same prefix computes the same NaN and fails the same way."""
+        failed: dict[str, Request] = {}
+        for (seq, _), res in zip(owners, results):
+            req = seq.request
+            if res.bad_logits and req.request_id not in failed:
+                failed[req.request_id] = req
+                req.error = (f"request {req.request_id!r}: the model's logits for sample {seq.index} at generated "
+                             f"token {seq.num_generated} hold NaN or +inf (or are all -inf); the request was "
+                             f"stopped, the rest of the batch goes on")
+                held = {b for s in req.seqs for b in s.block_table}
+                for s in req.seqs:
+                    if s.status is not Status.FINISHED:
+                        s.finish_reason = "error"
+                        self.scheduler.drop(s)  # its NaN tail does not go into the prefix tree
+                # its KV may hold NaN: clear the blocks it freed, so that a later owner's reads
+                # past its own length (the torch backend's masked gathers) see zeros, not NaN
+                freed = sorted(b for b in held if self.pool.ref_counts[b] == 0)
+                if freed:
+                    idx = torch.tensor(freed, dtype=torch.int64).to(self.cache.k.device, non_blocking=True)
+                    self.cache.k[:, idx] = 0
+                    self.cache.v[:, idx] = 0
+                req.forked = True  # no fork will come: the request is finished
+                self._metrics.failed_requests += 1
+        return failed
 
     def _fork(self, leader: Sequence, index: int) -> Sequence:
         req = leader.request
@@ -367,7 +408,8 @@ class Engine:
             outs.append(CompletionOutput(i, text, gen, seq.finish_reason, seq.cumulative_logprob,
                                          list(seq.logprobs) if seq.logprobs is not None else None, seq.stop_reason,
                                          list(seq.sampling_logprobs)))
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, finished, req.num_cached_tokens)
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, finished, req.num_cached_tokens,
+                             req.error)
 
     def _final_output(self, req: Request) -> RequestOutput:
         """The output of a request that leaves the engine by abort or failure: it must come out

@@ -35,7 +35,8 @@ class LLM:
                  kv_cache_tokens: int | None = None, enable_prefix_caching: bool = True, block_size: int = 16,
                  max_num_batched_tokens: int = 2048, max_num_seqs: int = 256, attention_backend: str = "auto",
                  seed: int = 0, cuda_graphs: bool = False, tensor_parallel_size: int = 1,
-                 gpu_memory_utilization: float = 0.9, memory_probe: MemoryProbe | None = None):
+                 gpu_memory_utilization: float = 0.9, memory_probe: MemoryProbe | None = None,
+                 sampler_backend: str = "auto"):
         """cuda_graphs: run pure decode steps as CUDA graphs replayed at padded batch sizes (1, 2,
         4, ...); off by default until validated on a GPU. On CPU it runs the same padded path eagerly.
         tensor_parallel_size > 1: from a plain process, this LLM spawns that many worker processes
@@ -47,7 +48,9 @@ class LLM:
         (weights, activations, CUDA graphs and KV cache together; vLLM's meaning). On a GPU the KV
         cache gets what a profiling step and the graphs leave (memory_plan.py); the plan is printed
         at start-up and returned by memory_plan(). memory_probe: where device memory is read
-        (default: the CUDA allocator on a GPU, none on CPU, where kv_cache_tokens defaults to 16384)."""
+        (default: the CUDA allocator on a GPU, none on CPU, where kv_cache_tokens defaults to 16384).
+        sampler_backend: "auto" (Triton on CUDA, torch on CPU), "triton", "torch", or "csrc" (the
+        CUDA C++ greedy kernel for all-greedy steps, Triton for the rest; CUDA only, JIT-built here)."""
         if tensor_parallel_size != 1 and _spawns_workers(tensor_parallel_size):
             args = {k: v for k, v in locals().items() if k not in ("self", "model", "tensor_parallel_size", "__class__")}
             self._start_workers(model, tensor_parallel_size, args)
@@ -69,7 +72,7 @@ class LLM:
                              num_blocks=self._memory_plan.num_blocks, block_size=block_size,
                              enable_prefix_caching=enable_prefix_caching,
                              max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs, seed=seed,
-                             cuda_graphs=cuda_graphs)
+                             cuda_graphs=cuda_graphs, sampler_backend=sampler_backend)
         if cuda_graphs:
             _capture_graphs_at_init(self.engine)
         self._pending: list[RequestOutput] = []  # outputs of caller-driven requests seen inside generate()
@@ -333,9 +336,8 @@ def _plan_memory(decoder, probe: MemoryProbe | None, *, gpu_memory_utilization: 
 
 def _capture_graphs_at_init(engine: Engine) -> None:
     """Capture every decode CUDA graph now, on the real KV cache, so that no capture (and no
-    allocation outside the plan) happens mid-run. HOOK: memory_profile.capture_decode_graphs
-    stands in for gpu-kernels' capture-at-init method until it lands. Off CUDA there is nothing
-    to capture."""
+    allocation outside the plan) happens mid-run (StaticDecode.capture_all, through the memory
+    profiler's helper). Off CUDA there is nothing to capture."""
     from .memory_profile import capture_decode_graphs
 
     static = engine.runner.static_decode

@@ -67,20 +67,11 @@ def profile_activations(model: Decoder, probe: MemoryProbe, *, max_num_batched_t
 
 
 def capture_decode_graphs(static: StaticDecode) -> None:
-    """HOOK until branch gpu-kernels lands its capture-at-init method: run one pure decode step
-    at every padded batch size through StaticDecode's public path, which captures that size's
-    graph on CUDA (and runs eagerly elsewhere). The rows decode one token each from the scratch
-    block, so nothing outside it is written."""
-    dev, bs, scratch = static.cache.k.device, static.bs, static.scratch_block
-    for p in static.sizes:
-        meta = AttentionMetadata(positions=torch.zeros(p, dtype=torch.int64, device=dev),
-                                 slot_mapping=torch.full((p,), scratch * bs, dtype=torch.int64, device=dev),
-                                 query_start_loc=torch.arange(p + 1, dtype=torch.int32, device=dev),
-                                 seq_lens=torch.ones(p, dtype=torch.int32, device=dev),
-                                 block_tables=torch.full((p, 1), scratch, dtype=torch.int32, device=dev),
-                                 query_lens_host=[1] * p, seq_lens_host=[1] * p)
-        with torch.inference_mode():
-            static.run(torch.zeros(p, dtype=torch.int64, device=dev), meta)
+    """Capture the decode graph of every padded batch size (StaticDecode.capture_all: padding
+    rows that decode one token in the scratch block, so nothing outside it is written; the
+    static plan buffers the graphs read are allocated here too, so they are measured). A no-op
+    off CUDA."""
+    static.capture_all()
 
 
 def measure_decode_graphs(model: Decoder, probe: MemoryProbe, *, max_num_seqs: int, block_size: int) -> int:

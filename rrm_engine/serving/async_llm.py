@@ -321,7 +321,8 @@ class AsyncLLM:
                 continue
             if out.finished:
                 p.resolved = True
-                results.append((p, out))
+                # a request the engine stopped on its own (NaN/inf logits) fails like one of a failed step
+                results.append((p, RequestFailedError(out.request_id, out.error, out) if out.error else out))
             elif p.stream is not None:
                 snapshots.append((p, out))
 

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 
 class RequestFailedError(RuntimeError):
-    """The engine step that ran this request raised. The engine rolled the step back (engine.py,
-    "Failed steps") and went on with every other request. __cause__ is the step's original
-    exception; .output the request's final output (finished, .error set, finish_reason "error"
-    on the samples that had not finished)."""
+    """The engine step that ran this request raised, or the engine stopped the request itself
+    (its logits were NaN/inf; the message names it). A failed step is rolled back (engine.py,
+    "Failed steps"); either way every other request goes on. __cause__ is the step's original
+    exception (None for NaN logits); .output the request's final output (finished, .error set,
+    finish_reason "error" on the samples that had not finished)."""
 
     def __init__(self, request_id: str, message: str, output=None):
         super().__init__(message)

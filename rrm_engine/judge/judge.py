@@ -5,7 +5,7 @@ One judgment: build the RRM prompt (prompt.py), submit it to the engine with n =
 prefilled once and forked), read each vote (verdict.py), aggregate (voting.py): pair_job.py. A
 ranking is a tournament of such comparisons (rank_job.py, tournament.py).
 
-Every request goes through the engine's AsyncLLM (rrm_engine/serving/async_llm.py), one per LLM and
+Every request goes through the engine's AsyncLLM (rrm_engine/async_engine/async_llm.py), one per LLM and
 shared by every Judge, adapter and server route over that LLM: its background thread runs the step
 loop and batches whatever all callers have in flight. The async methods run on the caller's event
 loop (any loop, several at once); the sync methods run the same coroutines on one background loop
@@ -33,6 +33,7 @@ import random
 import threading
 from typing import Any, Awaitable, Callable, Literal, Sequence
 
+from ..async_engine import AsyncLLM
 from .background_loop import background_loop, run_sync
 from .defaults import default_max_tokens
 from .lockstep_engine import LockstepEngine
@@ -137,7 +138,7 @@ class Judge:
         with _engine_lock:
             if self._engine is None:
                 try:
-                    self._engine = _async_llm_cls().of(self.llm)
+                    self._engine = AsyncLLM.of(self.llm)
                 except ValueError:
                     if not _tensor_parallel(self.llm):
                         raise
@@ -394,13 +395,6 @@ def _tensor_parallel(llm: Any) -> bool:
     engine = getattr(llm, "engine", None)
     return engine is not None and (not isinstance(engine, Engine)
                                    or getattr(getattr(engine, "model", None), "gather_logits", None) is not None)
-
-
-def _async_llm_cls() -> Any:
-    # the engine's async front (rrm_engine/serving/async_llm.py); imported late: serving imports the judge
-    from rrm_engine.serving.async_llm import AsyncLLM
-
-    return AsyncLLM
 
 
 class _NoBar:

@@ -1,6 +1,6 @@
-"""Serving: the async engine (one background step loop shared by every caller) and, above it,
-the HTTP server of `python -m rrm_engine serve`, its client, and the training-loop entry points
-that need them (verl.py).
+"""Serving: the HTTP server of `python -m rrm_engine serve`, its client, and the training-loop
+entry points that need them (verl.py), all above the engine's async front (rrm_engine/async_engine,
+re-exported here) and the judge.
 
 The server and client are imported on first use (JudgeClient, build_app, run_server), so importing
 this package does not need the `serve` extra (fastapi, uvicorn, httpx).
@@ -9,9 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .async_llm import AsyncLLM
-from .errors import EngineDeadError, RequestFailedError, RequestTimeoutError
-from .stream import RequestStream
+from ..async_engine import AsyncLLM, EngineDeadError, RequestFailedError, RequestTimeoutError, RequestStream
 
 _LAZY = {"JudgeClient": "client", "build_app": "server", "run_server": "server"}
 

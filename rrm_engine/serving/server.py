@@ -35,7 +35,7 @@ from . import prometheus
 from .judge_api import CompareBody, OpenRLHFBody, RankBody
 from .openai_api import (BadField, ChatRequest, CompletionRequest, chat_logprobs, chat_response,
                          completion_logprobs, completion_response, new_id)
-from .errors import EngineDeadError, RequestFailedError
+from ..async_engine import EngineDeadError, RequestFailedError
 from .openrlhf import OpenRLHFConfig, openrlhf_rewards
 
 

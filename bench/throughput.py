@@ -32,6 +32,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import rrm_engine  # noqa: F401  first: it sets OMP_WAIT_POLICY before torch loads OpenMP (see rrm_engine/__init__)
@@ -79,6 +80,8 @@ class Options:
     quiet: bool = False
     threads: int | None = None
     profile_steps: int = 10
+    pandalm: Path | None = None  # None: workload.default_pandalm()
+    cuda_graphs: bool = False
     weights: str = "auto"
     llamacpp: tuple[str, ...] = ("q4_1", "f16", "f32")
     llamacpp_flash_attn: str = "auto"
@@ -91,6 +94,8 @@ def parse_args(argv: list[str] | None = None) -> Options:
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=sorted(_DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--votes", type=int, default=8, help="k votes per comparison")
+    p.add_argument("--pandalm", type=Path, default=None, help="PandaLM test set for the texts (default: $RRM_PANDALM, "
+                   "else ../shared/data/pandalm_testset_v1.json; synthetic text, said so, when absent)")
     p.add_argument("--candidates", type=int, default=4, help="N candidates per query")
     p.add_argument("--queries", type=int, default=2, help="Q queries")
     p.add_argument("--prompt-len", type=int, default=500, help="target tokens of one comparison prompt")
@@ -123,6 +128,8 @@ def parse_args(argv: list[str] | None = None) -> Options:
                    help=f"PARAM in {sorted(SWEEPABLE)}, VALUES comma-separated integers")
     p.add_argument("--plot", metavar="FILE.png", default=None, help="with --sweep: tokens/s per system (matplotlib)")
     p.add_argument("--quiet", action="store_true", help="print only the summary")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="engine systems decode through CUDA graphs (captured at start-up; eager off CUDA)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's); on a CPU shared with other jobs use 1: "
                         "OpenMP threads that wait for a descheduled sibling make small matmuls 10-50x slower")
@@ -158,8 +165,8 @@ def parse_args(argv: list[str] | None = None) -> Options:
         p.error(f"--llamacpp takes a comma list of {', '.join(LLAMACPP_PRECISIONS)}; got {a.llamacpp!r}")
     return Options(a.model, a.device, a.dtype, a.votes, a.candidates, a.queries, a.prompt_len, a.gen_len, a.method,
                    a.shape, a.layers, systems, a.hf_batch, a.kv_tokens, a.temperature, a.seed, a.profile, a.json,
-                   sweep, values, a.plot, a.quiet, a.threads, a.profile_steps, a.weights, precisions,
-                   a.llamacpp_flash_attn, a.llamacpp_kv_unified)
+                   sweep, values, a.plot, a.quiet, a.threads, a.profile_steps, a.pandalm, a.cuda_graphs, a.weights,
+                   precisions, a.llamacpp_flash_attn, a.llamacpp_kv_unified)
 
 
 # ------------------------------------------------------------------------------ the systems
@@ -198,7 +205,8 @@ def build(opts: Options, log=print) -> Setup:
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = _DTYPES[opts.dtype] if opts.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     kw = dict(device=device, dtype=dtype) if opts.shape is None else {}
-    engine_kw = dict(block_size=16, seed=opts.seed, kv_cache_tokens=opts.kv_tokens or _kv_tokens_needed(opts))
+    engine_kw = dict(block_size=16, seed=opts.seed, cuda_graphs=opts.cuda_graphs,
+                     kv_cache_tokens=opts.kv_tokens or _kv_tokens_needed(opts))
     t = time.perf_counter()
     hf = None
     if opts.shape == "qwen2-7b":
@@ -295,9 +303,12 @@ def run_judge(setup: Setup, work: Workload, votes: int, gen_len: int, methods: l
     items = list(zip(work.queries, work.candidates))
     sync(setup.device)
     t = time.perf_counter()
-    for m in methods:
-        with phase(f"judge.rank_batch[{m}]"):
-            judge.rank_batch(items, method=m)
+    try:
+        for m in methods:
+            with phase(f"judge.rank_batch[{m}]"):
+                judge.rank_batch(items, method=m)
+    finally:
+        rec.close()
     sync(setup.device)
     seconds = time.perf_counter() - t
     m = llm.metrics()
@@ -316,7 +327,8 @@ def run_judge(setup: Setup, work: Workload, votes: int, gen_len: int, methods: l
 def warm_up(setup: Setup) -> None:
     """Each system once on a small run: first-call costs (allocator, kernels, caches) stay out of the timing."""
     o = setup.opts
-    work = make_workload(_judge(setup, RecordingLLM(setup.llm_c, 2), 2, 2).builder, 1, 2, 64, seed=o.seed + 1)
+    work = make_workload(_judge(setup, RecordingLLM(setup.llm_c, 2), 2, 2).builder, 1, 2, 64, seed=o.seed + 1,
+                         pandalm=o.pandalm)
     _, rec = run_judge(setup, work, 2, 2, ["knockout"])
     prompts = [(r.prompt_ids, r.n) for r in rec.records.values()]
     if setup.llm_b is not None:
@@ -359,7 +371,9 @@ def compare(setup: Setup, votes: int, prompt_len: int, gen_len: int, log=print) 
     """One side-by-side run of the selected systems on one workload; returns the report dict."""
     o = setup.opts
     builder = _judge(setup, RecordingLLM(setup.llm_c, gen_len), votes, gen_len).builder
-    work = make_workload(builder, o.queries, o.candidates, prompt_len, seed=o.seed)
+    work = make_workload(builder, o.queries, o.candidates, prompt_len, seed=o.seed, pandalm=o.pandalm)
+    if work.why:
+        log(f"[workload] synthetic text: {work.why}")
     methods = _methods(o)
     res_c, rec = run_judge(setup, work, votes, gen_len, methods)
     prompts = [(r.prompt_ids, r.n) for r in rec.records.values()]
@@ -384,7 +398,7 @@ def compare(setup: Setup, votes: int, prompt_len: int, gen_len: int, log=print) 
     report: dict[str, Any] = {
         "params": {"votes": votes, "prompt_len": prompt_len, "gen_len": gen_len, "queries": o.queries,
                    "candidates": o.candidates, "methods": methods, "comparisons": len(prompts),
-                   "mean_prompt_tokens": statistics.mean(lens), "text_source": work.source,
+                   "mean_prompt_tokens": statistics.mean(lens), "text_source": work.source, "text_source_why": work.why,
                    "hf_prompts_per_generate_call": o.hf_batch},
         "systems": {k: summarize(v) for k, v in sorted(results.items()) if k != "d"},
         "ratios": {},
@@ -493,7 +507,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(plot_sweep(o.plot, o.sweep, runs), flush=True)
     if o.profile:
         builder = _judge(setup, RecordingLLM(setup.llm_c, o.gen_len), o.votes, o.gen_len).builder
-        work = make_workload(builder, o.queries, o.candidates, o.prompt_len, seed=o.seed)
+        work = make_workload(builder, o.queries, o.candidates, o.prompt_len, seed=o.seed, pandalm=o.pandalm)
         path, table = profile_run(lambda tick: run_judge(setup, work, o.votes, o.gen_len, _methods(o), tick),
                                   o.profile, setup.device, steps=o.profile_steps)
         print(f"[profile] system (c) trace: {path}\n{table}", flush=True)

@@ -51,7 +51,15 @@ class CpuAttention:
         q = cpu_ops.rope_and_store(q.to(dtype), k.to(dtype), v.to(dtype), rotary.positions,
                                    rotary.cos_table.to(dtype), rotary.sin_table.to(dtype), k_cache, v_cache,
                                    meta.slot_mapping)
-        if meta.is_decode:
-            return cpu_ops.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale,
-                                                  meta.prefix_levels)
-        return prefill_attention(layer, q, cache, meta, scale)
+        nd = meta.num_decode  # a mixed step: its decode rows first (attention.py), the rest prefill
+        if nd == 0:
+            return prefill_attention(layer, q, cache, meta, scale)
+        dm = meta.decode_part()
+        dec = cpu_ops.paged_decode_attention(q[:nd], k_cache, v_cache, dm.block_tables, dm.seq_lens, scale,
+                                             dm.prefix_levels)
+        if nd == len(meta.query_lens_host):
+            return dec
+        out = torch.empty_like(q)
+        out[:nd] = dec
+        out[nd:] = prefill_attention(layer, q[nd:], cache, meta.prefill_part(), scale)
+        return out

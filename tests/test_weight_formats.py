@@ -179,8 +179,8 @@ def test_resolve_auto_and_refusals(monkeypatch):
 def test_cli_weights_flag_reaches_the_engine(tiny_qwen2_dir):
     from rrm_engine import cli
     p = cli.build_parser()
-    args = p.parse_args(["demo", "--model", str(tiny_qwen2_dir), "--device", "cpu", "--weights", "q8_0"])
-    assert cli._judge(args).llm.weights == "q8_0"
+    args = p.parse_args(["demo", "--model", str(tiny_qwen2_dir), "--device", "cpu", "--weights", "q8_0", "--quiet"])
+    assert cli.make_judge(args).llm.weights == "q8_0"
     assert p.parse_args(["demo"]).weights is None
     with pytest.raises(SystemExit):
         p.parse_args(["demo", "--weights", "int3"])

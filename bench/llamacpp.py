@@ -149,11 +149,10 @@ def run_llamacpp(lc: LlamaCpp, prompts: list[tuple[list[int], int]], gen_len: in
 
     total_seqs = sum(n for _, n in prompts)
     ctx = lc.new_context(total_seqs, max(len(p) for p, _ in prompts) + gen_len + 1)
-    mem = llama_cpp.llama_get_memory(ctx)
-    chunk = 512
-    batch = llama_cpp.llama_batch_init(max(chunk, total_seqs), 0, 1)
-    samplers = []
+    chunk, batch, samplers = 512, None, []
     try:
+        mem = llama_cpp.llama_get_memory(ctx)
+        batch = llama_cpp.llama_batch_init(max(chunk, total_seqs), 0, 1)
         t_start = time.perf_counter()
         seqs: list[tuple[int, int]] = []  # (sequence id, next position) per vote
         first: list[int] = []
@@ -181,7 +180,8 @@ def run_llamacpp(lc: LlamaCpp, prompts: list[tuple[list[int], int]], gen_len: in
     finally:
         for smp in samplers:
             llama_cpp.llama_sampler_free(smp)
-        llama_cpp.llama_batch_free(batch)
+        if batch is not None:
+            llama_cpp.llama_batch_free(batch)
         llama_cpp.llama_free(ctx)
     prompt_tokens = sum(len(p) for p, _ in prompts)
     # a split cache copies the prompt into each vote's stream; a unified one keeps it once

@@ -463,6 +463,10 @@ def plot_sweep(path: str, param: str, runs: list[dict]) -> str:
         if pts:
             name = next(r["systems"][key]["system"] for r in runs if key in r["systems"])
             ax.plot(*zip(*pts), marker="o", label=name, linestyle="--" if key.startswith("d") else "-")
+    values = [r["sweep_value"] for r in runs]
+    if min(values) > 0 and max(values) >= 8 * min(values):  # e.g. gen-len 32..1024: doublings equally spaced
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(values, [str(v) for v in values])
     ax.set_xlabel(param)
     ax.set_ylabel("generated tokens/s")
     ax.legend()

@@ -19,6 +19,7 @@ gives each variant's median over the repetitions and its quietest (fastest) repe
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import time
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ import rrm_engine  # noqa: F401  (before torch: sets OMP_WAIT_POLICY)
 import torch
 
 from rrm_engine import LLM, SamplingParams
+
+from .workload import _pandalm_rows, _synthetic_text
 
 VOTES = 8
 SHARED_HEAD = 64  # tokens every comparison of the query shares (system prompt + query)
@@ -73,20 +76,33 @@ def weight_bytes(llm: LLM) -> int:
     return total
 
 
-def prompts(rows: int, prompt_len: int, vocab: int, seed: int = 0) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    head = torch.randint(100, vocab, (SHARED_HEAD,), generator=g).tolist()
-    return [head + torch.randint(100, vocab, (prompt_len - SHARED_HEAD,), generator=g).tolist()
-            for _ in range(max(1, rows // VOTES))]
+def prompts(llm: LLM, rows: int, prompt_len: int, seed: int = 0) -> list[list[int]]:
+    """rows/8 prompts of prompt_len tokens of real text (PandaLM responses when the data set is
+    present, else seeded synthetic sentences), all starting with the same SHARED_HEAD tokens.
+    Text, not random token ids: the sampler's work depends on how peaked the model's next-token
+    distribution is, and random ids make it unrealistically flat."""
+    rng = random.Random(seed)
+    rows_data = _pandalm_rows()
+    text = lambda: (rows_data[rng.randrange(len(rows_data))][rng.choice(("response1", "response2"))]  # noqa: E731
+                    if rows_data else _synthetic_text(rng, 80))
+    tok = llm.tokenizer
+
+    def tokens(n: int) -> list[int]:
+        ids: list[int] = []
+        while len(ids) < n:
+            ids += tok.encode(text() + "\n\n")
+        return ids[:n]
+
+    head = tokens(SHARED_HEAD)
+    return [head + tokens(prompt_len - SHARED_HEAD) for _ in range(max(1, rows // VOTES))]
 
 
 def start_decoding(llm: LLM, rows: int, context: int, steps: int, warmup: int) -> list[str]:
     """Prefill rows/8 prompts, fork 8 votes each and decode `warmup` steps, so that `steps` more
     decode steps run at a context from about context - steps/2 to context + steps/2."""
-    cfg = llm.engine.model.cfg
     prompt_len = max(SHARED_HEAD + 1, context - steps // 2 - warmup)
     params = SamplingParams(n=VOTES, temperature=0.6, max_tokens=warmup + steps + 2, ignore_eos=True, seed=1)
-    ids = [llm.add_request(p, params) for p in prompts(rows, prompt_len, cfg.vocab_size)]
+    ids = [llm.add_request(p, params) for p in prompts(llm, rows, prompt_len)]
     while llm.engine.metrics()["generated_tokens"] < rows:  # prefill (maybe chunked) + the fork
         llm.step()
     for _ in range(warmup):

@@ -237,24 +237,37 @@ def _attn_dims(s: Setup) -> tuple[int, int, int, float, int]:
 
 # one function per case: the timed lambdas close over their own tensors (a shared scope would
 # let a later case rebind `kc` under an earlier case's lambda)
+def _planned(make_plan: Callable, run: Callable) -> Callable[..., object]:
+    """run(plan, tile) with the step's plan built once per tile, outside the timed calls (the
+    engine builds it once per step and every layer reuses it)."""
+    plans: dict = {}
+
+    def call(tile=None):
+        if tile not in plans:
+            plans[tile] = make_plan(tile)
+        return run(plans[tile], tile)
+    return call
+
+
 def decode_cases(s: Setup) -> list[Case]:
     hq, hkv, d, scale, esz = _attn_dims(s)
     cases = []
     decode = _module("kernels.paged_decode")
     if decode is not None:
+        from kernels.decode_plan import plan_decode
         b, ctx = (64, 4096) if s.gpu else ((4, 256) if s.quick else (8, 1024))
         kc, vc, bt = _paged_batch(s, [ctx] * b, hkv, d)
         q = torch.randn(b, hq, d, device=s.device, dtype=s.dtype)
         lens = torch.full((b,), ctx, dtype=torch.int32, device=s.device)
         kd, vd = _dense(kc, bt, ctx), _dense(vc, bt, ctx)
+        kernel = _planned(lambda tile: plan_decode(b, hq, hkv, d, PAGE, s.device, max_seq_len=ctx, suffix_tile=tile),
+                          lambda plan, tile: decode.paged_decode_attention(q, kc, vc, bt, lens, scale, plan=plan))
         cases.append(Case("paged decode", f"B={b} ctx={ctx} Hq={hq} Hkv={hkv} D={d}", [
-            Impl("kernel", lambda: decode.paged_decode_attention(q, kc, vc, bt, lens, scale, max_seq_len=ctx),
-                 gpu_only=True),
+            Impl("kernel", kernel, gpu_only=True),
             Impl("reference", lambda: decode.paged_decode_attention_ref(q, kc, vc, bt, lens, scale)),
             Impl("torch SDPA (dense KV)", lambda: F.scaled_dot_product_attention(
                 q[:, :, None], kd, vd, scale=scale, enable_gqa=True)),
-            *tile_variants(s, lambda tile: decode.paged_decode_attention(q, kc, vc, bt, lens, scale, max_seq_len=ctx,
-                                                                         tile=tile), (16,), (16, 32, 64), (4, 8)),
+            *tile_variants(s, kernel, (16,), (16, 32, 64), (4, 8)),
         ], 2 * b * ctx * hkv * d * esz, 4.0 * b * ctx * hq * d, baseline="torch SDPA (dense KV)"))
     return cases
 
@@ -265,6 +278,7 @@ def shared_prefix_cases(s: Setup) -> list[Case]:
     decode = _module("kernels.paged_decode")
     shared = _module("kernels.shared_prefix_decode")
     if shared is not None and decode is not None:
+        from kernels.decode_plan import HostLevel, plan_decode
         groups, votes, prefix, suffix = (8, 8, 4096, 256) if s.gpu else ((1, 4, 256, 32) if s.quick else (2, 8, 1024, 64))
         b = groups * votes
         pblocks = prefix // PAGE
@@ -273,21 +287,62 @@ def shared_prefix_cases(s: Setup) -> list[Case]:
                                   first_block=groups * pblocks)
         q = torch.randn(b, hq, d, device=s.device, dtype=s.dtype)
         lens = torch.full((b,), prefix + suffix, dtype=torch.int32, device=s.device)
+        host = HostLevel(group_blocks, [prefix] * groups, [i // votes for i in range(b)])
         level = (torch.tensor(group_blocks, dtype=torch.int32, device=s.device),
                  torch.full((groups,), prefix, dtype=torch.int32, device=s.device),
                  torch.arange(b, dtype=torch.int32, device=s.device) // votes)
         ctx = prefix + suffix
         unique = (groups * prefix + b * suffix) * 2 * hkv * d * esz
+        kernel = _planned(lambda tile: plan_decode(b, hq, hkv, d, PAGE, s.device, max_seq_len=ctx, seq_lens=[ctx] * b,
+                                                   levels=[host], tile=tile),
+                          lambda plan, tile: shared.shared_prefix_decode_attention(q, kc, vc, bt, lens, [level], scale,
+                                                                                   plan=plan))
+        plain = _planned(lambda tile: plan_decode(b, hq, hkv, d, PAGE, s.device, max_seq_len=ctx),
+                         lambda plan, tile: decode.paged_decode_attention(q, kc, vc, bt, lens, scale, plan=plan))
         cases.append(Case("shared-prefix decode", f"{groups}x{votes} votes, prefix={prefix} suffix={suffix}", [
-            Impl("kernel", lambda: shared.shared_prefix_decode_attention(q, kc, vc, bt, lens, [level], scale,
-                                                                         max_seq_len=ctx), gpu_only=True),
-            Impl("paged decode (same batch)", lambda: decode.paged_decode_attention(q, kc, vc, bt, lens, scale,
-                                                                                    max_seq_len=ctx), gpu_only=True),
+            Impl("kernel", kernel, gpu_only=True),
+            Impl("paged decode (same batch)", plain, gpu_only=True),
             Impl("reference", lambda: shared.shared_prefix_decode_attention_ref(q, kc, vc, bt, lens, [level], scale)),
-            *tile_variants(s, lambda tile: shared.shared_prefix_decode_attention(
-                q, kc, vc, bt, lens, [level], scale, max_seq_len=ctx, tile=tile), (32, 64), (16, 32, 64), (4, 8)),
+            *tile_variants(s, kernel, (32, 64, 128), (16, 32, 64), (4, 8)),
         ], unique, 4.0 * b * ctx * hq * d, baseline="paged decode (same batch)"))
+        cases.append(_prefix_tree_case(s, decode, shared))
     return cases
+
+
+def _prefix_tree_case(s: Setup, decode, shared) -> Case:
+    """RRM judging with two queries in flight: a system prompt every row shares (level 0), each
+    query's prompt shared by its comparisons (level 1), each comparison's responses by its votes
+    (level 2); the prefix tree the runner builds, against plain paged decode of the same batch."""
+    from kernels.decode_plan import HostLevel, plan_decode
+    hq, hkv, d, scale, esz = _attn_dims(s)
+    queries, pairs, votes = (2, 4, 8) if s.gpu else (2, 2, 2)
+    sys_len, q_len, pair_len, suffix = (512, 1024, 2560, 256) if s.gpu else (32, 64, 128, 16)
+    b = queries * pairs * votes
+    blocks = iter(range(1 << 30))
+    take = lambda n: [next(blocks) for _ in range(n // PAGE)]  # noqa: E731
+    sys_b = take(sys_len)
+    q_b = [take(q_len) for _ in range(queries)]
+    p_b = [take(pair_len) for _ in range(queries * pairs)]
+    heads = [sys_b + q_b[r // (pairs * votes)] + p_b[r // votes] for r in range(b)]
+    first = len(sys_b) + sum(map(len, q_b)) + sum(map(len, p_b))
+    ctx = sys_len + q_len + pair_len + suffix
+    kc, vc, bt = _paged_batch(s, [ctx] * b, hkv, d, heads, first_block=first)
+    q = torch.randn(b, hq, d, device=s.device, dtype=s.dtype)
+    lens = torch.full((b,), ctx, dtype=torch.int32, device=s.device)
+    levels = [HostLevel([sys_b], [sys_len], [0] * b),
+              HostLevel(q_b, [q_len] * queries, [r // (pairs * votes) for r in range(b)]),
+              HostLevel(p_b, [pair_len] * (queries * pairs), [r // votes for r in range(b)])]
+    kernel = _planned(lambda tile: plan_decode(b, hq, hkv, d, PAGE, s.device, max_seq_len=ctx, seq_lens=[ctx] * b,
+                                               levels=levels, tile=tile),
+                      lambda plan, tile: shared.decode_attention(q, kc, vc, bt, lens, scale, plan))
+    plain = _planned(lambda tile: plan_decode(b, hq, hkv, d, PAGE, s.device, max_seq_len=ctx),
+                     lambda plan, tile: decode.paged_decode_attention(q, kc, vc, bt, lens, scale, plan=plan))
+    unique = (sys_len + queries * q_len + queries * pairs * pair_len + b * suffix) * 2 * hkv * d * esz
+    return Case("prefix-tree decode", f"{queries} queries x {pairs} pairs x {votes} votes, ctx={ctx} (3 levels)", [
+        Impl("kernel", kernel, gpu_only=True),
+        Impl("paged decode (same batch)", plain, gpu_only=True),
+        Impl("reference", lambda: decode.paged_decode_attention_ref(q, kc, vc, bt, lens, scale)),
+    ], unique, 4.0 * b * ctx * hq * d, baseline="paged decode (same batch)")
 
 
 def prefill_cases(s: Setup) -> list[Case]:

@@ -30,17 +30,19 @@ def _sig(names: str, **typed: str) -> dict[str, str]:
     return {n: typed.get(n, "i32") for n in names.split()}
 
 
-DECODE_SIG = _sig("Q K V BT KV_START SEQ_LENS O LSE scale_log2 stride_qb stride_qh stride_kb stride_kt stride_kh "
-                  "stride_vb stride_vt stride_vh stride_btb stride_op stride_ob stride_oh stride_lp stride_lb split_len",
-                  Q="*bf16", K="*bf16", V="*bf16", BT="*i32", KV_START="*i32", SEQ_LENS="*i32", O="*fp32",
-                  LSE="*fp32", scale_log2="fp32")
+DECODE_SIG = _sig("Q K V BT KV_START SEQ_LENS SPLIT_LEN O LSE scale_log2 stride_qb stride_qh stride_kb stride_kt "
+                  "stride_kh stride_vb stride_vt stride_vh stride_btb stride_op stride_ob stride_oh stride_lp stride_lb",
+                  Q="*bf16", K="*bf16", V="*bf16", BT="*i32", KV_START="*i32", SEQ_LENS="*i32", SPLIT_LEN="*i32",
+                  O="*fp32", LSE="*fp32", scale_log2="fp32")
 PREFILL_SIG = _sig("Q K V BT QSL SEQ_LENS O scale_log2 stride_qt stride_qh stride_kb stride_kt stride_kh stride_vb "
                    "stride_vt stride_vh stride_btb stride_ot stride_oh", Q="*bf16", K="*bf16", V="*bf16", BT="*i32",
                    QSL="*i32", SEQ_LENS="*i32", O="*bf16", scale_log2="fp32")
-PREFIX_SIG = _sig("Q K V GBT GLENS MEMBERS MEMBER_START O LSE scale_log2 stride_qb stride_qh stride_kb stride_kt "
-                  "stride_kh stride_vb stride_vt stride_vh stride_gbt stride_op stride_ob stride_oh stride_lp "
-                  "stride_lb split_len", Q="*bf16", K="*bf16", V="*bf16", GBT="*i32", GLENS="*i32", MEMBERS="*i32",
-                  MEMBER_START="*i32", O="*fp32", LSE="*fp32", scale_log2="fp32")
+PREFIX_SIG = _sig("Q K V GBT GLENS ITEMS MEMBERS SPLIT_LEN O LSE scale_log2 stride_qb stride_qh stride_kb "
+                  "stride_kt stride_kh stride_vb stride_vt stride_vh stride_gbt stride_op stride_ob stride_oh "
+                  "stride_lp stride_lb", Q="*bf16", K="*bf16", V="*bf16", GBT="*i32", GLENS="*i32", ITEMS="*i32",
+                  MEMBERS="*i32", SPLIT_LEN="*i32", O="*fp32", LSE="*fp32", scale_log2="fp32")
+MERGE_SIG = _sig("PO PLSE O ROW_LEVELS num_parts level_parts level_splits stride_pp stride_pb stride_ph stride_lp "
+                 "stride_lb stride_ob stride_oh", PO="*fp32", PLSE="*fp32", O="*bf16", ROW_LEVELS="*i32")
 SAMPLE_SIG = dict(logits_ptr="*bf16", stride_row="i64", row_index_ptr="*i64", temperature_ptr="*fp32",
                   top_k_ptr="*i32", top_p_ptr="*fp32", min_p_ptr="*fp32", seeds_ptr="*i64", offsets_ptr="*i64",
                   tokens_ptr="*i64", logprobs_ptr="*fp32", status_ptr="*i32", B="i32", V="i32")
@@ -76,7 +78,7 @@ def compile_report(fn: Any, signature: dict[str, str], constexprs: dict[str, Any
 
 def launch_configs() -> list[tuple[str, Any, dict, dict, int, int]]:
     """(label, kernel, signature, constexprs, num_warps, num_stages) as the kernels launch them."""
-    from kernels.paged_decode import _decode_split_kernel, decode_tile
+    from kernels.paged_decode import _decode_split_kernel, _merge_parts_kernel, decode_tile
     from kernels.paged_prefill import _prefill_kernel, prefill_tile
     from kernels.sampling import NUM_PROBES, _sample_kernel, sample_launch
     from kernels.selective_log_softmax import _token_logprob_kernel
@@ -94,9 +96,12 @@ def launch_configs() -> list[tuple[str, Any, dict, dict, int, int]]:
         t = decode_tile(PAGE)
         jobs.append((f"decode g={group} d={d} n{t.block_n} w{t.num_warps}", _decode_split_kernel, DECODE_SIG,
                      dict(attn, G_PAD=16, BLOCK_N=t.block_n, HAS_START=True, DIRECT=False), t.num_warps, 3))
-        t = prefix_tile(group, d, PAGE)
-        jobs.append((f"prefix pass g={group} d={d} m{t.block_m} n{t.block_n} w{t.num_warps}", _prefix_pass_kernel, PREFIX_SIG,
-                     dict(attn, BLOCK_M=t.block_m, BLOCK_N=t.block_n), t.num_warps, 3))
+        jobs.append((f"merge parts d={d} chunk 16", _merge_parts_kernel, MERGE_SIG,
+                     dict(HEAD_DIM=d, D_PAD=d, P_CHUNK=16), 1 if d <= 64 else 2, 3))
+        for rows in (8 * group, 64 * group):  # 8 votes; a group over 64 rows (128-row tiles)
+            t = prefix_tile(group, d, PAGE, rows=rows)
+            jobs.append((f"prefix pass g={group} d={d} m{t.block_m} n{t.block_n} w{t.num_warps}", _prefix_pass_kernel,
+                         PREFIX_SIG, dict(attn, BLOCK_M=t.block_m, BLOCK_N=t.block_n), t.num_warps, 3))
         for rows in (16, 2048 * group):  # a short extend and a long prompt
             t = prefill_tile(d, rows)
             jobs.append((f"prefill g={group} d={d} rows={rows} m{t.block_m} n{t.block_n} w{t.num_warps}", _prefill_kernel, PREFILL_SIG,

@@ -26,6 +26,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import rrm_engine  # noqa: F401  first: it sets OMP_WAIT_POLICY before torch loads OpenMP (see rrm_engine/__init__)
@@ -70,6 +71,8 @@ class Options:
     quiet: bool = False
     threads: int | None = None
     profile_steps: int = 10
+    pandalm: Path | None = None  # None: workload.default_pandalm()
+    cuda_graphs: bool = False
 
 
 def parse_args(argv: list[str] | None = None) -> Options:
@@ -78,6 +81,8 @@ def parse_args(argv: list[str] | None = None) -> Options:
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=sorted(_DTYPES), help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--votes", type=int, default=8, help="k votes per comparison")
+    p.add_argument("--pandalm", type=Path, default=None, help="PandaLM test set for the texts (default: $RRM_PANDALM, "
+                   "else ../shared/data/pandalm_testset_v1.json; synthetic text, said so, when absent)")
     p.add_argument("--candidates", type=int, default=4, help="N candidates per query")
     p.add_argument("--queries", type=int, default=2, help="Q queries")
     p.add_argument("--prompt-len", type=int, default=500, help="target tokens of one comparison prompt")
@@ -99,6 +104,8 @@ def parse_args(argv: list[str] | None = None) -> Options:
                    help=f"PARAM in {sorted(SWEEPABLE)}, VALUES comma-separated integers")
     p.add_argument("--plot", metavar="FILE.png", default=None, help="with --sweep: tokens/s per system (matplotlib)")
     p.add_argument("--quiet", action="store_true", help="print only the summary")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="engine systems decode through CUDA graphs (captured at start-up; eager off CUDA)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's); on a CPU shared with other jobs use 1: "
                         "OpenMP threads that wait for a descheduled sibling make small matmuls 10-50x slower")
@@ -131,7 +138,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
         p.error("--plot needs --sweep")
     return Options(a.model, a.device, a.dtype, a.votes, a.candidates, a.queries, a.prompt_len, a.gen_len, a.method,
                    a.shape, a.layers, systems, a.hf_batch, a.kv_tokens, a.temperature, a.seed, a.profile, a.json,
-                   sweep, values, a.plot, a.quiet, a.threads, a.profile_steps)
+                   sweep, values, a.plot, a.quiet, a.threads, a.profile_steps, a.pandalm, a.cuda_graphs)
 
 
 # ------------------------------------------------------------------------------ the systems
@@ -168,7 +175,7 @@ def build(opts: Options, log=print) -> Setup:
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = _DTYPES[opts.dtype] if opts.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     kw = dict(device=device, dtype=dtype) if opts.shape is None else {}
-    engine_kw = dict(block_size=16, seed=opts.seed)
+    engine_kw = dict(block_size=16, seed=opts.seed, cuda_graphs=opts.cuda_graphs)
     if opts.kv_tokens is not None:
         engine_kw["kv_cache_tokens"] = opts.kv_tokens
     t = time.perf_counter()
@@ -246,7 +253,8 @@ def run_judge(setup: Setup, work: Workload, votes: int, gen_len: int, methods: l
 def warm_up(setup: Setup) -> None:
     """Each system once on a small run: first-call costs (allocator, kernels, caches) stay out of the timing."""
     o = setup.opts
-    work = make_workload(_judge(setup, RecordingLLM(setup.llm_c, 2), 2, 2).builder, 1, 2, 64, seed=o.seed + 1)
+    work = make_workload(_judge(setup, RecordingLLM(setup.llm_c, 2), 2, 2).builder, 1, 2, 64, seed=o.seed + 1,
+                         pandalm=o.pandalm)
     _, rec = run_judge(setup, work, 2, 2, ["knockout"])
     prompts = [(r.prompt_ids, r.n) for r in rec.records.values()]
     if setup.llm_b is not None:
@@ -287,7 +295,9 @@ def compare(setup: Setup, votes: int, prompt_len: int, gen_len: int, log=print) 
     """One side-by-side run of the selected systems on one workload; returns the report dict."""
     o = setup.opts
     builder = _judge(setup, RecordingLLM(setup.llm_c, gen_len), votes, gen_len).builder
-    work = make_workload(builder, o.queries, o.candidates, prompt_len, seed=o.seed)
+    work = make_workload(builder, o.queries, o.candidates, prompt_len, seed=o.seed, pandalm=o.pandalm)
+    if work.why:
+        log(f"[workload] synthetic text: {work.why}")
     methods = _methods(o)
     res_c, rec = run_judge(setup, work, votes, gen_len, methods)
     prompts = [(r.prompt_ids, r.n) for r in rec.records.values()]
@@ -306,7 +316,7 @@ def compare(setup: Setup, votes: int, prompt_len: int, gen_len: int, log=print) 
     report: dict[str, Any] = {
         "params": {"votes": votes, "prompt_len": prompt_len, "gen_len": gen_len, "queries": o.queries,
                    "candidates": o.candidates, "methods": methods, "comparisons": len(prompts),
-                   "mean_prompt_tokens": statistics.mean(lens), "text_source": work.source,
+                   "mean_prompt_tokens": statistics.mean(lens), "text_source": work.source, "text_source_why": work.why,
                    "hf_prompts_per_generate_call": o.hf_batch},
         "systems": {k: summarize(v) for k, v in sorted(results.items())},
         "ratios": {},
@@ -405,7 +415,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(plot_sweep(o.plot, o.sweep, runs), flush=True)
     if o.profile:
         builder = _judge(setup, RecordingLLM(setup.llm_c, o.gen_len), o.votes, o.gen_len).builder
-        work = make_workload(builder, o.queries, o.candidates, o.prompt_len, seed=o.seed)
+        work = make_workload(builder, o.queries, o.candidates, o.prompt_len, seed=o.seed, pandalm=o.pandalm)
         path, table = profile_run(lambda tick: run_judge(setup, work, o.votes, o.gen_len, _methods(o), tick),
                                   o.profile, setup.device, steps=o.profile_steps)
         print(f"[profile] system (c) trace: {path}\n{table}", flush=True)

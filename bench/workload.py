@@ -1,7 +1,8 @@
 """The judging workload of the throughput benchmark: queries, candidates, and the recorded prompts.
 
-Texts come from the PandaLM test set (../shared/data/pandalm_testset_v1.json) when it is present,
-else from a seeded synthetic generator. Candidates are padded with further real responses and cut
+Texts come from the PandaLM test set when it is present (--pandalm FILE, else $RRM_PANDALM, else
+../shared/data/pandalm_testset_v1.json beside the repository), else from a seeded synthetic
+generator; bench.throughput says which, and why, in its [workload] line. Candidates are padded with further real responses and cut
 at a token count, so that one comparison prompt (the judge's own RRM prompt: system + query + two
 candidates) is close to --prompt-len tokens.
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -23,6 +25,11 @@ from typing import Any, Callable
 from rrm_engine.profiling import phase
 
 PANDALM = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "pandalm_testset_v1.json"
+
+
+def default_pandalm() -> Path:
+    env = os.environ.get("RRM_PANDALM")
+    return Path(env).expanduser() if env else PANDALM
 
 _WORDS = ("the model answer response query result value system method function data process example "
           "first second because however therefore which would should could between through during "
@@ -35,12 +42,13 @@ class Workload:
     queries: list[str]
     candidates: list[list[str]]  # per query
     source: str  # "pandalm" or "synthetic"
+    why: str = ""  # for synthetic text: why the PandaLM file was not used
 
 
-def _pandalm_rows() -> list[dict] | None:
-    if not PANDALM.is_file():
+def _pandalm_rows(path: Path) -> list[dict] | None:
+    if not path.is_file():
         return None
-    rows = json.loads(PANDALM.read_text())
+    rows = json.loads(path.read_text())
     return [r for r in rows if r.get("response1") and r.get("response2")]
 
 
@@ -59,12 +67,15 @@ def _cut(tokenizer: Any, text: str, max_tokens: int) -> str:
     return tokenizer.decode(ids[:max_tokens], skip_special_tokens=True) if len(ids) > max_tokens else text
 
 
-def make_workload(builder: Any, num_queries: int, num_candidates: int, prompt_len: int, seed: int = 0) -> Workload:
-    """Q queries with N candidates each; builder is the judge's PromptBuilder (it measures lengths)."""
+def make_workload(builder: Any, num_queries: int, num_candidates: int, prompt_len: int, seed: int = 0,
+                  pandalm: Path | None = None) -> Workload:
+    """Q queries with N candidates each; builder is the judge's PromptBuilder (it measures lengths).
+    pandalm: the PandaLM test set (default: default_pandalm())."""
     if num_queries < 1 or num_candidates < 2:
         raise ValueError(f"need >= 1 query and >= 2 candidates, got {num_queries} and {num_candidates}")
     rng = random.Random(seed)
-    rows = _pandalm_rows()
+    pandalm = Path(pandalm) if pandalm is not None else default_pandalm()
+    rows = _pandalm_rows(pandalm)
     tok = builder.tokenizer
     queries, cands = [], []
     for q in range(num_queries):
@@ -92,7 +103,10 @@ def make_workload(builder: Any, num_queries: int, num_candidates: int, prompt_le
         texts = [_cut(tok, t, per_cand) for t in longs]
         queries.append(query)
         cands.append(texts)
-    return Workload(queries, cands, "pandalm" if rows else "synthetic")
+    if rows:
+        return Workload(queries, cands, "pandalm")
+    return Workload(queries, cands, "synthetic", f"the PandaLM test set was not found at {pandalm} (pass --pandalm FILE "
+                    "or set RRM_PANDALM; the README's 'Evaluation data' says where to get it)")
 
 
 @dataclass

@@ -10,7 +10,7 @@ extern "C" {
 int64_t rrm_greedy_partial_bytes();
 int rrm_greedy_argmax_lse(const void* logits, int dtype, const int64_t* row_index, int64_t samples, int64_t vocab,
                           int64_t row_stride, int splits, void* parts, unsigned int* tickets, int64_t* tokens,
-                          float* logprobs, void* stream);
+                          float* logprobs, int* status, void* stream);
 }
 
 namespace {
@@ -26,8 +26,9 @@ int dtype_code(const at::Tensor& t) {
 }
 
 // logits [R, V] (unit stride along V), row_index [B] int64 on the same device; tickets [B] int32
-// zeros (reusable: the kernel leaves them zeroed). Returns (tokens [B] int64, logprobs [B] f32).
-std::tuple<at::Tensor, at::Tensor> greedy_argmax_lse(const at::Tensor& logits, const at::Tensor& row_index,
+// zeros (reusable: the kernel leaves them zeroed). Returns (tokens [B] int64, logprobs [B] f32,
+// status [B] int32: 1 where the row holds NaN or +inf or is entirely -inf).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> greedy_argmax_lse(const at::Tensor& logits, const at::Tensor& row_index,
                                                      const at::Tensor& tickets, int64_t splits, int64_t stream) {
   TORCH_CHECK(logits.is_cuda() && row_index.is_cuda() && tickets.is_cuda(), "greedy_argmax_lse: tensors must be on CUDA");
   TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1, "greedy_argmax_lse: logits must be [R, V] with unit stride along V");
@@ -38,14 +39,15 @@ std::tuple<at::Tensor, at::Tensor> greedy_argmax_lse(const at::Tensor& logits, c
   TORCH_CHECK(splits >= 1 && splits <= 65535, "greedy_argmax_lse: splits must be in [1, 65535]");
   auto tokens = at::empty({samples}, row_index.options());
   auto logprobs = at::empty({samples}, logits.options().dtype(at::kFloat));
+  auto status = at::empty({samples}, logits.options().dtype(at::kInt));
   auto parts = at::empty({samples * splits * rrm_greedy_partial_bytes()}, logits.options().dtype(at::kByte));
   const int err = rrm_greedy_argmax_lse(logits.data_ptr(), dtype_code(logits), row_index.data_ptr<int64_t>(), samples,
                                         logits.size(1), logits.stride(0), static_cast<int>(splits), parts.data_ptr(),
                                         reinterpret_cast<unsigned int*>(tickets.data_ptr<int32_t>()),
-                                        tokens.data_ptr<int64_t>(), logprobs.data_ptr<float>(),
+                                        tokens.data_ptr<int64_t>(), logprobs.data_ptr<float>(), status.data_ptr<int32_t>(),
                                         reinterpret_cast<void*>(static_cast<intptr_t>(stream)));
   TORCH_CHECK(err == 0, "greedy_argmax_lse: kernel launch failed with cudaError ", err);
-  return {tokens, logprobs};
+  return {tokens, logprobs, status};
 }
 
 }  // namespace

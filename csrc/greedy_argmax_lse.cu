@@ -9,6 +9,8 @@
 // exp) in registers and warp shuffles; partials go to a small workspace and the last block of a
 // row to finish (atomic ticket, no second launch) merges them. The ticket is reset by that last
 // block, so the workspace can be reused by the next launch and inside a CUDA graph.
+// The same pass flags a row holding NaN or +inf, or entirely -inf (status[sample] = 1), so the
+// caller can fail that one request instead of emitting a token drawn from garbage.
 //
 // Plain CUDA: raw pointers, a stream argument, extern "C" launchers; the torch binding is in
 // greedy_argmax_lse.cpp and knows nothing of CUDA headers.
@@ -26,12 +28,15 @@ struct Partial {
   float max;
   float sum;  // sum of exp(x - max)
   long long arg;
+  int bad;  // a NaN or +inf was seen (those values are left out of max / sum)
 };
 
 __device__ __forceinline__ Partial combine(Partial a, Partial b) {
-  if (b.max == -INFINITY) return a;
-  if (a.max == -INFINITY) return b;
+  const int bad = a.bad | b.bad;
+  if (b.max == -INFINITY) return Partial{a.max, a.sum, a.arg, bad};
+  if (a.max == -INFINITY) return Partial{b.max, b.sum, b.arg, bad};
   Partial r;
+  r.bad = bad;
   r.max = fmaxf(a.max, b.max);
   r.sum = a.sum * __expf(a.max - r.max) + b.sum * __expf(b.max - r.max);
   // first index among equal maxima
@@ -40,7 +45,9 @@ __device__ __forceinline__ Partial combine(Partial a, Partial b) {
 }
 
 __device__ __forceinline__ void push(Partial& p, float x, long long i) {
-  if (x > p.max) {  // strict: an earlier index keeps an exact tie
+  if (x != x || x == INFINITY) {
+    p.bad = 1;
+  } else if (x > p.max) {  // strict: an earlier index keeps an exact tie
     p.sum = p.sum * __expf(p.max - x) + 1.0f;
     p.max = x;
     p.arg = i;
@@ -61,6 +68,7 @@ __device__ __forceinline__ Partial warp_reduce(Partial p) {
     q.max = __shfl_down_sync(0xffffffffu, p.max, o);
     q.sum = __shfl_down_sync(0xffffffffu, p.sum, o);
     q.arg = __shfl_down_sync(0xffffffffu, p.arg, o);
+    q.bad = __shfl_down_sync(0xffffffffu, p.bad, o);
     p = combine(p, q);
   }
   return p;
@@ -73,7 +81,7 @@ __device__ Partial block_reduce(Partial p) {
   if (lane == 0) warp_parts[warp] = p;
   __syncthreads();
   if (warp == 0) {
-    p = warp_reduce(lane < kThreads / 32 ? warp_parts[lane] : Partial{-INFINITY, 0.0f, 0});
+    p = warp_reduce(lane < kThreads / 32 ? warp_parts[lane] : Partial{-INFINITY, 0.0f, 0, 0});
   }
   return p;  // valid in thread 0
 }
@@ -82,7 +90,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) greedy_kernel(
     const T* __restrict__ logits, const int64_t* __restrict__ row_index, int64_t vocab, int64_t row_stride,
     int splits, Partial* __restrict__ parts, unsigned int* __restrict__ tickets,
-    int64_t* __restrict__ tokens, float* __restrict__ logprobs) {
+    int64_t* __restrict__ tokens, float* __restrict__ logprobs, int* __restrict__ status) {
   const int64_t sample = blockIdx.x;
   const int split = blockIdx.y;
   const int64_t row = row_index ? row_index[sample] : sample;
@@ -94,7 +102,7 @@ __global__ void __launch_bounds__(kThreads) greedy_kernel(
   const int64_t begin = split * per_split;
   const int64_t end = begin + per_split < vocab ? begin + per_split : vocab;
 
-  Partial p{-INFINITY, 0.0f, 0};
+  Partial p{-INFINITY, 0.0f, 0, 0};
   const bool aligned = (reinterpret_cast<uintptr_t>(x) % 16 == 0);
   int64_t i = begin;
   if (aligned) {
@@ -120,24 +128,27 @@ __global__ void __launch_bounds__(kThreads) greedy_kernel(
   if (!last) return;
   if (threadIdx.x == 0) {
     __threadfence();
-    Partial r{-INFINITY, 0.0f, 0};
+    Partial r{-INFINITY, 0.0f, 0, 0};
     for (int s = 0; s < splits; ++s) {
       // other blocks wrote these: read through L2 (__ldcg), never a stale L1 line
       const Partial* src = parts + sample * splits + s;
-      r = combine(r, Partial{__ldcg(&src->max), __ldcg(&src->sum), __ldcg(&src->arg)});
+      r = combine(r, Partial{__ldcg(&src->max), __ldcg(&src->sum), __ldcg(&src->arg), __ldcg(&src->bad)});
     }
     tokens[sample] = r.arg;
     logprobs[sample] = -logf(r.sum);  // x[arg] - max - log(sum) with x[arg] == max
+    status[sample] = (r.bad || r.max == -INFINITY) ? 1 : 0;
     tickets[sample] = 0;  // ready for the next launch
   }
 }
 
 template <typename T>
 int launch(const void* logits, const int64_t* row_index, int64_t samples, int64_t vocab, int64_t row_stride,
-           int splits, void* parts, unsigned int* tickets, int64_t* tokens, float* logprobs, cudaStream_t stream) {
+           int splits, void* parts, unsigned int* tickets, int64_t* tokens, float* logprobs, int* status,
+           cudaStream_t stream) {
   dim3 grid(static_cast<unsigned int>(samples), static_cast<unsigned int>(splits));
   greedy_kernel<T><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(logits), row_index, vocab, row_stride,
-                                                  splits, static_cast<Partial*>(parts), tickets, tokens, logprobs);
+                                                  splits, static_cast<Partial*>(parts), tickets, tokens, logprobs,
+                                                  status);
   return static_cast<int>(cudaGetLastError());
 }
 
@@ -149,16 +160,17 @@ extern "C" {
 int64_t rrm_greedy_partial_bytes() { return static_cast<int64_t>(sizeof(Partial)); }
 
 // dtype: 0 = float32, 1 = float16, 2 = bfloat16. row_index may be null (sample i reads row i).
-// tickets: `samples` zero-initialised uint32 (left zeroed on return). Returns a cudaError_t.
+// tickets: `samples` zero-initialised uint32 (left zeroed on return). status: per sample, 1 when
+// its row holds NaN or +inf or is entirely -inf, else 0. Returns a cudaError_t.
 int rrm_greedy_argmax_lse(const void* logits, int dtype, const int64_t* row_index, int64_t samples, int64_t vocab,
                           int64_t row_stride, int splits, void* parts, unsigned int* tickets, int64_t* tokens,
-                          float* logprobs, void* stream) {
+                          float* logprobs, int* status, void* stream) {
   if (samples == 0) return 0;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   switch (dtype) {
-    case 0: return launch<float>(logits, row_index, samples, vocab, row_stride, splits, parts, tickets, tokens, logprobs, s);
-    case 1: return launch<__half>(logits, row_index, samples, vocab, row_stride, splits, parts, tickets, tokens, logprobs, s);
-    case 2: return launch<__nv_bfloat16>(logits, row_index, samples, vocab, row_stride, splits, parts, tickets, tokens, logprobs, s);
+    case 0: return launch<float>(logits, row_index, samples, vocab, row_stride, splits, parts, tickets, tokens, logprobs, status, s);
+    case 1: return launch<__half>(logits, row_index, samples, vocab, row_stride, splits, parts, tickets, tokens, logprobs, status, s);
+    case 2: return launch<__nv_bfloat16>(logits, row_index, samples, vocab, row_stride, splits, parts, tickets, tokens, logprobs, status, s);
     default: return static_cast<int>(cudaErrorInvalidValue);
   }
 }

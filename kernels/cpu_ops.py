@@ -124,11 +124,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def sample_unfiltered(logits: torch.Tensor, row_index: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor,
-                      offsets: torch.Tensor, isa: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      offsets: torch.Tensor, isa: str | None = None, return_status: bool = False):
     """kernels.sampling.sample_ref with top-k, top-p and min-p off (the caller checks that): the
     same tokens for the same (seed, offset), logprob = log_softmax(logits / T)[token] (T = 1 when
-    greedy). A sampled row that holds NaN or +inf, or is entirely -inf, raises ValueError naming it."""
-    tokens, logprobs, status = load().sample(logits.float().contiguous(), row_index, temperature, seeds, offsets, _isa(isa))
+    greedy). A sampled row that holds NaN or +inf, or is entirely -inf, raises ValueError naming
+    it; with return_status=True nothing is raised: (tokens, logprobs, status), status [B] int32
+    nonzero for such a sample (as kernels.sampling.sample's)."""
+    tokens, logprobs, status = load().sample(logits.float().contiguous(), row_index, temperature, seeds, offsets,
+                                             _isa(isa))
+    if return_status:
+        return tokens, logprobs, status
     if bool(status.any()):
         rows = sorted(set(row_index[status != 0].tolist()))
         raise ValueError(f"logits rows {rows} contain NaN or +inf, or are entirely -inf")

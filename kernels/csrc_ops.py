@@ -2,7 +2,8 @@
 time one is used on a machine with CUDA (about a minute; cached by torch afterwards).
 
 Only op so far: greedy_argmax_lse (csrc/greedy_argmax_lse.cu explains why it is hand-written).
-kernels.sampling.sample(..., backend="csrc", all_greedy=True) selects it.
+kernels.sampling.sample(..., backend="csrc", all_greedy=True) selects it, and the engine does for
+its all-greedy steps with LLM(..., sampler_backend="csrc").
 """
 from __future__ import annotations
 
@@ -46,10 +47,12 @@ def default_splits(samples: int, vocab: int, device: torch.device) -> int:
     return max(1, min(by_occupancy, by_size, _MAX_SPLITS))
 
 
-def greedy_argmax_lse(logits: torch.Tensor, row_index: torch.Tensor, splits: int | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+def greedy_argmax_lse(logits: torch.Tensor, row_index: torch.Tensor, splits: int | None = None,
+                      with_status: bool = False):
     """tokens [B] = argmax(logits[row_index]) (first index on ties), logprobs [B] f32 =
-    log_softmax(logits[row_index])[tokens]. NaN/+inf are not checked here (the caller's job)."""
+    log_softmax(logits[row_index])[tokens]; with_status also status [B] int32, 1 where the row
+    holds NaN or +inf (left out of the argmax and the sum) or is entirely -inf. The flag comes
+    from the same pass: checking it is the caller's job (kernels.sampling.sample does)."""
     mod = load()
     if logits.stride(1) != 1:
         logits = logits.contiguous()
@@ -58,10 +61,16 @@ def greedy_argmax_lse(logits: torch.Tensor, row_index: torch.Tensor, splits: int
     size = 1 << max(b - 1, 0).bit_length()  # power-of-two buckets so the cache stays small
     splits = splits or default_splits(b, logits.shape[1], logits.device)
     stream = torch.cuda.current_stream(logits.device).cuda_stream
-    return mod.greedy_argmax_lse(logits, row_index, _tickets(logits.device, size), splits, stream)
+    tokens, logprobs, status = mod.greedy_argmax_lse(logits, row_index, _tickets(logits.device, size), splits, stream)
+    return (tokens, logprobs, status) if with_status else (tokens, logprobs)
 
 
-def greedy_argmax_lse_ref(logits: torch.Tensor, row_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def greedy_argmax_lse_ref(logits: torch.Tensor, row_index: torch.Tensor, with_status: bool = False):
+    """The same contract in torch (status from the row's max: NaN, +inf or -inf)."""
     x = logits.index_select(0, row_index.long()).float()
     tokens = x.argmax(dim=1)
-    return tokens, torch.log_softmax(x, dim=1).gather(1, tokens[:, None])[:, 0]
+    logprobs = torch.log_softmax(x, dim=1).gather(1, tokens[:, None])[:, 0]
+    if not with_status:
+        return tokens, logprobs
+    m = x.amax(dim=1)
+    return tokens, logprobs, (torch.isnan(m) | torch.isinf(m)).to(torch.int32)

@@ -92,9 +92,11 @@ def prefill_tile(head_dim: int, rows: int) -> TileConfig:
 
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                             query_start_loc: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                            max_query_len: int, tile: TileConfig | None = None) -> torch.Tensor:
+                            max_query_len: int, tile: TileConfig | None = None,
+                            out: torch.Tensor | None = None) -> torch.Tensor:
     """q [T, Hq, D] (packed new tokens) -> [T, Hq, D]. Needs 1 <= q_len[b] <= seq_lens[b].
-    tile: launch shape instead of prefill_tile's (tuning sweeps)."""
+    tile: launch shape instead of prefill_tile's (tuning sweeps). out: where to write (e.g. the
+    prefill rows of a mixed step's output)."""
     if q.dim() != 3:
         raise ValueError(f"q must be [T, Hq, D], got {tuple(q.shape)}")
     b = block_tables.shape[0]
@@ -112,7 +114,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     if max_query_len < 1:
         raise ValueError(f"max_query_len must be >= 1, got {max_query_len}")
     t, hq, d = q.shape
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     if t == 0 or b == 0:
         return out
     page, hkv = k_cache.shape[1], k_cache.shape[2]

@@ -30,6 +30,8 @@ Semantics, shared by both implementations:
     offset draw the same token: give the n sequences of one request different seeds.
   * Greedy: argmax of the row (first index on exact ties).
   * NaN or +inf in a logits row raises ValueError naming the rows; so does a row of all -inf.
+    With return_status=True nothing is raised for them: a per-sample flag reports them instead
+    (the engine fails that request alone and samples the rest of the batch).
 
 Implementations:
   * sample_ref (torch; the CPU path): sorts only when top-k / top-p are on, and hashes uniforms
@@ -190,33 +192,72 @@ def top_logprobs_ref(logits: torch.Tensor, row_index: torch.Tensor, temperature:
 
 # ------------------------------------------------------------------------------------- dispatch
 
+def bad_rows(logits: torch.Tensor) -> torch.Tensor:
+    """[R] bool: rows holding NaN or +inf, or entirely -inf (one max reduction: amax propagates
+    NaN, is +inf with an +inf and -inf for a dead row)."""
+    m = logits.amax(dim=1)
+    return torch.isnan(m) | torch.isinf(m)
+
+
+SAMPLING_BACKENDS = ("auto", "triton", "torch", "csrc")
+
+
 def sample(logits: torch.Tensor, row_index: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
            top_p: torch.Tensor, min_p: torch.Tensor, seeds: torch.Tensor, offsets: torch.Tensor,
-           *, validate: bool = True, backend: str = "auto", all_greedy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+           *, validate: bool = True, backend: str = "auto", all_greedy: bool = False,
+           return_status: bool = False):
     """The sampler the engine calls. backend: "auto" (Triton on CUDA, torch reference on CPU),
     "triton" (forced; on CPU needs TRITON_INTERPRET=1), "torch", or "csrc" (CUDA C++ greedy
     path, all_greedy only; JIT-built on first use, see kernels/csrc_ops.py). validate=False skips the value
     checks (one host sync), e.g. inside a CUDA graph where the caller has checked its inputs.
-    all_greedy=True (the caller knows every temperature is 0) takes the one-pass greedy path."""
+    all_greedy=True (the caller knows every temperature is 0) takes the one-pass greedy path.
+
+    return_status=True: returns (tokens, logprobs, status) and never raises for bad logits; status
+    [B] int32 is nonzero for a sample whose logits row holds NaN or +inf or is entirely -inf (its
+    token and log-prob are then meaningless). The Triton and csrc kernels flag those rows in their
+    first pass, so the caller reads the flags with the tokens in one transfer: no extra sync."""
+    if backend not in SAMPLING_BACKENDS:
+        raise ValueError(f"unknown sampling backend {backend!r}; choose one of {SAMPLING_BACKENDS}")
+    checks = (logits, row_index, temperature, top_k, top_p, min_p, seeds, offsets)
     if backend == "torch" or (backend == "auto" and not logits.is_cuda):
+        status = None
+        if return_status:
+            _check_inputs(*checks, validate, scan_logits=False)
+            bad = bad_rows(logits)
+            status = bad.index_select(0, row_index.long()).to(torch.int32)
+            if logits.is_cuda or bool(bad.any()):  # a host check only where it is free
+                logits = logits.masked_fill(bad[:, None], 0.0)  # bad rows draw from a harmless uniform row
+            validate = False
         # greedy-only batch: argmax + log_softmax, no filters, no random numbers (on CPU the
         # all-zero check costs nothing; on CUDA pass all_greedy instead of syncing)
         if all_greedy or (not logits.is_cuda and row_index.numel() and bool((temperature == 0).all())):
-            _check_inputs(logits, row_index, temperature, top_k, top_p, min_p, seeds, offsets, validate)
+            _check_inputs(*checks, validate)
             x = logits.index_select(0, row_index.long()).float()
             tokens = x.argmax(dim=1)
-            return tokens, torch.log_softmax(x, dim=1).gather(1, tokens[:, None])[:, 0]
-        return sample_ref(logits, row_index, temperature, top_k, top_p, min_p, seeds, offsets, validate=validate)
+            out = tokens, torch.log_softmax(x, dim=1).gather(1, tokens[:, None])[:, 0]
+        else:
+            out = sample_ref(logits, row_index, temperature, top_k, top_p, min_p, seeds, offsets, validate=validate)
+        return (*out, status) if return_status else out
     if backend == "csrc":
         if not all_greedy:
             raise ValueError("backend='csrc' implements the greedy path only: pass all_greedy=True")
         from .csrc_ops import greedy_argmax_lse
-        _check_inputs(logits, row_index, temperature, top_k, top_p, min_p, seeds, offsets, validate)
-        return greedy_argmax_lse(logits, row_index)
-    if backend not in ("auto", "triton"):
-        raise ValueError(f"unknown sampling backend {backend!r}; choose 'auto', 'triton', 'torch' or 'csrc'")
+        _check_inputs(*checks, validate, scan_logits=False)
+        tokens, logprobs, status = greedy_argmax_lse(logits, row_index, with_status=True)
+        if return_status:
+            return tokens, logprobs, status
+        if validate:
+            _raise_for_status(status, row_index)
+        return tokens, logprobs
     return sample_triton(logits, row_index, temperature, top_k, top_p, min_p, seeds, offsets, validate=validate,
-                         all_greedy=all_greedy)
+                         all_greedy=all_greedy, return_status=return_status)
+
+
+def _raise_for_status(status: torch.Tensor, row_index: torch.Tensor) -> None:
+    bad = status.nonzero().flatten()
+    if bad.numel():
+        rows = sorted(set(row_index[bad].tolist()))
+        raise ValueError(f"logits rows {rows} contain NaN or +inf, or are entirely -inf")
 
 
 # --------------------------------------------------------------------------------------- triton
@@ -373,10 +414,11 @@ def sample_triton(logits: torch.Tensor, row_index: torch.Tensor, temperature: to
                   top_p: torch.Tensor, min_p: torch.Tensor, seeds: torch.Tensor, offsets: torch.Tensor,
                   *, validate: bool = True, all_greedy: bool = False,
                   block: int | None = None, block_b: int | None = None,
-                  num_probes: int = NUM_PROBES) -> tuple[torch.Tensor, torch.Tensor]:
+                  num_probes: int = NUM_PROBES, return_status: bool = False):
     """The Triton sampler (no sort; one program per sample, or per few samples of a small vocab). all_greedy=True takes the greedy fast
     path (one pass: argmax + logsumexp) without reading the sampling parameters. With validate,
-    bad logits are reported after the kernel from a per-sample status flag it writes (one sync)."""
+    bad logits are reported after the kernel from a per-sample status flag it writes (one sync);
+    return_status=True returns that flag instead (tokens, logprobs, status) and raises nothing for it."""
     # the kernel trusts the parameters (a bad row index would read out of bounds): check them first
     _check_inputs(logits, row_index, temperature, top_k, top_p, min_p, seeds, offsets, validate, scan_logits=False)
     b, v = row_index.shape[0], logits.shape[1]
@@ -384,7 +426,7 @@ def sample_triton(logits: torch.Tensor, row_index: torch.Tensor, temperature: to
     logprobs = torch.empty(b, dtype=torch.float32, device=logits.device)
     status = torch.empty(b, dtype=torch.int32, device=logits.device)
     if b == 0:
-        return tokens, logprobs
+        return (tokens, logprobs, status) if return_status else (tokens, logprobs)
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     bb, blk, search_blk, warps = sample_launch(b, v, block, block_b, num_probes)
@@ -392,9 +434,8 @@ def sample_triton(logits: torch.Tensor, row_index: torch.Tensor, temperature: to
     _sample_kernel[grid](logits, logits.stride(0), row_index, temperature, top_k, top_p, min_p, seeds, offsets,
                          tokens, logprobs, status, b, v, GREEDY_ONLY=all_greedy, BLOCK_B=bb, BLOCK=blk,
                          SEARCH_BLOCK=search_blk, NUM_PROBES=num_probes, num_warps=warps)
+    if return_status:
+        return tokens, logprobs, status
     if validate:
-        bad = status.nonzero().flatten()
-        if bad.numel():
-            rows = sorted(set(row_index[bad].tolist()))
-            raise ValueError(f"logits rows {rows} contain NaN or +inf, or are entirely -inf")
+        _raise_for_status(status, row_index)
     return tokens, logprobs

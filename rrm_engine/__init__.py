@@ -1,16 +1,16 @@
 """rrm_engine: a lean decoder runtime for Reward Reasoning Models."""
-import os
+# First, before anything imports torch: OpenMP's wait policy (threads.py says why and what happens
+# when torch was imported first).
+from .threads import set_wait_policy
 
-# OpenMP threads that spin while waiting collapse when the cores are shared (measured on a 2-core
-# machine under load, 2026-11-22: the demo took 213 s with torch's default, 13.8 s with PASSIVE).
-# libgomp reads this when torch first loads it, so it only takes effect if rrm_engine is imported
-# before torch; a value the user set wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+set_wait_policy()
 
-from .judge import Comparison, Judge, Ranking, parse_verdict
-from .llm import LLM
-from .outputs import CompletionOutput, RequestOutput
-from .sampling_params import SamplingParams
+from .engine import StepError  # noqa: E402
+from .judge import Comparison, Judge, Ranking, parse_verdict  # noqa: E402
+from .llm import LLM  # noqa: E402
+from .outputs import CompletionOutput, RequestOutput  # noqa: E402
+from .sampling_params import SamplingParams  # noqa: E402
+from .serving import AsyncLLM  # noqa: E402
 
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Judge", "Comparison", "Ranking",
-           "parse_verdict"]
+           "parse_verdict", "AsyncLLM", "StepError"]

@@ -1,4 +1,4 @@
-"""python -m rrm_engine ...: see rrm_engine/cli.py."""
+"""python -m rrm_engine ... (the same as the `rrm-engine` console script): see rrm_engine/cli.py."""
 from rrm_engine.cli import main
 
 raise SystemExit(main())

@@ -11,11 +11,15 @@ tokens of context. New K/V are written to slot_mapping before attention reads th
 
 Shared-prefix levels are an optional hint for the cascade decode kernel: block_tables always
 hold every sequence's full table, so a backend that ignores the hint stays exact.
+
+Mixed steps (chunked prefill + decode in one batch) put the rows with one new token first
+(num_decode of them): backends run those through their decode path (split-K, cascade) and the
+rest through prefill, on decode_part() / prefill_part() views of the same metadata.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -43,13 +47,39 @@ class KVCache:
         return self.k.shape[1]
 
 
-@dataclass
 class PrefixLevel:
     """One level of shared prefixes: groups of sequences whose tokens [start, start+len) are
-    the same blocks. Levels are nested: level i+1 starts where level i ends."""
-    block_tables: torch.Tensor  # [G, max_blocks] int32, the blocks of each group's segment
-    lens: torch.Tensor  # [G] int32, tokens in each group's segment (whole blocks)
-    seq_group: torch.Tensor  # [B] int32, group of each sequence at this level, -1 if none
+    the same blocks. Levels are nested: level i+1 starts where level i ends.
+      block_tables [G, max_blocks] int32, the blocks of each group's segment
+      lens         [G] int32, tokens in each group's segment (whole blocks)
+      seq_group    [B] int32, group of each sequence at this level, -1 if none
+    The runner makes them from host lists (from_host): the tensors are then built on first use
+    (the torch backend's), and `host` serves the Triton plan without any device transfer."""
+
+    def __init__(self, block_tables: torch.Tensor | None, lens: torch.Tensor | None, seq_group: torch.Tensor | None,
+                 host: Any = None, device: torch.device | str | None = None, pad_block: int = 0):
+        self._tensors = (block_tables, lens, seq_group) if block_tables is not None else None
+        self.host = host  # kernels.decode_plan.HostLevel (lists), when made from the host
+        self._device, self._pad = device, pad_block
+
+    @classmethod
+    def from_host(cls, host: Any, device: torch.device | str, pad_block: int = 0) -> "PrefixLevel":
+        return cls(None, None, None, host=host, device=device, pad_block=pad_block)
+
+    def _get(self, i: int) -> torch.Tensor:
+        if self._tensors is None:
+            h, dev = self.host, self._device
+            width = max((len(t) for t in h.block_tables), default=0)
+            # pad with a block no sequence owns: masked reads past a segment never see another's KV
+            tables = [t + [self._pad] * (width - len(t)) for t in h.block_tables]
+            self._tensors = tuple(torch.tensor(x, dtype=torch.int32).reshape(shape).to(dev, non_blocking=True)
+                                  for x, shape in ((tables, (len(tables), width)), (h.lens, (-1,)),
+                                                   (h.seq_group, (-1,))))
+        return self._tensors[i]
+
+    block_tables = property(lambda self: self._get(0))
+    lens = property(lambda self: self._get(1))
+    seq_group = property(lambda self: self._get(2))
 
 
 @dataclass
@@ -61,7 +91,11 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [B, max_blocks] int32
     query_lens_host: list[int]  # the same facts on the host, so no device sync is needed
     seq_lens_host: list[int]
-    prefix_levels: list[PrefixLevel] = field(default_factory=list)
+    prefix_levels: list[PrefixLevel] = field(default_factory=list)  # over the first num_decode rows
+    # a backend's per-step launch plan of the decode rows (kernels.decode_plan.DecodePlan): set by
+    # StaticDecode (static buffers a CUDA graph reads), else built by the backend on first use
+    decode_plan: Any = None
+    _views: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def is_decode(self) -> bool:
@@ -70,6 +104,43 @@ class AttentionMetadata:
     @property
     def max_seq_len(self) -> int:
         return max(self.seq_lens_host)
+
+    @property
+    def num_decode(self) -> int:
+        """Leading rows with one new token (the runner orders them first): the decode part."""
+        if "num_decode" not in self._views:
+            n = 0
+            for q in self.query_lens_host:
+                if q != 1:
+                    break
+                n += 1
+            self._views["num_decode"] = n
+        return self._views["num_decode"]
+
+    def decode_part(self) -> "AttentionMetadata":
+        """The first num_decode rows as a pure decode step (self when the step is one); built once
+        per step, so a backend may cache per-step state on it."""
+        n = self.num_decode
+        if n == len(self.query_lens_host):
+            return self
+        if "decode" not in self._views:
+            self._views["decode"] = AttentionMetadata(
+                self.positions[:n], self.slot_mapping[:n], self.query_start_loc[:n + 1], self.seq_lens[:n],
+                self.block_tables[:n], self.query_lens_host[:n], self.seq_lens_host[:n], self.prefix_levels,
+                self.decode_plan)
+        return self._views["decode"]
+
+    def prefill_part(self) -> "AttentionMetadata":
+        """The rows after the decode part, their token rows rebased to start at 0."""
+        n = self.num_decode
+        if n == 0:
+            return self
+        if "prefill" not in self._views:
+            t = n  # decode rows hold one token each
+            self._views["prefill"] = AttentionMetadata(
+                self.positions[t:], self.slot_mapping[t:], self.query_start_loc[n:] - t, self.seq_lens[n:],
+                self.block_tables[n:], self.query_lens_host[n:], self.seq_lens_host[n:])
+        return self._views["prefill"]
 
 
 class AttentionBackend(Protocol):
@@ -144,7 +215,8 @@ def prefill_attention(layer: int, q: torch.Tensor, cache: KVCache, meta: Attenti
 class TorchAttention:
     """Reference backend in plain torch; runs anywhere. Decode is batched with a length mask, and
     when the runner names shared prefixes (meta.prefix_levels) it reads each prefix once per group
-    instead of once per sequence (cascade); prefill/extend runs one SDPA per sequence."""
+    instead of once per sequence (cascade); prefill/extend runs one SDPA per sequence. A mixed
+    step's decode rows take the decode path, its other rows prefill."""
 
     def __init__(self) -> None:
         self._plan_cache: tuple[AttentionMetadata, _CascadePlan] | None = None
@@ -153,10 +225,24 @@ class TorchAttention:
                  cache: KVCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         q, k = rotary.apply(q, k)
         store_kv(layer, k, v, cache, meta.slot_mapping)
-        if meta.is_decode:
-            if meta.prefix_levels:
-                return self._cascade_decode(layer, q, cache, meta, scale)
-            return self._decode(layer, q, cache, meta, scale)
+        nd, b = meta.num_decode, len(meta.query_lens_host)
+        if nd == b:
+            return self._decode_rows(layer, q, cache, meta, scale)
+        if nd == 0:
+            return self._prefill(layer, q, cache, meta, scale)
+        out = torch.empty_like(q)
+        out[:nd] = self._decode_rows(layer, q[:nd], cache, meta.decode_part(), scale)
+        out[nd:] = self._prefill(layer, q[nd:], cache, meta.prefill_part(), scale)
+        return out
+
+    def _decode_rows(self, layer: int, q: torch.Tensor, cache: KVCache, meta: AttentionMetadata,
+                     scale: float) -> torch.Tensor:
+        if meta.prefix_levels:
+            return self._cascade_decode(layer, q, cache, meta, scale)
+        return self._decode(layer, q, cache, meta, scale)
+
+    def _prefill(self, layer: int, q: torch.Tensor, cache: KVCache, meta: AttentionMetadata,
+                 scale: float) -> torch.Tensor:
         return prefill_attention(layer, q, cache, meta, scale)
 
     def _decode(self, layer: int, q: torch.Tensor, cache: KVCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:

@@ -3,6 +3,12 @@
 A block's count is the number of holders: each sequence whose block table lists it, plus one
 if the radix tree keeps it as a node. A block is free exactly when its count is zero. The pool
 knows nothing of tokens or models; it only hands out block ids of the paged KV cache.
+
+num_filled[b] counts the leading slots of block b that hold committed KV: written by a step that
+completed (or copied there by a copy-on-write that such a step applied). It restarts at 0 when
+the block is handed out again. The scheduler's check() uses it to prove that every cached or
+running token's KV was really computed: a failed step never commits, so a block it reserved
+reads as unfilled (see engine.py, "Failed steps").
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ class BlockPool:
         self.block_size = block_size
         self.ref_counts = [0] * num_blocks
         self._free: deque[int] = deque(range(num_blocks))
+        self.num_filled = [0] * num_blocks
         self.peak_used = 0
 
     @property
@@ -37,6 +44,7 @@ class BlockPool:
         b = self._free.popleft()
         assert self.ref_counts[b] == 0, f"free block {b} has ref count {self.ref_counts[b]}"
         self.ref_counts[b] = 1
+        self.num_filled[b] = 0
         self.peak_used = max(self.peak_used, self.num_used)
         return b
 
@@ -51,6 +59,11 @@ class BlockPool:
         self.ref_counts[block] -= 1
         if self.ref_counts[block] == 0:
             self._free.append(block)
+
+    def fill(self, block: int, num_slots: int) -> None:
+        """A completed step committed KV to the block's first num_slots slots."""
+        if num_slots > self.num_filled[block]:
+            self.num_filled[block] = num_slots
 
     def check(self) -> None:
         """Debug invariant check: counts non-negative, free list exactly the zero-count blocks, no duplicates."""

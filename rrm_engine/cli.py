@@ -1,25 +1,49 @@
-"""Command line: python -m rrm_engine {judge, rank, eval, demo, train}.
+"""Command line: `rrm-engine` (or `python -m rrm_engine`) {judge, rank, eval, demo, train}.
 
-  judge --pairs in.jsonl --out out.jsonl        rows {query, a, b[, label, id]} -> one verdict row each
-  rank  --input in.jsonl --out out.jsonl        rows {query, candidates: [...][, id]} -> order + scores
-  eval  --pandalm FILE [--limit N]              accuracy vs human labels (ties reported separately)
-  eval  --rewardbench FILE [--limit N]          rows {prompt, chosen, rejected, subset}: per-subset + sections
-  demo                                          the embedded model: two comparisons and a small ranking
-  train ...                                     added by rrm_engine.train.cli when present
+  judge --pairs in.jsonl --out out.jsonl     rows {query, a, b[, label, id]} -> one verdict row each
+  rank  --input in.jsonl --out out.jsonl     rows {query, candidates: [...][, id]} -> order + scores
+  eval  --pandalm FILE | --rewardbench FILE  accuracy vs human labels (ties reported separately)
+  demo                                       the embedded model: two comparisons and a small ranking
+  train ...                                  GRPO (rrm_engine/train/cli.py, a plugin: see PLUGINS)
+
+What a user can count on:
+  * every argument is checked before the model loads: numbers by their argparse type, the input
+    file parsed and checked in full (the first bad row named by file and line), --out created or
+    found writable, an existing --out never overwritten without --resume or --overwrite;
+  * errors are one line and exit with code 2 (--debug: the traceback instead);
+  * each finished row is appended to --out at once (results_file.py), so an interrupted run loses
+    nothing and `--resume` continues it; a row that failed is printed when it fails, counted in the
+    summary, and makes the exit code 1 (--allow-errors: 0);
+  * --max-tokens defaults per model (judge/defaults.py): the RRM paper's 8192 for an RRM checkpoint,
+    a small budget for the embedded demo model; the Judge prints which applies.
+
+Extending it (each a small change in one place):
+  * an engine option (a keyword of rrm_engine.LLM), e.g. --tensor-parallel-size or --weights:
+    one LLMOption in LLM_OPTIONS. Every judging command gets it, parsed and checked by its type
+    before the model loads, and passes it to LLM(...) only when given.
+  * a subcommand, e.g. `serve`: a module with add_parser(subparsers) -> ArgumentParser that calls
+    set_defaults(func=run), listed in PLUGINS (see train/cli.py). It can reuse add_llm_options /
+    llm_kwargs and the argument types below; main() gives it --debug, one-line errors and exit codes.
 
 Uses only the public API (rrm_engine.LLM via Judge.from_pretrained, the judge layer).
 """
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import sys
 import time
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
+from .config import CheckpointError
 from .judge.judge import Comparison, Judge, Ranking
+from .results_file import ResultsFile, check_output
+
+PROG = "rrm-engine"
+EXIT_ROWS_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 DEMO_PAIRS = [
     ("What is the capital of France?", "The capital of France is Paris.", "The capital of France is Berlin."),
@@ -31,80 +55,203 @@ DEMO_RANK = ("How many legs does a spider have?",
               "Spiders have no legs."])
 
 
-def _common(p: argparse.ArgumentParser, max_tokens: int, votes: int) -> None:
-    g = p.add_argument_group("judge")
-    g.add_argument("--model", default="embedded", help='"embedded", an HF model dir or a .gguf file')
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: the engine's choice)")
-    g.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
-                   help="weights and KV dtype (default: the engine's choice)")
-    g.add_argument("--votes", type=int, default=votes, help="votes per comparison (majority)")
-    g.add_argument("--max-tokens", type=int, default=max_tokens, help="max generated tokens per vote")
-    g.add_argument("--thinking-budget", type=int, default=None,
-                   help="force the verdict after this many thinking tokens")
-    g.add_argument("--temperature", type=float, default=0.6)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--swap", choices=("random", "split", "none"), default="random",
-                   help="presentation order of the two responses")
-    g.add_argument("--strict", action="store_true", help="paper-faithful: invalid votes stay invalid")
-    g.add_argument("--adaptive", action="store_true", help="stop voting once the majority is decided")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--batch-size", type=int, default=32, help="items sent to the engine at once")
-    g.add_argument("--quiet", action="store_true", help="no progress bars")
+# --- argument types: argparse calls them while parsing, before anything is loaded ---------------------
+def number_arg(text: str, kind: type, ok: Callable[[Any], bool], need: str) -> Any:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {need}, got {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {need}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return number_arg(text, int, lambda v: v >= 1, "an integer >= 1")
+
+
+def nonneg_float(text: str) -> float:
+    return number_arg(text, float, lambda v: v >= 0 and v != float("inf"), "a number >= 0")
+
+
+def positive_float(text: str) -> float:
+    return number_arg(text, float, lambda v: 0 < v < float("inf"), "a number > 0")
+
+
+def unit_interval(text: str) -> float:
+    return number_arg(text, float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+
+
+def existing_file(text: str) -> Path:
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"file not found: {text}")
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"not a file: {text}")
+    return path
+
+
+def device_arg(text: str) -> str:
+    from .placement import resolve_device
+    try:
+        resolve_device(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def dtype_arg(text: str) -> str:
+    from .placement import resolve_dtype
+    try:
+        resolve_dtype(text, "cpu")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def model_arg(text: str) -> str:
+    """"embedded"/"smollm2-135m", an existing model dir or an existing .gguf file."""
+    from .loader import EMBEDDED_NAMES
+    if text in EMBEDDED_NAMES:
+        return text
+    path = Path(text).expanduser()
+    if path.is_dir() or (path.is_file() and path.suffix == ".gguf"):
+        return str(path)
+    what = "no such file or directory" if not path.exists() else "not a model dir or a .gguf file"
+    raise argparse.ArgumentTypeError(f"{text!r}: {what} (use 'embedded', a Hugging Face model dir or a .gguf file)")
+
+
+# --- options, as tables: a new one is one entry ------------------------------------------------------
+@dataclass(frozen=True)
+class Option:
+    flags: tuple[str, ...]
+    dest: str  # the keyword it becomes (of LLM(...) or Judge(...)); None values are not passed
+    kwargs: dict = field(default_factory=dict)  # for add_argument
+
+
+LLM_OPTIONS: list[Option] = [
+    Option(("--model",), "model", dict(default="embedded", type=model_arg,
+                                       help='"embedded" (default), a Hugging Face model dir or a .gguf file')),
+    Option(("--device",), "device", dict(type=device_arg, help="cpu, cuda, cuda:1 ... (default: cuda if available)")),
+    Option(("--dtype",), "dtype", dict(type=dtype_arg, help="float32/fp32, bfloat16/bf16, float16/fp16 "
+                                                            "(default: bf16 on cuda, fp32 on cpu)")),
+    Option(("--kv-cache-tokens",), "kv_cache_tokens", dict(type=positive_int, help="KV cache size in tokens")),
+    Option(("--tensor-parallel-size",), "tensor_parallel_size", dict(
+        type=positive_int, help="split the model over this many GPUs (ranks spawned by the engine; default 1)")),
+]
+
+JUDGE_OPTIONS: list[Option] = [
+    Option(("--votes",), "votes", dict(type=positive_int, default=1,
+                                       help="votes per comparison (majority; default 1)")),
+    Option(("--max-tokens",), "max_tokens", dict(
+        type=positive_int, help="max generated tokens per vote (default per model: 8192, the RRM paper's, for an "
+                                "RRM checkpoint; 64 for the embedded demo model)")),
+    Option(("--thinking-budget",), "thinking_budget", dict(
+        type=positive_int, help="force the verdict after this many thinking tokens (default: none)")),
+    Option(("--temperature",), "temperature", dict(type=nonneg_float, default=0.6, help="default 0.6 (0: greedy)")),
+    Option(("--top-p",), "top_p", dict(type=unit_interval, default=1.0, help="default 1.0")),
+    Option(("--swap",), "swap", dict(choices=("random", "split", "none"), default="random",
+                                     help="presentation order: random (a coin per vote, default), split (half "
+                                          "each way), none")),
+    Option(("--strict",), "strict", dict(action="store_true", help="paper-faithful: invalid votes stay invalid")),
+    Option(("--adaptive",), "adaptive", dict(action="store_true", help="stop voting once the majority is decided")),
+    Option(("--seed",), "seed", dict(type=int, default=0, help="default 0")),
+]
+
+
+def _add(group: Any, options: Sequence[Option]) -> None:
+    for o in options:
+        group.add_argument(*o.flags, dest=o.dest, **o.kwargs)
+
+
+def add_llm_options(p: argparse.ArgumentParser) -> None:
+    _add(p.add_argument_group("model"), LLM_OPTIONS)
+
+
+def _kwargs(args: argparse.Namespace, options: Sequence[Option]) -> dict[str, Any]:
+    return {o.dest: getattr(args, o.dest) for o in options if getattr(args, o.dest, None) is not None}
+
+
+def llm_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """Keywords for rrm_engine.LLM from the parsed LLM_OPTIONS (model included)."""
+    return _kwargs(args, LLM_OPTIONS)
+
+
+def add_debug_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+
+
+def _add_judge_command_options(p: argparse.ArgumentParser, out_required: bool) -> None:
+    add_llm_options(p)
+    _add(p.add_argument_group("judge"), JUDGE_OPTIONS)
+    g = p.add_argument_group("run")
+    g.add_argument("--out", type=Path, required=out_required, default=None,
+                   help="results JSONL: one row per item, appended as each finishes")
+    g.add_argument("--resume", action="store_true", help="continue --out: keep its finished rows, run the rest")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    g.add_argument("--allow-errors", action="store_true", help="exit 0 even when some rows failed")
+    g.add_argument("--batch-size", type=positive_int, default=32, help="items given to the engine at once")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_debug_option(p)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (usage is one --help away), exit code 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m rrm_engine", description="Reward Reasoning Model runtime")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    j = sub.add_parser("judge", help="judge pairs from a JSONL file")
-    j.add_argument("--pairs", required=True, type=Path)
-    j.add_argument("--out", required=True, type=Path)
-    j.add_argument("--save-text", action="store_true", help="keep each vote's generated text in the output")
-    _common(j, 8192, 1)
-
-    r = sub.add_parser("rank", help="rank candidates per query from a JSONL file")
-    r.add_argument("--input", required=True, type=Path)
-    r.add_argument("--out", required=True, type=Path)
-    r.add_argument("--method", choices=("knockout", "elo"), default="knockout")
-    _common(r, 8192, 1)
-
-    e = sub.add_parser("eval", help="accuracy on PandaLM or RewardBench")
-    src = e.add_mutually_exclusive_group(required=True)
-    src.add_argument("--pandalm", type=Path, help="PandaLM testset-v1 JSON")
-    src.add_argument("--rewardbench", type=Path, help="RewardBench JSONL (prompt, chosen, rejected, subset)")
-    e.add_argument("--limit", type=int, default=None, help="first N rows only")
-    e.add_argument("--out", type=Path, default=None, help="per-row JSONL")
-    _common(e, 8192, 1)
-
-    d = sub.add_parser("demo", help="a couple of comparisons and a small ranking on the embedded model")
-    _common(d, 32, 1)
-
-    # --- train hook: the training engineer's parser, when the package provides it -----------------
-    try:
-        from .train.cli import add_parser as add_train_parser
-    except ModuleNotFoundError as err:  # only "not there yet" is skipped; a broken module still raises
-        if err.name not in ("rrm_engine.train.cli", "rrm_engine.train"):
-            raise
-    else:
-        add_train_parser(sub)
+    p = _Parser(prog=PROG, description="Reward Reasoning Model runtime: judge, rank, evaluate and train RRMs")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{" + ",".join(c.name for c in COMMANDS) + ",...}")
+    for c in COMMANDS:
+        sp = sub.add_parser(c.name, help=c.help, description=c.help)
+        c.arguments(sp)
+        sp.set_defaults(func=c.run)
+    for module in PLUGINS:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as err:  # only "not there" is skipped; a broken module still raises
+            if err.name is None or not module.startswith(err.name):
+                raise
+            continue
+        sp = mod.add_parser(sub)
+        if "--debug" not in sp._option_string_actions:
+            add_debug_option(sp)
     return p
 
 
-def _judge(args: argparse.Namespace) -> Judge:
-    llm_kwargs: dict[str, Any] = {} if args.device is None else {"device": args.device}
-    if args.dtype is not None:
-        import torch
-
-        llm_kwargs["dtype"] = getattr(torch, args.dtype)
-    judge_kwargs = dict(votes=args.votes, max_tokens=args.max_tokens, thinking_budget=args.thinking_budget,
-                        temperature=args.temperature, top_p=args.top_p, swap=args.swap, strict=args.strict,
-                        adaptive=args.adaptive, seed=args.seed)
-    return Judge.from_pretrained(args.model, **judge_kwargs, **llm_kwargs)
+# --- loading the judge --------------------------------------------------------------------------------
+def make_judge(args: argparse.Namespace) -> Judge:
+    kw = llm_kwargs(args)
+    model = kw.pop("model")
+    if not args.quiet:
+        print(f"loading {model} ...", file=sys.stderr, flush=True)
+    return Judge.from_pretrained(model, **_kwargs(args, JUDGE_OPTIONS), **kw)
 
 
-def _chunks(xs: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
-    for i in range(0, len(xs), max(1, size)):
-        yield xs[i:i + size]
+# --- items, streamed results, summaries -------------------------------------------------------------
+@dataclass
+class Item:
+    index: int  # position in the input: the key --resume uses
+    id: Any
+    where: str  # "FILE line N", for messages
+    work: tuple  # (query, a, b) or (query, candidates)
+    fields: dict = field(default_factory=dict)  # copied into the output row (label, subset, ...)
+
+
+def check_items(items: Sequence[Item], check: Callable[[tuple], Any]) -> None:
+    """Every item checked by the judge's own rule before the model loads; the first bad one named."""
+    bad = []
+    for it in items:
+        try:
+            check(it.work)
+        except ValueError as e:
+            bad.append(f"{it.where}: {e}")
+    if bad:
+        more = f" ({len(bad)} bad rows in all; the first is shown)" if len(bad) > 1 else ""
+        raise ValueError(bad[0] + more)
 
 
 def comparison_row(c: Comparison, save_text: bool = False) -> dict:
@@ -118,6 +265,100 @@ def comparison_row(c: Comparison, save_text: bool = False) -> dict:
     return {"winner": c.winner, "counts": list(c.counts), "p_first": c.p_first, "invalid": c.invalid,
             "invalid_reasons": c.invalid_reasons, "tokens_used": c.tokens_used, "votes_aborted": c.votes_aborted,
             "error": c.error, "votes": votes}
+
+
+def ranking_row(r: Ranking) -> dict:
+    return {"order": r.order, "scores": r.scores, "invalid_matches": r.invalid,
+            "matches": [{"i": m.i, "j": m.j, "round": m.round, "winner": m.winner, "invalid": m.invalid,
+                         "counts": list(m.comparison.counts)} for m in r.matches],
+            "tokens_used": r.tokens_used, "error": r.error}
+
+
+def _chunks(xs: Sequence[Any], size: int):
+    for i in range(0, len(xs), size):
+        yield xs[i:i + size]
+
+
+@dataclass
+class RunOutcome:
+    rows: list[dict]  # every row of the run, earlier (resumed) ones included, in input order
+    seconds: float
+    interrupted: bool = False
+
+
+def run_items(args: argparse.Namespace, items: list[Item], kind: str,
+              to_row: Callable[[Any], dict]) -> RunOutcome:
+    """Judge the items not yet in --out, appending each row as it finishes. kind: "compare" | "rank"."""
+    if args.out is not None:
+        check_output(args.out, args.resume, args.overwrite)
+    results = ResultsFile(args.out, args.resume) if args.out is not None else None
+    done = results.done if results is not None else {}
+    by_index = {it.index: it for it in items}
+    for index, row in done.items():
+        it = by_index.get(index)
+        if it is None or row.get("id") != it.id:
+            raise ValueError(f"cannot resume {args.out}: its row for input index {index} has id {row.get('id')!r}, "
+                             f"the input has {None if it is None else it.id!r} there (was the input changed?)")
+    todo = [it for it in items if it.index not in done]
+    new_rows: list[dict] = []
+    t0 = time.perf_counter()
+    if done:
+        print(f"resuming {args.out}: {len(done)} of {len(items)} rows already there, {len(todo)} to run",
+              file=sys.stderr)
+    if not todo:
+        return _outcome(results, new_rows, t0)
+
+    judge = make_judge(args)
+    from tqdm.auto import tqdm
+    bar = tqdm(total=len(items), initial=len(items) - len(todo), desc=kind, unit="item", disable=args.quiet,
+               file=sys.stderr, dynamic_ncols=True)
+
+    def on_result(chunk: Sequence[Item], k: int, result: Any) -> None:
+        it = chunk[k]
+        row = {"index": it.index, "id": it.id, **it.fields, **to_row(result)}
+        if results is not None:
+            results.write(row)
+        new_rows.append(row)
+        if row.get("error"):
+            bar.write(f"{PROG}: {it.where} (id {it.id!r}) failed: {row['error']}", file=sys.stderr)
+        bar.update(1)
+
+    try:
+        for chunk in _chunks(todo, args.batch_size):
+            cb = lambda k, r, chunk=chunk: on_result(chunk, k, r)  # noqa: E731
+            if kind == "compare":
+                judge.compare_batch([it.work for it in chunk], errors="return", on_result=cb)
+            else:
+                judge.rank_batch([it.work for it in chunk], method=args.method, errors="return", on_result=cb)
+    except KeyboardInterrupt:
+        bar.close()
+        outcome = _outcome(results, new_rows, t0, complete=False)
+        where = f"{len(outcome.rows)} of {len(items)} rows are in {args.out}; run the same command with --resume " \
+                "to finish" if results is not None else "nothing was saved (no --out)"
+        print(f"{PROG}: interrupted: {where}", file=sys.stderr)
+        outcome.interrupted = True
+        return outcome
+    bar.close()
+    return _outcome(results, new_rows, t0)
+
+
+def _outcome(results: ResultsFile | None, new_rows: list[dict], t0: float, complete: bool = True) -> RunOutcome:
+    if results is None:
+        return RunOutcome(sorted(new_rows, key=lambda r: r["index"]), time.perf_counter() - t0)
+    results.close(complete)
+    return RunOutcome(results.rows(), time.perf_counter() - t0)
+
+
+def exit_code(args: argparse.Namespace, outcome: RunOutcome) -> int:
+    if outcome.interrupted:
+        return EXIT_INTERRUPTED
+    failed = [r for r in outcome.rows if r.get("error")]
+    if not failed:
+        return 0
+    where = f" (each row's error is in {args.out})" if args.out else ""
+    print(f"{PROG}: {len(failed)} of {len(outcome.rows)} rows failed{where}; first: index {failed[0]['index']}: "
+          f"{failed[0]['error']}", file=sys.stderr)
+    return 0 if args.allow_errors else EXIT_ROWS_FAILED
 
 
 def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
@@ -140,114 +381,112 @@ def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]
     Console().print(t)
 
 
-def _compare_all(judge: Judge, items: list[tuple[str, str, str]], args: argparse.Namespace) -> list[Comparison]:
-    from tqdm.auto import tqdm
+def _comparison_summary(rows: Sequence[dict], seconds: float) -> list[tuple[str, Any]]:
+    return [("items", len(rows)), ("decided", sum(r["winner"] is not None for r in rows)),
+            ("no decision", sum(r["winner"] is None and not r["error"] for r in rows)),
+            ("errors", sum(bool(r["error"]) for r in rows)),
+            ("invalid votes", sum(r["invalid"] for r in rows)),
+            ("forced votes", sum(v["forced"] for r in rows for v in r["votes"])),
+            ("tokens (generated + forced)", sum(r["tokens_used"] for r in rows)),
+            ("seconds (this run)", round(seconds, 1))]
 
-    out: list[Comparison] = []
-    with tqdm(total=len(items), desc="judge", unit="pair", disable=args.quiet) as bar:
-        for chunk in _chunks(items, args.batch_size):
-            out += judge.compare_batch(list(chunk), errors="return")
-            bar.update(len(chunk))
-    return out
+
+# --- commands -------------------------------------------------------------------------------------
+def _judge_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pairs", required=True, type=existing_file, help="JSONL rows {query, a, b[, label, id]}")
+    p.add_argument("--save-text", action="store_true", help="keep each vote's generated text in the output")
+    _add_judge_command_options(p, out_required=True)
 
 
-def cmd_judge(args: argparse.Namespace) -> int:
+def run_judge(args: argparse.Namespace) -> int:
     from .judge.datasets import read_pairs
 
     rows = read_pairs(args.pairs)
-    judge = _judge(args)
-    t0 = time.perf_counter()
-    results = _compare_all(judge, [(r.query, r.a, r.b) for r in rows], args)
-    with open(args.out, "w", encoding="utf-8") as f:
-        for r, c in zip(rows, results):
-            f.write(json.dumps({"id": r.id, **comparison_row(c, args.save_text)}, ensure_ascii=False) + "\n")
-    _summary("judge", rows, results, time.perf_counter() - t0)
-    return 0
-
-
-def _summary(title: str, rows: Sequence[Any], results: Sequence[Comparison], seconds: float) -> None:
-    decided = [c for c in results if c.winner is not None]
-    labelled = [(r, c) for r, c in zip(rows, results) if r.label in (1, 2)]
-    table = [("items", len(results)), ("decided", len(decided)),
-             ("no decision", sum(c.winner is None and c.error is None for c in results)),
-             ("errors", sum(c.error is not None for c in results)),
-             ("invalid votes", sum(c.invalid for c in results)),
-             ("forced votes", sum(v.forced for c in results for v in c.votes)),
-             ("tokens (generated + forced)", sum(c.tokens_used for c in results)), ("seconds", round(seconds, 1))]
+    items = [Item(n, r.id, r.where, (r.query, r.a, r.b), {"label": r.label if r.label in (1, 2) else None})
+             for n, r in enumerate(rows)]
+    check_items(items, Judge.validate_pair)
+    outcome = run_items(args, items, "compare", lambda c: comparison_row(c, args.save_text))
+    table = _comparison_summary(outcome.rows, outcome.seconds)
+    labelled = [r for r in outcome.rows if r["label"] in (1, 2)]
     if labelled:
-        correct = sum(c.winner == r.label - 1 for r, c in labelled)
-        table.append(("accuracy (labelled)", correct / len(labelled)))
-    print_table(title, ("metric", "value"), table)
+        table.append(("accuracy (labelled)", sum(r["winner"] == r["label"] - 1 for r in labelled) / len(labelled)))
+    print_table("judge", ("metric", "value"), table)
+    return exit_code(args, outcome)
 
 
-def cmd_rank(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
+def _rank_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", required=True, type=existing_file, help="JSONL rows {query, candidates: [...][, id]}")
+    p.add_argument("--method", choices=("knockout", "elo"), default="knockout")
+    _add_judge_command_options(p, out_required=True)
 
-    from .judge.datasets import read_rank_items
 
-    rows = read_rank_items(args.input)
-    judge = _judge(args)
-    t0 = time.perf_counter()
-    results: list[Ranking] = []
-    with tqdm(total=len(rows), desc=f"rank ({args.method})", unit="query", disable=args.quiet) as bar:
-        for chunk in _chunks(rows, args.batch_size):
-            results += judge.rank_batch([(q, c) for _, q, c in chunk], method=args.method, errors="return")
-            bar.update(len(chunk))
-    with open(args.out, "w", encoding="utf-8") as f:
-        for (rid, _, cands), r in zip(rows, results):
-            f.write(json.dumps({"id": rid, "order": r.order, "scores": r.scores, "invalid_matches": r.invalid,
-                                "matches": [{"i": m.i, "j": m.j, "round": m.round, "winner": m.winner,
-                                             "invalid": m.invalid, "counts": list(m.comparison.counts)}
-                                            for m in r.matches],
-                                "tokens_used": r.tokens_used, "error": r.error}) + "\n")
+def run_rank(args: argparse.Namespace) -> int:
+    from .judge.datasets import read_rank_rows
+
+    items = [Item(n, r.id, r.where, (r.query, r.candidates)) for n, r in enumerate(read_rank_rows(args.input))]
+    check_items(items, Judge.validate_rank)
+    outcome = run_items(args, items, "rank", ranking_row)
+    rows = outcome.rows
     print_table(f"rank ({args.method})", ("metric", "value"), [
-        ("queries", len(results)), ("errors", sum(r.error is not None for r in results)),
-        ("matches", sum(len(r.matches) for r in results)), ("invalid matches", sum(r.invalid for r in results)),
-        ("tokens (generated + forced)", sum(r.tokens_used for r in results)),
-        ("seconds", round(time.perf_counter() - t0, 1))])
-    return 0
+        ("queries", len(rows)), ("errors", sum(bool(r["error"]) for r in rows)),
+        ("matches", sum(len(r["matches"]) for r in rows)), ("invalid matches", sum(r["invalid_matches"] for r in rows)),
+        ("tokens (generated + forced)", sum(r["tokens_used"] for r in rows)),
+        ("seconds (this run)", round(outcome.seconds, 1))])
+    return exit_code(args, outcome)
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
+def _eval_arguments(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--pandalm", type=existing_file, help="PandaLM testset-v1 JSON (see README: evaluation data)")
+    src.add_argument("--rewardbench", type=existing_file, help="RewardBench JSONL (prompt, chosen, rejected, subset)")
+    p.add_argument("--limit", type=positive_int, default=None, help="first N rows only")
+    _add_judge_command_options(p, out_required=False)
+
+
+def run_eval(args: argparse.Namespace) -> int:
     from .judge.datasets import read_pandalm, read_rewardbench, section_scores
 
-    rows = read_pandalm(args.pandalm) if args.pandalm else read_rewardbench(args.rewardbench)
+    data = read_pandalm(args.pandalm) if args.pandalm else read_rewardbench(args.rewardbench)
     if args.limit is not None:
-        rows = rows[: args.limit]
-    ties = [r for r in rows if r.label == 0]
-    rows = [r for r in rows if r.label in (1, 2)]
-    judge = _judge(args)
-    t0 = time.perf_counter()
-    results = _compare_all(judge, [(r.query, r.a, r.b) for r in rows], args)
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            for r, c in zip(rows, results):
-                f.write(json.dumps({"id": r.id, "label": r.label, "subset": r.subset, **comparison_row(c)}) + "\n")
-    correct = [c.winner == r.label - 1 for r, c in zip(rows, results)]
-    undecided = sum(c.winner is None for c in results)
+        data = data[: args.limit]
+    ties = sum(r.label == 0 for r in data)
+    items = [Item(n, r.id, r.where, (r.query, r.a, r.b), {"label": r.label, "subset": r.subset})
+             for n, r in enumerate(data) if r.label in (1, 2)]
+    check_items(items, Judge.validate_pair)
+    outcome = run_items(args, items, "compare", comparison_row)
+    rows = outcome.rows
+    correct = [r["winner"] == r["label"] - 1 for r in rows]
+    undecided = sum(r["winner"] is None for r in rows)
     n = max(1, len(rows))
     print_table("eval", ("metric", "value"), [
-        ("rows judged (non-tie)", len(rows)), ("tie rows (not judged)", len(ties)),
+        ("rows judged (non-tie)", len(rows)), ("tie rows (not judged)", ties),
         ("accuracy", sum(correct) / n), ("accuracy, no decision = 0.5", (sum(correct) + 0.5 * undecided) / n),
-        ("no decision", undecided), ("invalid votes", sum(c.invalid for c in results)),
-        ("errors", sum(c.error is not None for c in results)),
-        ("tokens (generated + forced)", sum(c.tokens_used for c in results)), ("seconds", round(time.perf_counter() - t0, 1))])
+        *[x for x in _comparison_summary(rows, outcome.seconds) if x[0] not in ("items", "decided")]])
     if args.rewardbench:
         right: dict[str, int] = defaultdict(int)
         total: dict[str, int] = defaultdict(int)
         for r, ok in zip(rows, correct):
-            total[r.subset or "?"] += 1
-            right[r.subset or "?"] += ok
+            total[r["subset"] or "?"] += 1
+            right[r["subset"] or "?"] += ok
         print_table("per subset", ("subset", "n", "accuracy"),
                     [(s, total[s], right[s] / total[s]) for s in sorted(total)])
         print_table("sections", ("section", "score"), sorted(section_scores(right, total).items()))
-    return 0
+    return exit_code(args, outcome)
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    judge = _judge(args)
+def _demo_arguments(p: argparse.ArgumentParser) -> None:
+    add_llm_options(p)
+    _add(p.add_argument_group("judge"), JUDGE_OPTIONS)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_debug_option(p)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    judge = make_judge(args)
     t0 = time.perf_counter()
-    comps = judge.compare_batch(DEMO_PAIRS)
+    print(f"demo: {len(DEMO_PAIRS)} comparisons, {judge.votes} vote(s) each, up to {judge.max_tokens} tokens per vote",
+          file=sys.stderr)
+    comps = judge.compare_batch(DEMO_PAIRS, progress=not args.quiet)
     rows = []
     for (q, a, b), c in zip(DEMO_PAIRS, comps):
         who = {0: "A", 1: "B", None: "-"}[c.winner]
@@ -255,22 +494,58 @@ def cmd_demo(args: argparse.Namespace) -> int:
         rows.append((q[:40], a[:30], b[:30], who, p, f"{c.counts[0]}-{c.counts[1]}", c.invalid))
     print_table("demo: comparisons", ("query", "A", "B", "winner", "P(A)", "votes A-B", "invalid"), rows)
     q, cands = DEMO_RANK
-    r = judge.rank(q, cands, method="knockout")
+    print(f"demo: knockout ranking of {len(cands)} candidates ({len(cands) - 1} matches)", file=sys.stderr)
+    (r,) = judge.rank_batch([(q, cands)], method="knockout", progress=not args.quiet)
+    if r.error:
+        raise RuntimeError(r.error)
     print_table(f"demo: knockout ranking of {q!r}", ("place", "candidate", "rounds survived"),
                 [(k + 1, cands[i], r.scores[i]) for k, i in enumerate(r.order)])
     print(f"{time.perf_counter() - t0:.1f} s, {sum(c.tokens_used for c in comps) + r.tokens_used} generated tokens")
     return 0
 
 
-COMMANDS = {"judge": cmd_judge, "rank": cmd_rank, "eval": cmd_eval, "demo": cmd_demo}
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS: list[Command] = [
+    Command("judge", "judge pairs from a JSONL file", _judge_arguments, run_judge),
+    Command("rank", "rank candidates per query from a JSONL file", _rank_arguments, run_rank),
+    Command("eval", "accuracy on PandaLM or RewardBench", _eval_arguments, run_eval),
+    Command("demo", "two comparisons and a small ranking on the embedded model", _demo_arguments, run_demo),
+]
+# modules with add_parser(subparsers) -> ArgumentParser (setting func=); skipped when not installed
+PLUGINS: tuple[str, ...] = ("rrm_engine.train.cli",)
+
+# errors that are the user's to fix: one line, exit code 2
+USER_ERRORS = (ValueError, CheckpointError, OSError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in COMMANDS:
-        return COMMANDS[args.command](args)
-    handler = getattr(args, "func", None)  # subcommands added by hooks set func (argparse convention)
-    if handler is None:
-        print(f"no handler for {args.command!r}", file=sys.stderr)
-        return 2
-    return int(handler(args) or 0)
+    debug = getattr(args, "debug", False)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:
+        if debug:
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__
+        if isinstance(e, USER_ERRORS):
+            print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)
+            return EXIT_USAGE
+        print(f"{PROG} {args.command}: {type(e).__name__}: {message} (--debug shows the traceback)", file=sys.stderr)
+        return 1
+
+
+def console_main() -> None:
+    """The `rrm-engine` console script."""
+    raise SystemExit(main())

@@ -2,10 +2,10 @@
 AttentionBackend protocol of rrm_engine.attention, for the CPU.
 
 Each layer is two calls: rotary on q/k fused with this step's K/V store (rope_and_store), then,
-for a decode step, paged decode attention that reads the cache pages in place and passes over
+for the decode rows, paged decode attention that reads the cache pages in place and passes over
 each shared prefix once for all the sequences of its group (the step's prefix levels); prefill and
-extend steps use torch SDPA per sequence (rrm_engine.attention.prefill_attention: they are bound
-by their matmuls, not by per-op overhead). The engine also hands the decoder the ops' fused
+extend rows (a mixed step puts them after the decode rows) use torch SDPA per sequence
+(rrm_engine.attention.prefill_attention: they are bound by their matmuls, not by per-op overhead). The engine also hands the decoder the ops' fused
 RMSNorm + residual, silu(gate) * up, and (small_m_linear) the weight-streaming GEMM for the
 projections and the LM head of steps with few rows.
 
@@ -51,7 +51,12 @@ class CpuAttention:
         q = cpu_ops.rope_and_store(q.to(dtype), k.to(dtype), v.to(dtype), rotary.positions,
                                    rotary.cos_table.to(dtype), rotary.sin_table.to(dtype), k_cache, v_cache,
                                    meta.slot_mapping)
-        if meta.is_decode:
-            return cpu_ops.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale,
-                                                  meta.prefix_levels)
-        return prefill_attention(layer, q, cache, meta, scale)
+        nd, b = meta.num_decode, len(meta.query_lens_host)  # a mixed step puts its decode rows first
+        if nd == 0:
+            return prefill_attention(layer, q, cache, meta, scale)
+        dm = meta.decode_part()
+        out = cpu_ops.paged_decode_attention(q[:nd], k_cache, v_cache, dm.block_tables, dm.seq_lens, scale,
+                                             dm.prefix_levels)
+        if nd == b:
+            return out
+        return torch.cat([out, prefill_attention(layer, q[nd:], cache, meta.prefill_part(), scale)])

@@ -1,19 +1,25 @@
 """Decode steps through fixed, padded buffers, so that one CUDA graph per padded batch size
 (1, 2, 4, 8, ...) can be captured once and replayed every step.
 
-A graph replays the exact kernels and shapes it captured, so everything it reads must live in
+A graph replays the exact kernels and grids it captured, so everything it reads must live in
 these buffers and no shape may depend on the step: rows past the real batch are padding that
-writes its K/V into a scratch block owned by no sequence, and the attention metadata claims the
-model's full context as max_seq_len (the real lengths come from seq_lens on the device). The
-shared-prefix levels change shape every step and are therefore not used on this path.
+writes its K/V into a scratch block owned by no sequence. With the Triton backend the step's
+decode plan (kernels/decode_plan.py) lives in static buffers too: each step writes its split
+lengths, each row's suffix start and the shared-prefix work items there before the replay, so
+the graphs keep split-K sized to the step's real context (not the model's) and the cascade over
+the step's prefix tree. Grids are sized for the worst case of each batch size; the programs a
+step does not need find empty ranges and return.
 
-On CUDA the graphs are captured lazily, on first use of each size. Elsewhere the same padded
-path runs eagerly (that is how the CPU tests check the padding). This path has only been
-tested on CPU so far: graph capture itself still needs a run on a GPU.
+capture_all() captures every size (the engine calls it at start-up, so memory planning sees the
+graphs' pools; it is idempotent). Elsewhere than CUDA the same padded path, plan buffers included,
+runs eagerly: that is how the CPU tests check it. This path has only been tested on CPU so far:
+graph capture itself still needs a run on a GPU.
 """
 from __future__ import annotations
 
 import torch
+
+from kernels.decode_plan import StaticDecodePlan
 
 from .attention import AttentionMetadata, KVCache
 from .model import Decoder
@@ -36,24 +42,38 @@ class StaticDecode:
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=dev)
         self.query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=dev)
         self.block_tables = torch.full((n, -(-max_model_len // self.bs)), scratch_block, dtype=torch.int32, device=dev)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.plans: StaticDecodePlan | None = None  # the Triton backend's plan buffers, made on first use
+        self.logits: torch.Tensor | None = None  # [n, V], written by every graph (one buffer for all sizes)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool = None  # graph memory pool shared by all sizes
 
     def can_run(self, batch: int) -> bool:
         return batch <= self.sizes[-1]
 
-    def _meta(self, p: int) -> AttentionMetadata:
+    def _plans(self) -> StaticDecodePlan | None:
+        """Plan buffers for a backend that launches from a DecodePlan (TritonAttention), else None."""
+        if self.plans is None and getattr(self.model.backend, "uses_decode_plan", False):
+            cfg, k = self.model.cfg, self.cache.k
+            hkv = k.shape[3]  # this rank's kv heads (tensor parallel shards hold fewer)
+            self.plans = StaticDecodePlan(self.sizes[-1], hkv * (cfg.num_heads // cfg.num_kv_heads), hkv, k.shape[4],
+                                          self.bs, self.max_model_len, k.device)
+        return self.plans
+
+    def _meta(self, p: int, seq_lens_host: list[int]) -> AttentionMetadata:
+        plans = self._plans()
         return AttentionMetadata(
             positions=self.positions[:p], slot_mapping=self.slots[:p], query_start_loc=self.query_start_loc[:p + 1],
             seq_lens=self.seq_lens[:p], block_tables=self.block_tables[:p],
-            query_lens_host=[1] * p, seq_lens_host=[self.max_model_len] * p)
+            query_lens_host=[1] * p, seq_lens_host=seq_lens_host,
+            decode_plan=plans.view(p) if plans is not None else None)
 
-    def _forward(self, p: int) -> torch.Tensor:
-        hidden = self.model(self.input_ids[:p], self.positions[:p], self.cache, self._meta(p))
+    def _forward(self, p: int, seq_lens_host: list[int]) -> torch.Tensor:
+        hidden = self.model(self.input_ids[:p], self.positions[:p], self.cache, self._meta(p, seq_lens_host))
         return self.model.compute_logits(hidden)
 
     def run(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Logits [B, V] of a pure decode step of B <= max_batch rows."""
+        """Logits [B, V] of a pure decode step of B <= max_batch rows (meta's prefix levels, if
+        any, reach the Triton kernels through the static plan)."""
         b = input_ids.shape[0]
         p = next(s for s in self.sizes if s >= b)
         self.input_ids[:b] = input_ids
@@ -68,23 +88,53 @@ class StaticDecode:
         self.slots[b:p] = self.scratch_block * self.bs
         self.seq_lens[b:p] = 1
         self.block_tables[b:p, 0] = self.scratch_block
+        plans = self._plans()
+        if plans is not None:
+            plans.fill(p, meta.seq_lens_host, meta.prefix_levels)
         if not self.capture:
-            return self._forward(p)[:b]
+            return self._forward(p, list(meta.seq_lens_host) + [1] * (p - b))[:b]
         if p not in self.graphs:
             self._capture(p)
-        graph, logits = self.graphs[p]
-        graph.replay()
-        return logits[:b]
+        self.graphs[p].replay()
+        return self.logits[:b]
+
+    def capture_all(self) -> list[int]:
+        """Capture the graph of every padded batch size not captured yet, largest first (smaller
+        graphs then reuse the shared pool's memory); returns the sizes captured. A no-op off CUDA.
+        Call it after the KV cache exists (graphs hold its address): the engine does at start-up."""
+        if not self.capture:
+            return []
+        done = []
+        for p in reversed(self.sizes):
+            if p not in self.graphs:
+                self._idle_rows(p)
+                self._capture(p)
+                done.append(p)
+        return done
+
+    def _idle_rows(self, p: int) -> None:
+        """Buffers of p padding rows (each decodes one token in the scratch block), no levels."""
+        self.input_ids[:p] = 0
+        self.positions[:p] = 0
+        self.slots[:p] = self.scratch_block * self.bs
+        self.seq_lens[:p] = 1
+        self.block_tables[:p, 0] = self.scratch_block
+        plans = self._plans()
+        if plans is not None:
+            plans.fill(p, [1] * p)
 
     def _capture(self, p: int) -> None:
+        lens = [self.max_model_len] * p  # host bound of the captured launch (the plan holds the real ones)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):  # warm up: Triton compiles and autotunes outside the capture
-                self._forward(p)
+                logits = self._forward(p, lens)
         torch.cuda.current_stream().wait_stream(stream)
+        if self.logits is None:  # allocated outside any graph, shared by all of them
+            self.logits = torch.empty(self.sizes[-1], logits.shape[1], dtype=logits.dtype, device=logits.device)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            logits = self._forward(p)
+            self.logits[:p].copy_(self._forward(p, lens))
         self.pool = graph.pool()
-        self.graphs[p] = (graph, logits)
+        self.graphs[p] = graph

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -64,10 +65,11 @@ def cache_root() -> Path:
 
 
 def load_gguf(file: str | os.PathLike, device: torch.device | str = "cpu",
-              dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a Llama/Qwen2 GGUF: convert it once into the cache, then load that HF dir."""
+              dtype: torch.dtype = torch.float32, shard: Any = None) -> LoadedModel:
+    """Load a Llama/Qwen2 GGUF: convert it once into the cache, then load that HF dir (only one
+    tensor-parallel rank's slices with `shard`, a loader.ShardPlan)."""
     file = Path(file)
-    return load_hf(converted_dir(file), device=device, dtype=dtype, name=file.stem)
+    return load_hf(converted_dir(file), device=device, dtype=dtype, name=file.stem, shard=shard)
 
 
 def converted_dir(file: str | os.PathLike) -> Path:
@@ -80,6 +82,9 @@ def converted_dir(file: str | os.PathLike) -> Path:
     if target.is_dir():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    print(f"rrm_engine: first load of {file.name}: converting it once into {target} "
+          "(fp32 safetensors, several times the size of a quantised .gguf; later loads read it directly)",
+          file=sys.stderr, flush=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         convert_gguf(file, tmp)
@@ -106,12 +111,8 @@ def _content_hash(file: Path) -> str:
 def convert_gguf(file: str | os.PathLike, out_dir: str | os.PathLike) -> None:
     """Write config.json, generation_config.json, safetensors shards (+ index) and, when the GGUF
     carries one, the tokenizer into out_dir."""
-    from gguf import GGUFReader
     file, out_dir = Path(file), Path(out_dir)
-    try:
-        reader = GGUFReader(str(file))
-    except Exception as e:
-        raise CheckpointError(f"cannot read GGUF file {file.name}: {e}") from e
+    reader = read_gguf(file)
     meta = _Metadata(reader)
     arch = meta.get("general.architecture")
     if arch not in ARCHITECTURES:
@@ -125,6 +126,49 @@ def convert_gguf(file: str | os.PathLike, out_dir: str | os.PathLike) -> None:
         from transformers import AutoTokenizer
         tok = AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
         tok.save_pretrained(str(out_dir))
+
+
+def read_gguf(file: Path) -> Any:
+    """gguf's GGUFReader over `file`, with a truncated or corrupt file named as such (and the first
+    tensor whose bytes are missing), not as the numpy reshape error gguf raises for it."""
+    from gguf import GGUFReader
+
+    class CheckedReader(GGUFReader):
+        def _build_tensors(self, start_offs: int, fields: list) -> None:
+            _check_tensor_extents(file, len(self.data), start_offs, fields)
+            super()._build_tensors(start_offs, fields)
+
+    size = file.stat().st_size
+    try:
+        return CheckedReader(str(file))
+    except CheckpointError:
+        raise
+    except Exception as e:
+        if "magic" in str(e).lower():
+            raise CheckpointError(f"{file} is not a GGUF file (it does not start with the GGUF magic)") from e
+        # the header or the tensor table ran past the end of the file, or holds impossible values
+        raise CheckpointError(f"truncated or corrupt GGUF file {file} ({size} bytes): its header or tensor table "
+                              f"cannot be read ({type(e).__name__}: {e})") from e
+
+
+def _check_tensor_extents(file: Path, size: int, start: int, fields: list) -> None:
+    """Raise naming the first tensor whose data lies past the end of the file. `fields` are gguf's
+    tensor-info records (name, dims, type, offset); when a future gguf lays them out differently the
+    check steps aside and gguf's own error stands."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+    try:
+        for f in fields:
+            _, name, _, dims, raw_type, offset = f.parts
+            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(int(raw_type[0]))]
+            end = start + int(offset[0]) + int(np.prod(dims)) * type_size // block
+            if end > size:
+                raise CheckpointError(
+                    f"truncated GGUF file {file}: tensor {bytes(name).decode('utf-8', 'replace')} ends at byte {end}, "
+                    f"the file has {size} bytes; re-copy or re-install the file")
+    except CheckpointError:
+        raise
+    except Exception:
+        return
 
 
 class _Metadata:
@@ -201,7 +245,8 @@ def _write_tensors(reader: Any, arch: str, config: dict[str, Any], out_dir: Path
         save_file(shard, str(out_dir / shards[-1][0]), metadata={"format": "pt"})
         shard, shard_bytes = {}, 0
 
-    for t in reader.tensors:
+    from tqdm.auto import tqdm
+    for t in tqdm(reader.tensors, desc="converting", unit="tensor", leave=False, disable=None):  # None: on a TTY
         name = hf_name(t.name)
         # GGUF lists dims innermost first (ne order); reversed, they are HF's [out, in]
         w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)

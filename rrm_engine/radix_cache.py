@@ -20,6 +20,9 @@ Finished sequences insert their partial last block as a partial node, so a calle
 a finished sequence (prompt + generated + extra) reuses all of its KV.
 
 Eviction: least recently used leaves whose block no sequence holds (count 1, the tree's own).
+
+A step that fails never marks its in-flight nodes computed: drop_in_flight() removes them (and
+anything below them) so no later request can match KV that was never written.
 """
 from __future__ import annotations
 
@@ -133,6 +136,23 @@ class RadixCache:
             node.computed = True
         self._in_flight.clear()
 
+    def drop_in_flight(self) -> int:
+        """The step that inserted the in-flight nodes failed: remove them with their subtrees
+        (KV below an unwritten block is garbage too). Returns the number of nodes removed."""
+        removed = 0
+        for node in reversed(self._in_flight):
+            if not node.evicted:
+                removed += self._remove_subtree(node)
+        self._in_flight.clear()
+        return removed
+
+    def _remove_subtree(self, node: Node) -> int:
+        removed = 0
+        for child in list(node.children.values()):
+            removed += self._remove_subtree(child)
+        self._remove(node)
+        return removed + 1
+
     def evict(self, num_blocks: int) -> int:
         """Free up to num_blocks blocks held only by the tree, least recently used leaves first."""
         ref = self.pool.ref_counts
@@ -182,8 +202,10 @@ class RadixCache:
         node.evicted = True
         self.pool.decref(node.block)
 
-    def check(self) -> None:
-        """Debug invariants: every node reachable, its block alive, no block held by two nodes."""
+    def check(self, num_filled: list[int] | None = None) -> None:
+        """Debug invariants: every node reachable, its block alive, no block held by two nodes.
+        With num_filled (the pool's, between steps): no node is in flight, every node is marked
+        computed and its block holds committed KV for all of the node's tokens."""
         seen: set[Node] = set()
         stack = [self.root]
         while stack:
@@ -197,6 +219,13 @@ class RadixCache:
         blocks = [n.block for n in self._nodes]
         assert len(blocks) == len(set(blocks)), "a block is held by two nodes"
         assert all(self.pool.ref_counts[b] >= 1 for b in blocks), "a node holds a freed block"
+        if num_filled is not None:
+            assert not self._in_flight, f"{len(self._in_flight)} tree nodes still in flight between steps"
+            for n in self._nodes:
+                assert n.computed, f"tree node of block {n.block} is not computed between steps"
+                assert num_filled[n.block] >= len(n.tokens), (
+                    f"tree node of block {n.block} claims {len(n.tokens)} tokens but only "
+                    f"{num_filled[n.block]} slots hold committed KV")
 
 
 def _common_prefix_len(a: tuple[int, ...], b: list[int]) -> int:

@@ -1,6 +1,12 @@
 """From logits rows to tokens: builds the per-sample tensors for kernels.sampling and, for the
 samples that ask, the model's log-probs (top-k and chosen ids). Everything the host needs comes
-back in one transfer, the step's single host sync."""
+back in one transfer, the step's single host sync, including a per-sample flag for a logits row
+that holds NaN or +inf (or is entirely -inf): such a sample comes back with bad_logits=True and
+the engine fails its request alone.
+
+Backends (the engine's sampler_backend): "auto" (Triton on CUDA, torch on CPU), "triton",
+"torch", or "csrc": the CUDA C++ greedy kernel for steps whose every sample is greedy, Triton
+for the others."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels import cpu_ops
+from kernels.sampling import SAMPLING_BACKENDS
 from kernels.sampling import sample as fused_sample
 
 from .sampling_params import SamplingParams
@@ -43,9 +50,21 @@ class SampleResult:
     token: int
     logprob: float  # under the sampling distribution log_softmax(logits / T) (T = 1 when greedy)
     extra: dict[int, float] | None  # model log-probs (log_softmax of raw logits), when asked
+    bad_logits: bool = False  # its logits row held NaN/+inf or was all -inf: token and log-probs are meaningless
 
 
-def sample(logits: torch.Tensor, reqs: list[SampleRequest]) -> list[SampleResult]:
+def check_backend(backend: str) -> str:
+    if backend not in SAMPLING_BACKENDS:
+        raise ValueError(f"sampler_backend must be one of {SAMPLING_BACKENDS}, got {backend!r}")
+    return backend
+
+
+def kernel_backend(backend: str, all_greedy: bool) -> str:
+    """The kernels.sampling backend for one step: csrc serves only all-greedy steps."""
+    return "auto" if backend == "csrc" and not all_greedy else backend
+
+
+def sample(logits: torch.Tensor, reqs: list[SampleRequest], backend: str = "auto") -> list[SampleResult]:
     dev = logits.device
     p = [r.params for r in reqs]
     row_index = torch.tensor([r.row for r in reqs], dtype=torch.int64).to(dev, non_blocking=True)
@@ -55,20 +74,20 @@ def sample(logits: torch.Tensor, reqs: list[SampleRequest]) -> list[SampleResult
     min_p = torch.tensor([x.min_p for x in p], dtype=torch.float32).to(dev, non_blocking=True)
     seeds = torch.tensor([r.seed for r in reqs], dtype=torch.int64).to(dev, non_blocking=True)
     offsets = torch.tensor([r.offset for r in reqs], dtype=torch.int64).to(dev, non_blocking=True)
-    if not logits.is_cuda and cpu_ops.is_loaded() and all(_unfiltered(x, logits.shape[1]) for x in p):
-        # CPU backend in use and no top-k / top-p / min-p: the C++ sampler (same tokens as the reference)
-        tokens, logprobs = cpu_ops.sample_unfiltered(logits, row_index, temperature, seeds, offsets)
-    elif all(x.temperature == 0 for x in p) and not logits.is_cuda:
-        # greedy batch on CPU: argmax and log_softmax, without the filtered sampler's sort and uniforms
-        rows = logits.index_select(0, row_index)
-        tokens = rows.argmax(dim=1)
-        logprobs = torch.log_softmax(rows, dim=1).gather(1, tokens[:, None])[:, 0]
+    all_greedy = all(x.temperature == 0 for x in p)
+    if (backend == "auto" and not logits.is_cuda and cpu_ops.is_loaded()
+            and all(_unfiltered(x, logits.shape[1]) for x in p)):
+        # CPU backend in use and no top-k / top-p / min-p: the C++ sampler, token for token the
+        # torch reference's draw, bad rows flagged like it
+        tokens, logprobs, status = cpu_ops.sample_unfiltered(logits, row_index, temperature, seeds, offsets,
+                                                             return_status=True)
     else:
-        # validation costs a host sync: on GPU skip it (our inputs are validated when added)
-        tokens, logprobs = fused_sample(logits, row_index, temperature, top_k, top_p, min_p, seeds, offsets,
-                                        validate=not logits.is_cuda,
-                                        all_greedy=all(x.temperature == 0 for x in p))
-    parts = [tokens.double(), logprobs.double()]
+        # parameter checks cost a host sync: on GPU skip them (SamplingParams were validated when
+        # added); bad logits never raise here, they come back as the status flags
+        tokens, logprobs, status = fused_sample(logits, row_index, temperature, top_k, top_p, min_p, seeds, offsets,
+                                                validate=not logits.is_cuda, all_greedy=all_greedy,
+                                                backend=kernel_backend(backend, all_greedy), return_status=True)
+    parts = [tokens.double(), logprobs.double(), status.double()]
     extra_at = [i for i, x in enumerate(p) if x.logprobs is not None or x.logprob_token_ids]
     if extra_at:
         idx = torch.tensor(extra_at, dtype=torch.int64).to(dev, non_blocking=True)
@@ -85,9 +104,9 @@ def sample(logits: torch.Tensor, reqs: list[SampleRequest]) -> list[SampleResult
             parts.append(logp.gather(1, want).double().flatten())
     flat = torch.cat(parts).tolist()  # the one host sync
     b = len(reqs)
-    out = [SampleResult(int(flat[i]), flat[b + i], None) for i in range(b)]
+    out = [SampleResult(int(flat[i]), flat[b + i], None, flat[2 * b + i] != 0) for i in range(b)]
     if extra_at:
-        e, pos = len(extra_at), 2 * b
+        e, pos = len(extra_at), 3 * b
         chosen, pos = flat[pos:pos + e], pos + e
         k = max((p[i].logprobs or 0) for i in extra_at)
         top_ids, top_vals = flat[pos:pos + e * k], flat[pos + e * k:pos + 2 * e * k]

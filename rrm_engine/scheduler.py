@@ -11,6 +11,10 @@ runner to apply). When the pool runs dry the tree's unused blocks are evicted; i
 enough the newest running sequence is preempted by recompute: its blocks are released, it goes
 back to the waiting queue with its generated tokens kept, and later recomputes (mostly from the
 tree). Nothing is admitted in a step that preempted, so a request is never lost or starved.
+
+While a step is built and until step_done(), `current` is its Schedule, whose `in_hand` names the
+sequence the scheduler was changing: if anything raises, the engine knows which sequences the step
+touched and drops them (drop(); see engine.py, "Failed steps").
 """
 from __future__ import annotations
 
@@ -40,6 +44,15 @@ class Schedule:
     num_preempted: int = 0
     cached_tokens: int = 0  # prompt tokens matched in the tree by sequences admitted this step
     num_deferred: int = 0  # waiting sequences held back behind a leader computing their prefix
+    in_hand: Sequence | None = None  # the sequence being matched/reserved/preempted right now
+
+    @property
+    def touched(self) -> list[Sequence]:
+        """Sequences whose blocks this step changed (or was changing when it raised)."""
+        seqs = [s.seq for s in self.seqs]
+        if self.in_hand is not None and all(s is not self.in_hand for s in seqs):
+            seqs.append(self.in_hand)
+        return seqs
 
     @property
     def num_tokens(self) -> int:
@@ -54,6 +67,7 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.waiting: list[Sequence] = []  # sorted by priority (preempted sequences keep theirs)
         self.running: list[Sequence] = []  # sorted by priority
+        self.current: Schedule | None = None  # the step being built or run (None between steps)
 
     def add(self, seq: Sequence) -> None:
         seq.status = Status.WAITING
@@ -68,16 +82,17 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> Schedule:
-        out = Schedule()
+        out = self.current = Schedule()
         budget = self.max_num_batched_tokens
         i = 0
         while i < len(self.running) and budget > 0 and len(out.seqs) < self.max_num_seqs:
-            seq = self.running[i]
+            seq = out.in_hand = self.running[i]
             want = min(len(seq.tokens) - seq.num_computed, budget)
             got = self._reserve(seq, want, out.copies)
             while got == 0:
-                victim = self.running[-1]
+                victim = out.in_hand = self.running[-1]
                 self.preempt(victim)
+                out.in_hand = seq
                 out.num_preempted += 1
                 if victim is seq:
                     break
@@ -86,22 +101,26 @@ class Scheduler:
                 continue  # seq itself was preempted; running[i] is now the next one
             out.seqs.append(ScheduledSeq(seq, got))
             self._insert_scheduled(seq, got)
+            out.in_hand = None
             budget -= got
             i += 1
+        out.in_hand = None
         if out.num_preempted:
             return out
         j = 0
         while j < len(self.waiting) and budget > 0 and len(out.seqs) < self.max_num_seqs:
-            seq = self.waiting[j]
+            seq = out.in_hand = self.waiting[j]
             cached = self._match(seq)
             if cached is None:
                 out.num_deferred += 1
+                out.in_hand = None
                 j += 1
                 continue
             want = min(len(seq.tokens) - seq.num_computed, budget)
             got = self._reserve(seq, want, out.copies)
             if got == 0:
                 self.release(seq)
+                out.in_hand = None
                 break  # the pool is full: admit nothing more this step
             self.waiting.pop(j)
             seq.status = Status.RUNNING
@@ -111,15 +130,24 @@ class Scheduler:
             if seq.num_generated == 0:
                 seq.request.num_cached_tokens = cached
             self._insert_scheduled(seq, got)
+            out.in_hand = None
             budget -= got
         return out
 
     def step_done(self, schedule: Schedule) -> None:
-        """The step ran: its tokens' KV is in the cache."""
+        """The step ran: its tokens' KV is in the cache (and its copy-on-write copies applied)."""
+        bs, filled = self.block_size, self.pool.num_filled
         for s in schedule.seqs:
-            s.seq.num_computed += s.num_new
+            seq = s.seq
+            start, end = seq.num_computed, seq.num_computed + s.num_new
+            for j in range(start // bs, (end - 1) // bs + 1):  # usually one block (BlockPool.fill, inlined)
+                b, n = seq.block_table[j], min(bs, end - j * bs)
+                if n > filled[b]:
+                    filled[b] = n
+            seq.num_computed = end
         if self.tree is not None:
             self.tree.mark_computed()
+        self.current = None
 
     def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -133,6 +161,22 @@ class Scheduler:
         elif seq.status is Status.WAITING:
             self.waiting.remove(seq)
         self.release(seq)
+        seq.status = Status.FINISHED
+
+    def drop(self, seq: Sequence) -> None:
+        """Take a sequence of a failed step out of the queues and give back its blocks without
+        keeping its tail in the tree: its last block may be a copy-on-write target that was never
+        copied, or half-written. Tolerates a sequence the failed step left between states."""
+        if seq in self.running:
+            self.running.remove(seq)
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        table, seq.block_table = seq.block_table, []
+        for b in table:
+            self.pool.decref(b)
+        seq.num_computed = 0
+        seq.tree_node = None
+        seq.num_tree_blocks = 0
         seq.status = Status.FINISHED
 
     def release(self, seq: Sequence) -> None:
@@ -179,9 +223,9 @@ class Scheduler:
             if dst is None:
                 return 0
             src = table[start // bs]
+            table[start // bs] = dst  # the table owns dst before src is let go: no window to leak or double free
             copies.append((src, dst))
             self.pool.decref(src)
-            table[start // bs] = dst
         for _ in range(need):
             b = self._allocate()
             if b is None:
@@ -213,16 +257,26 @@ class Scheduler:
             seq.num_tree_blocks = j + 1
 
     def check(self) -> None:
-        """Debug invariants: ref counts equal holders (sequences + tree), no leak, no double free."""
+        """Debug invariants between steps: ref counts equal holders (sequences + tree), no leak,
+        no double free; nothing in flight; every token a running sequence or a tree node counts as
+        computed sits in a block slot that a completed step filled (pool.num_filled)."""
+        assert self.current is None, "check() during a step (or after a failed one that was not rolled back)"
+        bs, filled = self.block_size, self.pool.num_filled
         counts = [0] * self.pool.num_blocks
         for seq in self.running:
             assert seq.status is Status.RUNNING
             for b in seq.block_table:
                 counts[b] += 1
+            assert len(seq.block_table) * bs >= seq.num_computed, f"sequence {seq.seq_id} computed beyond its blocks"
+            for j in range(-(-seq.num_computed // bs)):
+                need = min(bs, seq.num_computed - j * bs)
+                assert filled[seq.block_table[j]] >= need, (
+                    f"sequence {seq.seq_id} counts {need} computed tokens in its block {j} "
+                    f"(id {seq.block_table[j]}) but only {filled[seq.block_table[j]]} slots hold committed KV")
         for seq in self.waiting:
             assert not seq.block_table, "a waiting sequence holds blocks"
         if self.tree is not None:
-            self.tree.check()
+            self.tree.check(filled)
             for node in self.tree._nodes:
                 counts[node.block] += 1
         self.pool.check()

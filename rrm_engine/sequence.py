@@ -25,6 +25,8 @@ class Request:
     seqs: list["Sequence"] = field(default_factory=list)
     forked: bool = False  # the n-1 siblings exist (after the prompt's prefill)
     num_cached_tokens: int = 0
+    error: str | None = None  # why it failed (its samples then finish with "error")
+    stream: bool = False  # an output after every step that gives it tokens (see Engine.add_request)
 
     @property
     def finished(self) -> bool:

@@ -195,11 +195,33 @@ def test_unexpected_tensors(tmp_path, tiny_qwen2_dir):
     expect_error(tmp_path, "unexpected", *extra)
 
 
+def _first_cut_tensor(raw: bytes, size: int) -> str:
+    """The first tensor (by position) whose bytes a cut of a safetensors file to `size` bytes loses."""
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    return min((v["data_offsets"][1], k) for k, v in header.items()
+               if k != "__metadata__" and v["data_offsets"][1] > size - 8 - n)[1]
+
+
 def test_truncated_safetensors(tmp_path, tiny_qwen2_dir):
+    """Named as truncated, with the file and the first tensor whose bytes are missing."""
     copy_checkpoint(tiny_qwen2_dir, tmp_path)
     f = tmp_path / "model.safetensors"
-    f.write_bytes(f.read_bytes()[:-1000])
-    expect_error(tmp_path, "model.safetensors", "truncated")
+    raw = f.read_bytes()
+    for cut in (1000, len(raw) // 2):
+        f.write_bytes(raw[:-cut])
+        expect_error(tmp_path, str(f), "truncated safetensors file", f"tensor {_first_cut_tensor(raw, len(raw) - cut)} ")
+    f.write_bytes(raw[:100])  # cut inside the header
+    expect_error(tmp_path, str(f), "truncated or corrupt safetensors file", "the header says")
+
+
+def test_corrupt_safetensors_header(tmp_path, tiny_qwen2_dir):
+    copy_checkpoint(tiny_qwen2_dir, tmp_path)
+    f = tmp_path / "model.safetensors"
+    raw = bytearray(f.read_bytes())
+    raw[8:12] = b"{{{{"
+    f.write_bytes(bytes(raw))
+    expect_error(tmp_path, str(f), "corrupt safetensors file", "not valid JSON")
 
 
 def test_garbage_safetensors(tmp_path, tiny_qwen2_dir):
@@ -325,6 +347,45 @@ def test_gguf_roundtrip(tmp_path, monkeypatch, arch):
     assert cached.name.startswith(f"tiny-{arch}-")
     monkeypatch.setattr(gguf_loader, "convert_gguf", lambda *a: pytest.fail("converted twice"))
     assert_same_weights(load(f).model, expected)
+
+
+def test_truncated_or_corrupt_gguf_is_named(tmp_path, monkeypatch):
+    """A GGUF cut short is "truncated" with the file and the first tensor it lost, not numpy's reshape
+    error; one cut inside its header or tensor table, or without the GGUF magic, says so too."""
+    import gguf
+    monkeypatch.setenv("RRM_ENGINE_CACHE", str(tmp_path / "cache"))
+    good = tmp_path / "good.gguf"
+    write_gguf(good, tiny_qwen2_hf(), "qwen2")
+    raw = good.read_bytes()
+    reader = gguf.GGUFReader(str(good))
+    last = max(reader.tensors, key=lambda t: t.data_offset)
+    first = min(reader.tensors, key=lambda t: t.data_offset)
+    cases = [(len(raw) - 10, ["truncated GGUF file", f"tensor {last.name} ends at byte"]),
+             (first.data_offset + 4, ["truncated GGUF file", f"tensor {first.name} ends at byte"]),
+             (reader.data_offset - 40, ["truncated or corrupt GGUF file", "header or tensor table"])]
+    for size, fragments in cases:
+        f = tmp_path / "cut.gguf"
+        f.write_bytes(raw[:size])
+        with pytest.raises(CheckpointError) as e:
+            load(f)
+        for frag in fragments + [str(f)]:
+            assert frag in str(e.value), (frag, str(e.value))
+    f.write_bytes(b"GGML" + raw[4:])
+    with pytest.raises(CheckpointError, match="is not a GGUF file"):
+        load(f)
+    assert [p for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")] == []  # nothing half-converted
+
+
+def test_first_conversion_says_what_it_does(tmp_path, monkeypatch, capsys):
+    """The first load of a .gguf converts it (seconds for a real model): it says so on stderr, once."""
+    monkeypatch.setenv("RRM_ENGINE_CACHE", str(tmp_path / "cache"))
+    f = tmp_path / "tiny.gguf"
+    write_gguf(f, tiny_qwen2_hf(), "qwen2")
+    load(f)
+    err = capsys.readouterr().err
+    assert "first load of tiny.gguf: converting it once into" in err and str(tmp_path / "cache") in err
+    load(f)
+    assert "converting" not in capsys.readouterr().err
 
 
 def test_gguf_unsupported_architecture(tmp_path, monkeypatch):

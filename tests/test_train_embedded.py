@@ -24,6 +24,7 @@ the assertion below (a gain of 0.25) fails then (checked by hand).
 import json
 import time
 
+import pytest
 import torch
 
 from rrm_engine.loader import load_hf
@@ -46,6 +47,7 @@ def forced_verdict(text, finish_reason, opens_think):
 
 
 
+@pytest.mark.slow  # 1-2 minutes of CPU (127 s on 2 shared cores, 2026-12-01): runs with --runslow, as CI does
 def test_grpo_raises_p_correct_on_the_embedded_model(embedded_dir, tmp_path):
     wall0, cpu0 = time.perf_counter(), time.process_time()
     data = tmp_path / "yes_pairs.jsonl"

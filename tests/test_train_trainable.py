@@ -71,8 +71,10 @@ def test_grpo_step_moves_only_the_trained_layers(tiny_qwen2_dir, tmp_path):
             assert moved == 0.0, n
 
 
-def test_cli_rejects_a_bad_trainable(tmp_path):
+def test_cli_rejects_a_bad_trainable(tmp_path, capsys):
     from rrm_engine.cli import main
-    with pytest.raises(ValueError, match="last_n:K"):  # raised by the config, before anything loads
-        main(["train", "--data", str(tmp_path / "unused.jsonl"), "--out", str(tmp_path), "--steps", "1",
-              "--trainable", "last_n:0"])
+    data = tmp_path / "unused.jsonl"
+    data.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n')
+    with pytest.raises(SystemExit) as e:  # an argument error, before anything loads
+        main(["train", "--data", str(data), "--out", str(tmp_path / "run"), "--steps", "1", "--trainable", "last_n:0"])
+    assert e.value.code == 2 and "last_n:K" in capsys.readouterr().err

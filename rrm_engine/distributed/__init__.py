@@ -1,7 +1,9 @@
 """Scale-out: tensor parallelism inside a node (torch.distributed) and a Ray pool of replicas."""
-from .tensor_parallel import agree_min, init_tensor_parallel, shard_decoder, shard_for_engine, tensor_parallel_launch
+from .tensor_parallel import (RankShard, agree_min, init_tensor_parallel, shard_decoder, shard_for_engine,
+                              tensor_parallel_launch)
 
-__all__ = ["JudgePool", "agree_min", "init_tensor_parallel", "shard_decoder", "shard_for_engine", "tensor_parallel_launch"]
+__all__ = ["JudgePool", "RankShard", "agree_min", "init_tensor_parallel", "shard_decoder", "shard_for_engine",
+           "tensor_parallel_launch"]
 
 
 def __getattr__(name: str):

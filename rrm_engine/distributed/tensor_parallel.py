@@ -9,6 +9,11 @@ engine needs no extra messages. Inside the decoder:
   embedding       vocab-parallel: rows split, ids outside the slice give zeros, all-reduce;
   LM head         vocab-parallel: each rank computes its vocab slice, all-gather.
 The KV cache splits by KV head because each rank's model.cfg names only its own heads.
+Loading: every rank reads only its slices of the checkpoint (loader.load(shard=RankShard(...)) cuts
+an empty decoder to the rank's shapes, then reads each tensor's part with safetensors get_slice);
+a GGUF is converted whole once into a cached HF dir, then read the same way.
+Launch: torchrun / tensor_parallel_launch (every rank runs the caller's script), or
+LLM(path, tensor_parallel_size=N) from one process, which spawns its ranks (tp_workers.py).
 Inference only: the collectives here are not autograd-aware.
 """
 from __future__ import annotations
@@ -66,54 +71,88 @@ class VocabParallelEmbedding(nn.Module):
         return x
 
 
-def _split(t: torch.Tensor, dim: int, rank: int, world: int) -> torch.Tensor:
-    return t.chunk(world, dim=dim)[rank].contiguous()
+# Which part of each checkpoint tensor a rank keeps, by the tensor's (Hugging Face) name. The
+# in-memory sharding (shard_decoder) and the loader's sliced reads (RankShard.part) both go
+# through this table, so a checkpoint loaded shard by shard equals a full one sharded in memory.
+_COLUMN = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+           "self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias",
+           "mlp.gate_proj.weight", "mlp.up_proj.weight")  # output features split: dim 0
+_ROW = ("self_attn.o_proj.weight", "mlp.down_proj.weight")  # input features split: dim 1
+_VOCAB = ("model.embed_tokens.weight", "lm_head.weight")  # vocabulary rows, equal slices, last one zero-padded
 
 
-def _shard_fused_column(linear: FusedLinear, rank: int, world: int) -> None:
-    """Column-parallel for a fused projection: each part (q, k, v or gate, up) is split on its own,
-    and this rank keeps its slice of every part, still stacked in part order."""
-    def shard(t: torch.Tensor) -> torch.Tensor:
-        return torch.cat([_split(part, 0, rank, world) for part in t.split(linear.part_sizes, dim=0)])
-
-    linear.weight = nn.Parameter(shard(linear.weight.data), requires_grad=False)
-    if linear.bias is not None:
-        linear.bias = nn.Parameter(shard(linear.bias.data), requires_grad=False)
-    linear.part_sizes = [n // world for n in linear.part_sizes]
-    linear.out_features = linear.weight.shape[0]
-
-
-def shard_decoder(model: Decoder, rank: int, world: int, group: Any = None) -> Decoder:
-    """Shard a full decoder in place for this rank. Heads and KV heads must divide by world."""
-    cfg = model.cfg
+def shard_part(name: str, shape: tuple[int, ...], rank: int, world: int) -> tuple[tuple[slice, ...], int]:
+    """(index into the full tensor, zero rows to append) of `rank`'s part of checkpoint tensor
+    `name`; the full index for tensors every rank keeps whole (norms)."""
+    whole = tuple(slice(None) for _ in shape)
     if world == 1:
-        return model
+        return whole, 0
+    if name in _VOCAB:
+        per = -(-shape[0] // world)
+        start, stop = min(rank * per, shape[0]), min((rank + 1) * per, shape[0])
+        return (slice(start, stop),) + whole[1:], per - (stop - start)
+    dim = 0 if name.endswith(_COLUMN) else 1 if name.endswith(_ROW) else None
+    if dim is None:
+        return whole, 0
+    per = shape[dim] // world  # divisibility is checked before any tensor is cut
+    index = list(whole)
+    index[dim] = slice(rank * per, (rank + 1) * per)
+    return tuple(index), 0
+
+
+def take_part(name: str, t: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    """This rank's part of a full tensor already in memory (works on the meta device too)."""
+    index, pad = shard_part(name, tuple(t.shape), rank, world)
+    part = t[index]
+    if pad:
+        part = torch.cat([part, part.new_zeros(pad, *part.shape[1:])])
+    return part.contiguous()
+
+
+def check_divisible(cfg: Any, world: int) -> None:
     for what, n in (("num_attention_heads", cfg.num_heads), ("num_key_value_heads", cfg.num_kv_heads),
                     ("intermediate_size", cfg.intermediate_size)):
         if n % world:
             raise ValueError(f"tensor_parallel_size={world} does not divide {what}={n}")
-    for layer in model.model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        for lin in (attn.qkv_proj, mlp.gate_up_proj):
-            _shard_fused_column(lin, rank, world)
-        attn.o_proj = RowParallelLinear(_split(attn.o_proj.weight.data, 1, rank, world), group)
-        mlp.down_proj = RowParallelLinear(_split(mlp.down_proj.weight.data, 1, rank, world), group)
 
-    # vocab slices of equal size (the last one zero-padded) so all_gather sees equal shapes
+
+def shard_decoder(model: Decoder, rank: int, world: int, group: Any = None) -> Decoder:
+    """Shard a full decoder in place for this rank (on the meta device too: the loader shards an
+    empty decoder, then reads only this rank's slices into it). Heads and KV heads must divide by world."""
+    cfg = model.cfg
+    if world == 1:
+        return model
+    check_divisible(cfg, world)
+
+    def take(name: str, t: torch.Tensor) -> torch.Tensor:
+        return take_part(name, t.data, rank, world)
+
+    def fused_column(prefix: str, linear: FusedLinear) -> None:
+        """Each part of a fused projection (q, k, v or gate, up) is cut on its own, by its checkpoint
+        name; this rank keeps its rows of every part, still stacked in part order."""
+        for t in ("weight", "bias"):
+            fused = getattr(linear, t)
+            if fused is None:
+                continue
+            parts = fused.data.split(linear.part_sizes, dim=0)
+            mine = [take(f"{prefix}{name}.{t}", part) for name, part in zip(linear.part_names, parts)]
+            setattr(linear, t, nn.Parameter(torch.cat(mine), requires_grad=False))
+        linear.part_sizes = [n // world for n in linear.part_sizes]
+        linear.out_features = linear.weight.shape[0]
+
+    for i, layer in enumerate(model.model.layers):
+        attn, mlp, at = layer.self_attn, layer.mlp, f"model.layers.{i}."
+        fused_column(f"{at}self_attn.", attn.qkv_proj)
+        fused_column(f"{at}mlp.", mlp.gate_up_proj)
+        attn.o_proj = RowParallelLinear(take(f"{at}self_attn.o_proj.weight", attn.o_proj.weight), group)
+        mlp.down_proj = RowParallelLinear(take(f"{at}mlp.down_proj.weight", mlp.down_proj.weight), group)
+
     vocab = cfg.vocab_size
-    shard = -(-vocab // world)
-    start = rank * shard
-
-    def vocab_slice(w: torch.Tensor) -> torch.Tensor:
-        part = w[start:start + shard]
-        if part.shape[0] < shard:
-            part = torch.cat([part, part.new_zeros(shard - part.shape[0], w.shape[1])])
-        return part.contiguous()
-
-    emb = model.model.embed_tokens.weight.data
-    model.model.embed_tokens = VocabParallelEmbedding(vocab_slice(emb), start, group)
+    start = rank * -(-vocab // world)
+    emb = take("model.embed_tokens.weight", model.model.embed_tokens.weight)
+    model.model.embed_tokens = VocabParallelEmbedding(emb, start, group)
     if not cfg.tie_word_embeddings:
-        model.lm_head.weight = nn.Parameter(vocab_slice(model.lm_head.weight.data), requires_grad=False)
+        model.lm_head.weight = nn.Parameter(take("lm_head.weight", model.lm_head.weight), requires_grad=False)
 
     def gather_logits(local: torch.Tensor) -> torch.Tensor:
         parts = [torch.empty_like(local) for _ in range(world)]
@@ -126,27 +165,58 @@ def shard_decoder(model: Decoder, rank: int, world: int, group: Any = None) -> D
     return model
 
 
-def shard_for_engine(model: Decoder, tensor_parallel_size: int, group: Any = None) -> tuple[int, int]:
-    """Check that this process is one rank of a process group of tensor_parallel_size processes and
-    shard `model` for it in place (LLM(..., tensor_parallel_size=N) calls this before it sizes the
-    KV cache). Returns (rank, world)."""
+@dataclasses.dataclass(frozen=True)
+class RankShard:
+    """What the checkpoint loader needs to load one rank's shard only (loader.load(shard=...)):
+    shard an empty decoder built on meta, then read each tensor's part of this rank."""
+    rank: int
+    world: int
+    group: Any = None
+
+    def shard(self, model: Decoder) -> None:
+        shard_decoder(model, self.rank, self.world, self.group)
+
+    def part(self, name: str, shape: tuple[int, ...]) -> tuple[tuple[slice, ...], int]:
+        return shard_part(name, shape, self.rank, self.world)
+
+
+_HOW = ("launch one process per rank with `torchrun --nproc-per-node N script.py` (the script calls "
+        "rrm_engine.distributed.init_tensor_parallel() first) or with "
+        "rrm_engine.distributed.tensor_parallel_launch(fn, N)")
+
+
+def check_tensor_parallel_size(tensor_parallel_size: Any) -> None:
     if not isinstance(tensor_parallel_size, int) or isinstance(tensor_parallel_size, bool) or tensor_parallel_size < 1:
         raise ValueError(f"tensor_parallel_size must be an int >= 1, got {tensor_parallel_size!r}")
-    how = ("launch one process per rank with `torchrun --nproc-per-node N script.py` (the script calls "
-           "rrm_engine.distributed.init_tensor_parallel() first) or with "
-           "rrm_engine.distributed.tensor_parallel_launch(fn, N)")
+
+
+def launched_by_torchrun() -> bool:
+    """This process is one rank of a launcher (torchrun sets these) that has not joined its group yet."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
+
+
+def rank_shard(tensor_parallel_size: int, group: Any = None) -> RankShard:
+    """This process's shard, after checking that it is one rank of an initialised process group
+    of tensor_parallel_size processes."""
+    check_tensor_parallel_size(tensor_parallel_size)
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(f"tensor_parallel_size={tensor_parallel_size} needs an initialised torch.distributed "
-                           f"process group of that size; {how}")
+                           f"process group of that size; {_HOW}")
     world = dist.get_world_size(group)
     if world != tensor_parallel_size:
         raise RuntimeError(f"tensor_parallel_size={tensor_parallel_size} but the process group has {world} "
-                           f"ranks; {how}")
+                           f"ranks; {_HOW}")
+    return RankShard(dist.get_rank(group), world, group)
+
+
+def shard_for_engine(model: Decoder, tensor_parallel_size: int, group: Any = None) -> tuple[int, int]:
+    """Check that this process is one rank of a process group of tensor_parallel_size processes and
+    shard `model` (loaded whole) for it in place. Returns (rank, world)."""
+    shard = rank_shard(tensor_parallel_size, group)
     if model.gather_logits is not None:
         raise ValueError("this decoder is already sharded for tensor parallelism (load it again)")
-    rank = dist.get_rank(group)
-    shard_decoder(model, rank, world, group)
-    return rank, world
+    shard.shard(model)
+    return shard.rank, shard.world
 
 
 def agree_min(value: int, device: torch.device | str = "cpu", group: Any = None) -> int:

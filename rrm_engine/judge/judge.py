@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Sequence
 
+from .defaults import default_max_tokens
 from .prompt import THINK_CLOSE, THINK_OPEN, PromptBuilder, RRMPrompt, check_text
 from .tournament import Knockout, Match, RoundRobin, Tournament
 from .verdict import read_verdict
@@ -257,7 +258,7 @@ class Judge:
         self,
         llm: Any,
         votes: int = 1,
-        max_tokens: int = 8192,
+        max_tokens: int | None = None,
         temperature: float = 0.6,
         top_p: float = 1.0,
         thinking_budget: int | None = None,
@@ -270,6 +271,8 @@ class Judge:
         think_markers: tuple[str, str] = (THINK_OPEN, THINK_CLOSE),
     ):
         self._check_votes(votes)
+        if max_tokens is None:  # per model (defaults.py): the paper's 8192, a small budget for the demo model
+            max_tokens = default_max_tokens(llm)
         if not isinstance(max_tokens, int) or max_tokens < 1:
             raise ValueError(f"max_tokens must be an int >= 1, got {max_tokens!r}")
         if thinking_budget is not None and (not isinstance(thinking_budget, int) or thinking_budget < 1):
@@ -370,28 +373,36 @@ class Judge:
 
     def compare_batch(self, items: Sequence[tuple[str, str, str]], votes: int | None = None,
                       errors: Literal["raise", "return"] = "raise", progress: bool = False,
-                      timeout: float | None = None) -> list[Comparison]:
+                      timeout: float | None = None,
+                      on_result: Callable[[int, Comparison], None] | None = None) -> list[Comparison]:
         """Judge many (query, a, b) at once. errors="raise": a bad item raises ValueError before anything
         runs; "return": it comes back as a Comparison with `error` set and the others still run.
-        timeout (seconds): items not finished by then come back with error "timeout"."""
+        timeout (seconds): items not finished by then come back with error "timeout".
+        on_result(index, comparison): called as each item finishes (in completion order), e.g. to
+        stream results to a file; progress=True shows a tqdm bar over items."""
         k = self._check_votes(self.votes if votes is None else votes)
         results: list[Comparison | None] = [None] * len(items)
+        bar = _progress(progress, len(items), "compare")
+
+        def put(n: int, c: Comparison) -> None:
+            results[n] = c
+            bar.update(1)
+            if on_result is not None:
+                on_result(n, c)
+
         valid: list[tuple[int, tuple[str, str, str]]] = []
         for n, item in enumerate(items):
             try:
                 valid.append((n, self.validate_pair(item)))
             except ValueError as e:
                 if errors == "raise":
+                    bar.close()
                     raise ValueError(f"item {n}: {e}") from None
-                results[n] = _failed(f"ValueError: {e}")
-        bar = _progress(progress, len(valid), "compare")
+                put(n, _failed(f"ValueError: {e}"))
         driver = _Driver(self.llm, timeout)
 
         def finish(n: int) -> Callable[[Comparison], None]:
-            def done(c: Comparison) -> None:
-                results[n] = c
-                bar.update(1)
-            return done
+            return lambda c: put(n, c)
 
         # grouped by query so that each query's prompts reach the engine together (shared prefix)
         valid.sort(key=lambda x: x[1][0])
@@ -401,9 +412,11 @@ class Judge:
                 # on any replica of a pool
                 _CompareJob(self, q, a, b, k, self._rng("c", q, a, b), finish(n)).start(driver)
             except ValueError as e:
-                results[n] = _failed(f"ValueError: {e}")
-        driver.run()
-        bar.close()
+                put(n, _failed(f"ValueError: {e}"))
+        try:
+            driver.run()
+        finally:
+            bar.close()
         return [r if r is not None else _failed("no result") for r in results]
 
     # -- rankings --------------------------------------------------------------------------------
@@ -420,8 +433,10 @@ class Judge:
 
     def rank_batch(self, items: Sequence[tuple[str, Sequence[str]]], method: Method = "knockout",
                    votes: int | None = None, errors: Literal["raise", "return"] = "raise",
-                   progress: bool = False, timeout: float | None = None) -> list[Ranking]:
-        """Rank the candidates of many queries; all their matches share one engine loop."""
+                   progress: bool = False, timeout: float | None = None,
+                   on_result: Callable[[int, Ranking], None] | None = None) -> list[Ranking]:
+        """Rank the candidates of many queries; all their matches share one engine loop.
+        on_result(index, ranking): called as each query's ranking is complete."""
         k = self._check_votes(self.votes if votes is None else votes)
         if method not in ("knockout", "elo"):
             raise ValueError(f"method must be 'knockout' or 'elo', got {method!r}")
@@ -434,21 +449,26 @@ class Judge:
                 if errors == "raise":
                     raise ValueError(f"item {n}: {e}") from None
                 results[n] = Ranking([], [], [], 0, 0, method, error=f"ValueError: {e}")
+                if on_result is not None:
+                    on_result(n, results[n])
         bar = _progress(progress, len(valid), f"rank ({method})")
         driver = _Driver(self.llm, timeout)
         for n, (q, cands) in valid:
             t: Tournament = Knockout(len(cands), self.seed) if method == "knockout" else RoundRobin(len(cands), self.seed)
-            _RankJob(self, n, q, cands, t, method, k, driver, results, bar).advance()
-        driver.run()
-        bar.close()
+            _RankJob(self, n, q, cands, t, method, k, driver, results, bar, on_result).advance()
+        try:
+            driver.run()
+        finally:
+            bar.close()
         return [r if r is not None else Ranking([], [], [], 0, 0, method, error="no result") for r in results]
 
 
 class _RankJob:
     def __init__(self, judge: Judge, n: int, query: str, cands: list[str], t: Tournament, method: str, k: int,
-                 driver: _Driver, results: list, bar: Any):
+                 driver: _Driver, results: list, bar: Any, on_result: Callable[[int, Ranking], None] | None = None):
         self.judge, self.n, self.query, self.cands, self.t = judge, n, query, cands, t
         self.method, self.k, self.driver, self.results, self.bar = method, k, driver, results, bar
+        self.on_result = on_result
         self.records: dict[int, Comparison] = {}
 
     def advance(self) -> None:
@@ -473,6 +493,8 @@ class _RankJob:
             tokens_used=sum(r.comparison.tokens_used for r in matches), method=self.method,
             error=f"{len(errs)} match(es) failed: {errs[0]}" if errs else None)
         self.bar.update(1)
+        if self.on_result is not None:
+            self.on_result(self.n, self.results[self.n])
 
 
 class _NoBar:

@@ -72,8 +72,12 @@ def decided(votes: Sequence[Vote], total: int) -> bool:
 def presentation_orders(k: int, swap: SwapMode, rng: random.Random) -> list[bool]:
     """swapped flag of each of the k votes.
 
-    random: one coin per comparison (p=0.5, as in the paper's evaluation); all k votes share that
-            order, hence one prompt whose KV is computed once and forked k times.
+    random: one coin per vote (p=0.5). The paper's evaluation swapped the two responses at random
+            in every call, one sample per call: each vote is such a call. Votes that landed on the
+            same order share one prompt (prefilled once and forked), so a comparison prefills at most
+            two prompts, and those share the system prompt and the query in the prefix cache.
+            (One coin per comparison would show all k votes the same order, and the model's
+            position bias alone could then decide a k-0 result.)
     split:  half the votes in each order (alternating, so an early stop still sees both orders);
             odd k puts the extra vote in the given order.
     none:   the given order.
@@ -85,5 +89,5 @@ def presentation_orders(k: int, swap: SwapMode, rng: random.Random) -> list[bool
     if swap == "split":
         return [i % 2 == 1 for i in range(k)]
     if swap == "random":
-        return [rng.random() < 0.5] * k
+        return [rng.random() < 0.5 for _ in range(k)]
     raise ValueError(f"swap must be one of {SWAP_MODES}, got {swap!r}")

@@ -124,6 +124,12 @@ class PairStream:
             raise DataError(f"{where}: invalid JSON ({e.msg})") from None
         return _pair_from_record(rec, where)
 
+    def check(self) -> None:
+        """Read every record once, so that a bad line fails now (naming file and line), not at the
+        step that draws it."""
+        for i in range(len(self)):
+            self._read(i)
+
     def __iter__(self) -> Iterator[PreferencePair]:
         while True:
             yield self.next()

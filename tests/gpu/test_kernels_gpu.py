@@ -1,6 +1,8 @@
 """The kernels and the engine on a real GPU: bf16 (which Triton's interpreter gets wrong, so the
 CPU suite in tests/kernels cannot check it), the RRM-7B shapes of DESIGN.md's targets, the
-CUDA-graph decode path. Skipped without CUDA.
+CUDA-graph decode path (captured at start-up, with split-K and the prefix-tree cascade read from
+static plan buffers), mixed prefill+decode steps, NaN logits failing one request, the csrc greedy
+sampler backend, and the selective log-softmax gradient under bf16 autocast. Skipped without CUDA.
 
 A dry run of this file's own code on the CPU, through the interpreter at small shapes and without
 bf16: RRM_GPU_TEST_DEVICE=cpu python -m pytest -q tests/gpu
@@ -174,3 +176,187 @@ def test_engine_triton_backend_and_cuda_graphs(tiny_qwen2_dir, dtype):
     assert outs["triton"] == outs["torch"]
     graphs = make(attention_backend="triton", cuda_graphs=True)
     assert [[c.token_ids for c in o.outputs] for o in graphs.generate(prompts, params)] == outs["triton"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_prefix_tree_and_static_plan_at_7b_shapes(dtype):
+    """Three levels (system prompt | query | comparison) and a static plan reused by steps of
+    other shapes, against plain decode: what the engine's graphs replay."""
+    from kernels.decode_plan import HostLevel, StaticDecodePlan, plan_decode
+    from kernels.paged_decode import paged_decode_attention_ref
+    from kernels.shared_prefix_decode import decode_attention
+    gen = torch.Generator().manual_seed(11)
+    hkv, g, d = SHAPES[0]
+    sys_n, q_n, p_n = (512, 1024, 2048) if GPU else (16, 32, 48)  # tokens, whole pages
+    queries, pairs, votes = (2, 3, 8) if GPU else (2, 2, 2)
+    b = queries * pairs * votes
+    sys_b = list(range(sys_n // PAGE))
+    nxt = len(sys_b)
+    q_b, p_b = [], []
+    for _ in range(queries):
+        q_b.append(list(range(nxt, nxt + q_n // PAGE)))
+        nxt += q_n // PAGE
+    for _ in range(queries * pairs):
+        p_b.append(list(range(nxt, nxt + p_n // PAGE)))
+        nxt += p_n // PAGE
+    heads = [sys_b + q_b[r // (pairs * votes)] + p_b[r // votes] for r in range(b)]
+    suffix = [1 + (r * 37) % (3 * PAGE) for r in range(b)]
+    lens = [sys_n + q_n + p_n + n for n in suffix]
+    tables = []
+    for r in range(b):
+        own = -(-suffix[r] // PAGE)
+        tables.append(heads[r] + list(range(nxt, nxt + own)))
+        nxt += own
+    width = max(map(len, tables))
+    bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=DEVICE)
+    kc = torch.randn(nxt + 1, PAGE, hkv, d, generator=gen).to(dtype).to(DEVICE)
+    vc = torch.randn(nxt + 1, PAGE, hkv, d, generator=gen).to(dtype).to(DEVICE)
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    q = torch.randn(b, hkv * g, d, generator=gen).to(dtype).to(DEVICE)
+    levels = [HostLevel([sys_b], [sys_n], [0] * b),
+              HostLevel(q_b, [q_n] * queries, [r // (pairs * votes) for r in range(b)]),
+              HostLevel(p_b, [p_n] * (queries * pairs), [r // votes for r in range(b)])]
+    want = paged_decode_attention_ref(q, kc, vc, bt, seq_lens, d ** -0.5)
+    plan = plan_decode(b, hkv * g, hkv, d, PAGE, q.device, max_seq_len=max(lens), seq_lens=lens, levels=levels)
+    torch.testing.assert_close(decode_attention(q, kc, vc, bt, seq_lens, d ** -0.5, plan), want, **TOL[dtype])
+    # the same batch through a static plan of 2x its rows, after a step with other levels
+    p = 2 * b
+    static = StaticDecodePlan(p, hkv * g, hkv, d, PAGE, max_seq_len=8 * max(lens), device=q.device)
+    view = static.view(p)
+    scratch = nxt
+    bt_p = torch.full((p, 8 * max(lens) // PAGE), scratch, dtype=torch.int32, device=DEVICE)
+    bt_p[:b, :width] = bt
+    lens_p = torch.cat([seq_lens, torch.ones(p - b, dtype=torch.int32, device=DEVICE)])
+    q_p = torch.cat([q, q])
+    static.fill(p, lens, levels[:1])
+    decode_attention(q_p, kc, vc, bt_p, lens_p, d ** -0.5, view)
+    static.fill(p, lens, levels)
+    out = decode_attention(q_p, kc, vc, bt_p, lens_p, d ** -0.5, view)
+    torch.testing.assert_close(out[:b], want, **TOL[dtype])
+
+
+def rrm_like_prompts(queries: int, pairs: int) -> list[list[int]]:
+    """A 2-page 'system prompt' every prompt shares, a 3-page query per query, a pair per prompt."""
+    system = list(range(300, 300 + 2 * PAGE))
+    out = []
+    for qi in range(queries):
+        query = [1000 + 50 * qi + j % 50 for j in range(3 * PAGE)]
+        out += [system + query + [2000 + 97 * (qi * pairs + c) + j % 97 for j in range(PAGE + 5)] for c in range(pairs)]
+    return out
+
+
+def test_engine_graphs_keep_cascade_and_split_k_and_mixed_steps(tiny_qwen2_dir):
+    """fp32 engine, Triton backend: graphs captured at start-up on CUDA; prompts with two queries
+    in flight (three prefix levels) decode through the graphs with the same samples as the eager
+    Triton engine and the torch engine; a small token budget makes chunked prefills share steps
+    with decodes (mixed steps), with the same samples again."""
+    import rrm_engine as rrm
+    import rrm_engine.triton_backend as tb
+    prompts = rrm_like_prompts(queries=2, pairs=2)
+    params = rrm.SamplingParams(n=3, temperature=0.8, max_tokens=10, seed=7, ignore_eos=True)
+    make = lambda **kw: rrm.LLM(str(tiny_qwen2_dir), device=DEVICE, dtype=torch.float32, kv_cache_tokens=4096,  # noqa: E731
+                                block_size=PAGE, **kw)
+    run = lambda llm: [[c.token_ids for c in o.outputs] for o in llm.generate(prompts, params)]  # noqa: E731
+    want = run(make(attention_backend="torch"))
+    assert run(make(attention_backend="triton")) == want
+    plans = []
+    real = tb.decode_attention
+    tb.decode_attention = lambda q, *a, **kw: plans.append(a[-1]) or real(q, *a, **kw)
+    try:
+        graphs = make(attention_backend="triton", cuda_graphs=True)
+        static = graphs.engine.runner.static_decode
+        if GPU:
+            assert sorted(static.graphs) == static.sizes  # every size captured at start-up
+        assert run(graphs) == want
+    finally:
+        tb.decode_attention = real
+    assert any(pl.has_levels for pl in plans)  # the cascade ran on the static path
+    mixed_calls = []
+    tb_prefill = tb.paged_prefill_attention
+    tb.decode_attention = lambda q, *a, **kw: mixed_calls.append(("decode", q.shape[0])) or real(q, *a, **kw)
+    tb.paged_prefill_attention = lambda q, *a, **kw: mixed_calls.append(("prefill", q.shape[0])) or tb_prefill(q, *a, **kw)
+    try:
+        # 24-token budget: the later prompts prefill in chunks while the first ones decode
+        chunked = make(attention_backend="triton", max_num_batched_tokens=24)
+        assert run(chunked) == want
+    finally:
+        tb.decode_attention, tb.paged_prefill_attention = real, tb_prefill
+    pairs = list(zip(mixed_calls, mixed_calls[1:]))
+    assert any(a[0] == "decode" and b[0] == "prefill" for a, b in pairs), "no mixed step happened"
+
+
+@pytest.mark.parametrize("sampler_backend", ["auto", "csrc"] if GPU else ["auto", "triton"])
+def test_nan_logits_fail_one_request_on_device(tiny_qwen2_dir, sampler_backend):
+    """R4 on the device path: the sampler's flag (Triton or csrc kernel) fails the request whose
+    prompt holds a NaN-embedding token; the others equal a clean run."""
+    import rrm_engine as rrm
+    bad_token = 77
+    good = [[100 + i for i in range(20)], [300 + i for i in range(33)]]
+    bad = [500 + i for i in range(10)] + [bad_token]
+    greedy = rrm.SamplingParams(n=2, temperature=0.0, max_tokens=6, ignore_eos=True)
+    make = lambda: rrm.LLM(str(tiny_qwen2_dir), device=DEVICE, dtype=torch.float32, kv_cache_tokens=1024,  # noqa: E731
+                           block_size=PAGE, attention_backend="triton", sampler_backend=sampler_backend)
+    clean = make().generate(good, greedy)
+    llm = make()
+    with torch.no_grad():
+        llm.loaded.model.model.embed_tokens.weight[bad_token] = float("nan")
+    outs = llm.generate([bad] + good, greedy)
+    assert outs[0].error is not None and outs[0].request_id in outs[0].error
+    assert [c.finish_reason for c in outs[0].outputs] == ["error", "error"]
+    assert [[c.token_ids for c in o.outputs] for o in outs[1:]] == [[c.token_ids for c in o.outputs] for o in clean]
+    llm.engine.check()
+
+
+def test_csrc_sampler_backend_matches_triton_greedy(tiny_qwen2_dir, monkeypatch):
+    """Build item 5: sampler_backend="csrc" serves all-greedy steps with the CUDA C++ kernel (JIT
+    build at start-up on a GPU) and sampled steps with Triton; greedy tokens equal the Triton
+    sampler's. Dry run on CPU: the engine cannot build it, so the dispatch is run through
+    rrm_engine.sampler with the kernel's torch reference standing in."""
+    import rrm_engine as rrm
+    from rrm_engine.sampler import SampleRequest, sample
+    if not GPU:
+        import kernels.csrc_ops as csrc_ops
+        seen = []
+
+        def stand_in(logits, row_index, splits=None, with_status=False):
+            seen.append(row_index.numel())
+            return csrc_ops.greedy_argmax_lse_ref(logits, row_index, with_status=with_status)
+        monkeypatch.setattr(csrc_ops, "greedy_argmax_lse", stand_in)
+        logits = torch.randn(3, 1000)
+        greedy = rrm.SamplingParams(temperature=0.0)
+        res = sample(logits, [SampleRequest(i, greedy, i, 0) for i in range(3)], backend="csrc")
+        assert seen == [3] and [r.token for r in res] == logits.argmax(1).tolist()
+        sample(logits, [SampleRequest(0, greedy, 0, 0), SampleRequest(1, rrm.SamplingParams(temperature=1.0), 1, 0)],
+               backend="csrc")
+        assert seen == [3]  # a sampled row sends the step to the other sampler
+        return
+    prompts = [[100 + i for i in range(20)], [300 + i for i in range(33)]]
+    greedy = rrm.SamplingParams(n=1, temperature=0.0, max_tokens=12, ignore_eos=True)
+    outs = {}
+    for backend in ("triton", "csrc"):
+        llm = rrm.LLM(str(tiny_qwen2_dir), device=DEVICE, dtype=torch.float32, kv_cache_tokens=1024, block_size=PAGE,
+                      attention_backend="triton", sampler_backend=backend)
+        outs[backend] = [(o.outputs[0].token_ids, o.outputs[0].sampling_logprobs) for o in llm.generate(prompts, greedy)]
+    for (t_tok, t_lp), (c_tok, c_lp) in zip(outs["triton"], outs["csrc"]):
+        assert t_tok == c_tok
+        torch.testing.assert_close(torch.tensor(c_lp), torch.tensor(t_lp), atol=1e-4, rtol=1e-4)
+
+
+def test_selective_log_softmax_gradient_under_bf16_autocast():
+    """B3 where the trainer runs it: bf16 autocast on the device, Triton reduction in forward,
+    backward outside autocast; the gradient equals autograd's of the same forward."""
+    from kernels.selective_log_softmax import selective_log_softmax, selective_log_softmax_ref
+    gen = torch.Generator().manual_seed(12)
+    n, v, h = (512, 32768, 256) if GPU else (32, 300, 16)
+    hidden = (torch.randn(n, h, generator=gen) * 2).to(DEVICE).requires_grad_()
+    weight = (torch.randn(v, h, generator=gen) / h ** 0.5 * 8).to(DEVICE).requires_grad_()
+    labels = torch.randint(0, v, (n,), generator=gen).to(DEVICE)
+    grad = torch.randn(n, generator=gen).to(DEVICE)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        out = selective_log_softmax(hidden, weight, labels, 0.9, chunk_size=64, backend="triton")
+        ref = selective_log_softmax_ref(hidden, weight, labels, 0.9)
+    gh, gw = torch.autograd.grad(out, (hidden, weight), grad)
+    rh, rw = torch.autograd.grad(ref, (hidden, weight), grad)
+    torch.testing.assert_close(out, ref, atol=1e-3, rtol=1e-3)
+    for got, want in ((gh, rh), (gw, rw)):
+        assert ((got - want).norm() / want.norm()).item() < 1e-2

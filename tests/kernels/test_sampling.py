@@ -219,6 +219,31 @@ def test_nan_or_inf_logits_raise_naming_the_row(backend, bad):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("greedy", [False, True])
+def test_bad_rows_reported_as_status_instead_of_raising(backend, greedy):
+    """return_status (what the engine uses): a NaN, +inf or all -inf row is flagged for the samples
+    that read it and nothing is raised; every other sample gets the token it gets without them."""
+    gen = torch.Generator().manual_seed(8)
+    clean = torch.randn(5, 30, generator=gen)
+    logits = clean.clone()
+    logits[1, 3] = float("nan")
+    logits[2, 9] = float("inf")
+    logits[4] = float("-inf")
+    rows = torch.tensor([0, 1, 2, 3, 4, 1, 0])
+    kw = params(7, temperature=0.0 if greedy else 0.9, top_k=5)
+    tokens, lp, status = sample(logits, rows, **kw, backend=backend, all_greedy=greedy, return_status=True)
+    assert status.dtype == torch.int32 and (status != 0).tolist() == [False, True, True, False, True, True, False]
+    ok = status == 0
+    want_tokens, want_lp = sample(clean, rows, **kw, backend=backend, all_greedy=greedy)
+    assert torch.equal(tokens[ok], want_tokens[ok])
+    torch.testing.assert_close(lp[ok], want_lp[ok])
+    assert ((tokens >= 0) & (tokens < 30)).all()  # bad rows still give in-range ids, never an index error
+    # without return_status the same input still raises, naming the rows
+    with pytest.raises(ValueError, match=r"rows \[1, 2"):
+        sample(logits, rows, **kw, backend=backend, all_greedy=greedy)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_bad_parameters_raise_clear_errors(backend):
     logits = torch.randn(2, 10)
     rows = torch.tensor([0, 1])

@@ -101,3 +101,55 @@ def test_engine_generates_the_same_tokens_with_the_triton_backend(tiny_qwen2_dir
         outs[backend] = [[o.token_ids for o in r.outputs] for r in llm.generate(prompts, params)]
     assert outs["triton"] == outs["torch"]
     assert len({tuple(t) for t in outs["torch"][0]}) > 1  # the samples differ, so each sequence was attended apart
+
+
+def test_mixed_step_routes_decode_rows_to_decode_kernels(monkeypatch):
+    """Issue 13 R3: a step mixing decode rows (packed first) with a chunked prefill sends the
+    decode rows through the planned decode kernels (with the cascade level over them) and only
+    the prefill rows through the prefill kernel; its logits equal the torch backend's."""
+    import rrm_engine.triton_backend as tb
+    model = tiny_decoder(4, 2)
+    cfg = model.cfg
+    caches = {name: KVCache.allocate(cfg.num_layers, 16, PAGE, cfg.num_kv_heads, cfg.head_dim, torch.float32, "cpu")
+              for name in ("torch", "triton")}
+    backends = {"torch": TorchAttention(), "triton": TritonAttention()}
+    calls = []
+    real_decode, real_prefill = tb.decode_attention, tb.paged_prefill_attention
+
+    def decode_spy(q, *args, **kw):
+        calls.append(("decode", q.shape[0], args[-1].has_levels))
+        return real_decode(q, *args, **kw)
+
+    def prefill_spy(q, *args, **kw):
+        calls.append(("prefill", q.shape[0], None))
+        return real_prefill(q, *args, **kw)
+
+    monkeypatch.setattr(tb, "decode_attention", decode_spy)
+    monkeypatch.setattr(tb, "paged_prefill_attention", prefill_spy)
+
+    def step(tokens, meta):
+        logits = {}
+        for name in backends:
+            model.backend = backends[name]
+            model.use_fused_norms(name == "triton")
+            with torch.no_grad():
+                logits[name] = model.compute_logits(model(torch.tensor(tokens), meta.positions, caches[name], meta))
+        torch.testing.assert_close(logits["triton"], logits["torch"], atol=1e-4, rtol=1e-4)
+        return logits["torch"]
+
+    gen = torch.Generator().manual_seed(4)
+    tables = [[0, 1, 2, 9], [0, 1, 3, 10], [0, 1, 4, 11], [5, 6, 12]]
+    prompt = torch.randint(0, cfg.vocab_size, (19,), generator=gen).tolist()
+    tails = [torch.randint(0, cfg.vocab_size, (n,), generator=gen).tolist() for n in (3, 5, 9)]
+    step(prompt, metadata([(0, 19)], tables[:1]))
+    step(tails[0] + tails[1] + tails[2], metadata([(16, 3), (16, 5), (0, 9)], tables[1:]))
+    calls.clear()
+    # mixed: rows 0-2 decode one token each over the shared 16-token prefix, row 3 extends by 6
+    extend = torch.randint(0, cfg.vocab_size, (6,), generator=gen).tolist()
+    shared = PrefixLevel(torch.tensor([[0, 1]], dtype=torch.int32), torch.tensor([16], dtype=torch.int32),
+                         torch.tensor([0, 0, 0], dtype=torch.int32))
+    meta = metadata([(19, 1), (19, 1), (21, 1), (9, 6)], tables, [shared])
+    assert meta.num_decode == 3
+    step([1, 2, 3] + extend, meta)
+    layers = cfg.num_layers
+    assert calls == [("decode", 3, True), ("prefill", 6, None)] * layers

@@ -1,0 +1,75 @@
+"""Results are streamed, so an interrupted run loses nothing: kill `judge` mid-way (Ctrl-C, and a
+SIGKILL that gives it no chance to clean up), run the same command with --resume, and the file
+equals the one an uninterrupted run writes (same seeds: each item's votes are seeded by its
+content, judge.py)."""
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+
+import pytest
+
+from cli_helpers import REPO, cli_command, cli_env, read_jsonl, run_cli, write_jsonl
+
+ROWS = [{"id": f"q{i}", "query": f"Which number is larger, {i} or {i + 7}?", "a": str(i), "b": str(i + 7),
+         "label": 2} for i in range(10)]
+# one item per engine loop, each a few hundred milliseconds on the tiny model: the file fills row by row
+ARGS = ["--votes", "2", "--max-tokens", "32", "--batch-size", "1", "--quiet", "--device", "cpu"]
+
+
+def _judge(pairs, out, model, *extra):
+    return ["judge", "--pairs", str(pairs), "--out", str(out), "--model", str(model), *ARGS, *extra]
+
+
+def _interrupt(args: list[str], out, sig: int, after_rows: int = 3, timeout: float = 240) -> tuple[int, str]:
+    """Start the command, send `sig` once `out` holds `after_rows` rows; (exit code, stderr)."""
+    proc = subprocess.Popen(cli_command(*args), cwd=REPO, env=cli_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if out.exists() and len(out.read_text().splitlines()) >= after_rows:
+            proc.send_signal(sig)
+            break
+        time.sleep(0.02)
+    _, err = proc.communicate(timeout=timeout)
+    return proc.returncode, err
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_qwen2_dir):
+    tmp = tmp_path_factory.mktemp("resume")
+    pairs = write_jsonl(tmp / "pairs.jsonl", ROWS)
+    out = tmp / "uninterrupted.jsonl"
+    res = run_cli(*_judge(pairs, out, tiny_qwen2_dir))
+    assert res.returncode == 0, res.stderr
+    rows = read_jsonl(out)
+    assert [r["id"] for r in rows] == [r["id"] for r in ROWS] and all(r["error"] is None for r in rows)
+    return pairs, rows
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
+def test_kill_and_resume_equals_an_uninterrupted_run(sig, reference, tmp_path, tiny_qwen2_dir):
+    pairs, want = reference
+    out = tmp_path / "verdicts.jsonl"
+    code, err = _interrupt(_judge(pairs, out, tiny_qwen2_dir), out, sig)
+    kept = read_jsonl(out)
+    assert 3 <= len(kept) < len(ROWS), "the run was not interrupted mid-way"
+    if sig == signal.SIGINT:
+        assert code == 130 and "run the same command with --resume" in err, err
+    else:
+        assert code == -signal.SIGKILL
+    for row in kept:  # every row written before the kill is complete and final
+        assert row == want[row["index"]]
+    res = run_cli(*_judge(pairs, out, tiny_qwen2_dir, "--resume"))
+    assert res.returncode == 0, res.stderr
+    assert f"{len(kept)} of {len(ROWS)} rows already there" in res.stderr
+    assert read_jsonl(out) == want
+
+
+def test_resume_refuses_a_changed_input(reference, tmp_path, tiny_qwen2_dir):
+    pairs, want = reference
+    out = write_jsonl(tmp_path / "v.jsonl", want[:2])
+    other = write_jsonl(tmp_path / "other.jsonl", [dict(r, id="z" + r["id"]) for r in ROWS])
+    res = run_cli(*_judge(other, out, tiny_qwen2_dir, "--resume"), timeout=120)
+    assert res.returncode == 2 and "was the input changed?" in res.stderr and "loading" not in res.stderr

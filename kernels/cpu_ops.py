@@ -15,7 +15,6 @@ Signatures follow the Triton ops of the same names.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 from pathlib import Path
@@ -34,9 +33,26 @@ ISA_ENV = "RRM_CPU_ISA"
 SPLIT_TOKENS = 256
 
 
-@functools.cache
+_module: Any = None
+_failure: RuntimeError | None = None
+
+
 def load() -> Any:
-    """The built extension module (built on first call, then cached by torch)."""
+    """The built extension module (built on first call, then cached by torch). A failed build
+    raises RuntimeError with its first line, here and on every later call (no second attempt)."""
+    global _module, _failure
+    if _module is None:
+        if _failure is not None:
+            raise _failure
+        try:
+            _module = _build()
+        except RuntimeError as e:
+            _failure = e
+            raise
+    return _module
+
+
+def _build() -> Any:
     missing = [str(p) for p in SOURCES + HEADERS if not p.exists()]
     if missing:
         raise RuntimeError(f"CPU ops sources are missing: {', '.join(missing)}")
@@ -54,7 +70,7 @@ def load() -> Any:
 
 def is_loaded() -> bool:
     """True once load() has succeeded in this process (callers that must not trigger a build ask this)."""
-    return load.cache_info().currsize > 0
+    return _module is not None
 
 
 def supported_isas() -> list[str]:

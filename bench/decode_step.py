@@ -29,7 +29,7 @@ import torch
 
 from rrm_engine import LLM, SamplingParams
 
-from .workload import _pandalm_rows, _synthetic_text
+from .workload import _pandalm_rows, _synthetic_text, default_pandalm
 
 VOTES = 8
 SHARED_HEAD = 64  # tokens every comparison of the query shares (system prompt + query)
@@ -94,7 +94,7 @@ def prompts(llm: LLM, rows: int, prompt_len: int, seed: int = 0) -> list[list[in
     Text, not random token ids: the sampler's work depends on how peaked the model's next-token
     distribution is, and random ids make it unrealistically flat."""
     rng = random.Random(seed)
-    rows_data = _pandalm_rows()
+    rows_data = _pandalm_rows(default_pandalm())
     text = lambda: (rows_data[rng.randrange(len(rows_data))][rng.choice(("response1", "response2"))]  # noqa: E731
                     if rows_data else _synthetic_text(rng, 80))
     tok = llm.tokenizer

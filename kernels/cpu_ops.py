@@ -64,8 +64,11 @@ def _build() -> Any:
                         extra_cflags=["-O3", "-fopenmp", f"-DRRM_CPU_OPS_SOURCES={digest}"], extra_ldflags=["-fopenmp"],
                         extra_include_paths=[str(CSRC_DIR)], verbose=False)
     except Exception as e:  # compiler missing, build error, ...: one line for the caller to log
-        first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-        raise RuntimeError(f"building the CPU ops ({SOURCES[0].name}) failed: {first}") from e
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        # the compiler's first error says more than ninja's command line
+        first = next((ln for ln in lines if "error" in ln.lower() and "error building extension" not in ln.lower()),
+                     lines[0] if lines else type(e).__name__)
+        raise RuntimeError(f"building the CPU ops ({SOURCES[0].name}) failed: {first[:300]}") from e
 
 
 def is_loaded() -> bool:

@@ -182,12 +182,10 @@ void attend_block(const float* qt, int rows, int D, const T* kbase, const T* vba
       const int nr = std::min(kPvRows, rows - r0);
       for (int d0 = 0; d0 < D; d0 += kPvVecs * W) {
         const int nd = std::min(kPvVecs, (D - d0) / W);
-        switch (nr) {
-          case kPvRows: pv_block<kPvRows, MB>(acc, alpha, S, r0, vp, n, D, d0, nd); break;
-          case 3: if constexpr (kPvRows > 3) pv_block<3, MB>(acc, alpha, S, r0, vp, n, D, d0, nd); break;
-          case 2: if constexpr (kPvRows > 2) pv_block<2, MB>(acc, alpha, S, r0, vp, n, D, d0, nd); break;
-          default: pv_block<1, MB>(acc, alpha, S, r0, vp, n, D, d0, nd);
-        }
+        if (nr == kPvRows) pv_block<kPvRows, MB>(acc, alpha, S, r0, vp, n, D, d0, nd);
+        else if (nr == 3) pv_block<3, MB>(acc, alpha, S, r0, vp, n, D, d0, nd);  // only when kPvRows is 4
+        else if (nr == 2) pv_block<2, MB>(acc, alpha, S, r0, vp, n, D, d0, nd);
+        else pv_block<1, MB>(acc, alpha, S, r0, vp, n, D, d0, nd);
       }
     }
   }

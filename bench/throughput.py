@@ -232,9 +232,12 @@ def run_judge(setup: Setup, work: Workload, votes: int, gen_len: int, methods: l
     items = list(zip(work.queries, work.candidates))
     sync(setup.device)
     t = time.perf_counter()
-    for m in methods:
-        with phase(f"judge.rank_batch[{m}]"):
-            judge.rank_batch(items, method=m)
+    try:
+        for m in methods:
+            with phase(f"judge.rank_batch[{m}]"):
+                judge.rank_batch(items, method=m)
+    finally:
+        rec.close()
     sync(setup.device)
     seconds = time.perf_counter() - t
     m = llm.metrics()

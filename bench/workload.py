@@ -6,14 +6,15 @@ generator; bench.throughput says which, and why, in its [workload] line. Candida
 at a token count, so that one comparison prompt (the judge's own RRM prompt: system + query + two
 candidates) is close to --prompt-len tokens.
 
-`RecordingLLM` wraps an rrm_engine.LLM for the judge: it forces every request to the benchmark's
-fixed generation length (ignore_eos, max_tokens = gen-len) so every system does the same work, and
-records each comparison prompt the judge submitted, its n, and when it was added and finished. The
-baselines then replay exactly those prompts.
+`RecordingLLM` stands between the judge and the LLM's AsyncLLM: it forces every request to the
+benchmark's fixed generation length (ignore_eos, max_tokens = gen-len) so every system does the same
+work, and records each comparison prompt the judge submitted, its n, and when it was added and
+finished. The baselines then replay exactly those prompts.
 """
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import random
@@ -120,47 +121,75 @@ class Recorded:
 
 @dataclass
 class RecordingLLM:
-    """The LLM as the judge sees it (its public caller-driven API), with fixed-length generation
-    and a record of every prompt and of each step's time and counters."""
+    """The engine as the judge sees it (the LLM's shared AsyncLLM: generate / stream / submit / abort),
+    with fixed-length generation and a record of every prompt and of each step's time and counters.
+
+    The judge calls this object in place of the AsyncLLM (Judge accepts anything with its interface);
+    every request is rewritten to the benchmark's length and recorded, then goes to the real AsyncLLM.
+    Steps are timed by wrapping the engine's step() on this engine instance (the AsyncLLM's loop thread
+    calls it); `close()` takes the wrapper off again."""
     llm: Any
     gen_len: int
     records: dict[str, Recorded] = field(default_factory=dict)
     step_log: list[tuple[float, dict]] = field(default_factory=list)  # (seconds, metrics delta)
     on_step: Callable[[], None] | None = None  # e.g. the profiler's step marker
 
+    def __post_init__(self) -> None:
+        from rrm_engine import AsyncLLM
+
+        self.async_llm = AsyncLLM.of(self.llm)
+        self._ids = itertools.count()
+        engine = self.llm.engine
+        plain_step = type(engine).step.__get__(engine)
+
+        def timed_step() -> list[Any]:
+            before = engine.metrics()
+            t0 = time.perf_counter()
+            with phase("engine.step"):
+                outs = plain_step()
+            t1 = time.perf_counter()
+            after = engine.metrics()
+            self.step_log.append((t1 - t0, {k: after[k] - before[k] for k in
+                                            ("prefill_tokens_computed", "decode_tokens_computed", "generated_tokens")}))
+            for out in outs:
+                if out.finished and out.request_id in self.records:
+                    self.records[out.request_id].t_done = t1
+            if self.on_step is not None:
+                self.on_step()
+            return outs
+
+        engine.step = timed_step
+
+    def close(self) -> None:
+        self.llm.engine.__dict__.pop("step", None)
+
     @property
     def tokenizer(self) -> Any:
         return self.llm.tokenizer
 
-    def add_request(self, prompt: list[int], params: Any, request_id: str | None = None) -> str:
+    def _record(self, prompt: list[int], params: Any, request_id: str | None) -> tuple[Any, str]:
         if params.max_tokens == 1 and params.logprob_token_ids:
             raise RuntimeError("the judge asked for a forced verdict: the benchmark runs it strict (nothing forced)")
         params = dataclasses.replace(params, ignore_eos=True, max_tokens=self.gen_len)
-        rid = self.llm.add_request(prompt, params, request_id=request_id)
+        rid = request_id if request_id is not None else f"bench-{next(self._ids)}"
         self.records[rid] = Recorded(list(prompt), params.n, time.perf_counter())
-        return rid
+        return params, rid
 
-    def step(self) -> list[Any]:
-        before = self.llm.metrics()
-        t0 = time.perf_counter()
-        with phase("engine.step"):
-            outs = self.llm.step()
-        t1 = time.perf_counter()
-        after = self.llm.metrics()
-        self.step_log.append((t1 - t0, {k: after[k] - before[k] for k in
-                                        ("prefill_tokens_computed", "decode_tokens_computed", "generated_tokens")}))
-        for out in outs:
-            if out.finished and out.request_id in self.records:
-                self.records[out.request_id].t_done = t1
-        if self.on_step is not None:
-            self.on_step()
-        return outs
+    def submit(self, prompt: list[int], params: Any, *, request_id: str | None = None, timeout: float | None = None):
+        params, rid = self._record(prompt, params, request_id)
+        return self.async_llm.submit(prompt, params, request_id=rid, timeout=timeout)
 
-    def abort(self, request_id: str) -> Any:
-        return self.llm.abort(request_id)
+    async def generate(self, prompt: list[int], params: Any, *, request_id: str | None = None,
+                       timeout: float | None = None) -> Any:
+        params, rid = self._record(prompt, params, request_id)
+        return await self.async_llm.generate(prompt, params, request_id=rid, timeout=timeout)
 
-    def has_unfinished(self) -> bool:
-        return self.llm.has_unfinished()
+    def stream(self, prompt: list[int], params: Any, *, request_id: str | None = None, timeout: float | None = None):
+        params, rid = self._record(prompt, params, request_id)
+        return self.async_llm.stream(prompt, params, request_id=rid, timeout=timeout)
+
+    def abort(self, request_id: str) -> None:
+        self.async_llm.abort(request_id)
 
     def metrics(self) -> dict:
         return self.llm.metrics()

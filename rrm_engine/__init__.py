@@ -10,7 +10,7 @@ from .judge import Comparison, Judge, Ranking, parse_verdict  # noqa: E402
 from .llm import LLM  # noqa: E402
 from .outputs import CompletionOutput, RequestOutput  # noqa: E402
 from .sampling_params import SamplingParams  # noqa: E402
-from .serving import AsyncLLM  # noqa: E402
+from .async_engine import AsyncLLM  # noqa: E402
 
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Judge", "Comparison", "Ranking",
            "parse_verdict", "AsyncLLM", "StepError"]

@@ -1,10 +1,11 @@
-"""Command line: `rrm-engine` (or `python -m rrm_engine`) {judge, rank, eval, demo, train}.
+"""Command line: `rrm-engine` (or `python -m rrm_engine`) {judge, rank, eval, demo, train, serve}.
 
   judge --pairs in.jsonl --out out.jsonl     rows {query, a, b[, label, id]} -> one verdict row each
   rank  --input in.jsonl --out out.jsonl     rows {query, candidates: [...][, id]} -> order + scores
   eval  --pandalm FILE | --rewardbench FILE  accuracy vs human labels (ties reported separately)
   demo                                       the embedded model: two comparisons and a small ranking
   train ...                                  GRPO (rrm_engine/train/cli.py, a plugin: see PLUGINS)
+  serve --port 8000                          HTTP server (rrm_engine/serving/serve_cli.py, a plugin)
 
 What a user can count on:
   * every argument is checked before the model loads: numbers by their argparse type, the input
@@ -519,7 +520,7 @@ COMMANDS: list[Command] = [
     Command("demo", "two comparisons and a small ranking on the embedded model", _demo_arguments, run_demo),
 ]
 # modules with add_parser(subparsers) -> ArgumentParser (setting func=); skipped when not installed
-PLUGINS: tuple[str, ...] = ("rrm_engine.train.cli",)
+PLUGINS: tuple[str, ...] = ("rrm_engine.train.cli", "rrm_engine.serving.serve_cli")
 
 # errors that are the user's to fix: one line, exit code 2
 USER_ERRORS = (ValueError, CheckpointError, OSError)

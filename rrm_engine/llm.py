@@ -3,7 +3,7 @@
 Also the caller-driven interface used by judges and trainers: add_request / step / abort /
 has_unfinished, and metrics() / reset_metrics() / invalidate_prefix_cache().
 
-When an AsyncLLM (serving/async_llm.py) drives this LLM's engine from its background thread,
+When an AsyncLLM (async_engine/async_llm.py) drives this LLM's engine from its background thread,
 generate() goes through it (submit + wait; its errors are the AsyncLLM's), abort() is forwarded to
 it, add_request()/step() raise (the background loop owns stepping), and reset_metrics() /
 invalidate_prefix_cache() run under its engine lock. Without one, everything runs in the caller's

@@ -1,4 +1,4 @@
-"""AsyncLLM (rrm_engine/serving/async_llm.py) on a real engine with a tiny random Qwen2: futures,
+"""AsyncLLM (rrm_engine/async_engine/async_llm.py) on a real engine with a tiny random Qwen2: futures,
 coroutines and streams give the sequential results; abort, timeouts, cancellation and dropped
 streams stop their request and nothing else; bad input raises before anything is queued; the
 sync LLM API keeps working while attached; a failed step fails only its own requests; shutdown

@@ -18,6 +18,21 @@ ROWS = [{"id": f"q{i}", "query": f"Which number is larger, {i} or {i + 7}?", "a"
 ARGS = ["--votes", "2", "--max-tokens", "32", "--batch-size", "1", "--quiet", "--device", "cpu"]
 
 
+def same(got, want) -> bool:
+    """Equal, soft scores (p_first) within 1e-5: the engine's batches depend on when each request
+    reached its background loop, and a log-prob's last bits on what shared its batch; tokens,
+    verdicts and counts do not (each sample is seeded by itself)."""
+    def walk(v):
+        if isinstance(v, float):
+            return pytest.approx(v, abs=1e-5)
+        if isinstance(v, dict):
+            return {k: walk(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [walk(x) for x in v]
+        return v
+    return got == walk(want)
+
+
 def _judge(pairs, out, model, *extra):
     return ["judge", "--pairs", str(pairs), "--out", str(out), "--model", str(model), *ARGS, *extra]
 
@@ -60,11 +75,11 @@ def test_kill_and_resume_equals_an_uninterrupted_run(sig, reference, tmp_path, t
     else:
         assert code == -signal.SIGKILL
     for row in kept:  # every row written before the kill is complete and final
-        assert row == want[row["index"]]
+        assert same(row, want[row["index"]])
     res = run_cli(*_judge(pairs, out, tiny_qwen2_dir, "--resume"))
     assert res.returncode == 0, res.stderr
     assert f"{len(kept)} of {len(ROWS)} rows already there" in res.stderr
-    assert read_jsonl(out) == want
+    assert same(read_jsonl(out), want)
 
 
 def test_resume_refuses_a_changed_input(reference, tmp_path, tiny_qwen2_dir):

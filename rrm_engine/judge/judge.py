@@ -1,37 +1,51 @@
-"""The scorer API: Judge.compare / compare_batch / rank / rank_batch over the engine's public API.
+"""The scorer API: Judge.compare / compare_batch / rank / rank_batch, and their async forms
+(acompare, acompare_batch, arank, arank_batch).
 
 One judgment: build the RRM prompt (prompt.py), submit it to the engine with n = votes (one prompt,
-prefilled once and forked), read each vote (verdict.py), aggregate (voting.py). Every request of a
-batch goes through one add_request/step loop, so the engine batches all of them together;
-tournaments submit a match as soon as both of its players are known.
+prefilled once and forked), read each vote (verdict.py), aggregate (voting.py): pair_job.py. A
+ranking is a tournament of such comparisons (rank_job.py, tournament.py).
 
-Reading votes. A vote whose text carries no valid verdict (cut by the thinking budget, EOS without a
-box, ...) is, unless `strict`, continued with the forced text "[\\n</think>]\\n\\n\\boxed{Assistant "
-(the close marker only when the thinking section is still open) and its verdict is read from the
-next-token log-probs of "1" vs "2": every vote then yields a verdict and a soft score p_first.
-`strict=True` is paper-faithful: nothing is forced, "</think>" is required, invalid stays invalid.
+Every request goes through the engine's AsyncLLM (rrm_engine/async_engine/async_llm.py), one per LLM and
+shared by every Judge, adapter and server route over that LLM: its background thread runs the step
+loop and batches whatever all callers have in flight. The async methods run on the caller's event
+loop (any loop, several at once); the sync methods run the same coroutines on one background loop
+(background_loop.py) and block, so they are safe from any number of threads.
+
+Reading votes. A vote's verdict is read from its text (verdict.py). A vote that ran out of tokens
+(thinking budget, max_tokens or context: reason "truncated") is then, by default, continued with the
+forced text "[\\n</think>]\\n\\n\\boxed{Assistant " (the close marker only when the thinking section is
+still open) and its verdict is read from the next-token log-probs of "1" vs "2": it counts as a
+forced vote with a soft p_first. A vote that finished without an answer (\\boxed{both}, \\boxed{}, no box
+after </think>, ...) stays invalid unless the caller opts in with force="invalid"; strict=True
+(paper-faithful, the same as force="never") forces nothing and requires "</think>".
 When the model's template does not open a thinking section (the embedded SmolLM2) and the text
 never opens one itself, the non-strict judge reads the whole text as the answer.
 
-Votes are read as their samples finish (step() reports a request whenever one of its samples ends);
-adaptive voting (`adaptive=True`) aborts the comparison's requests once the majority cannot change.
+Adaptive voting (`adaptive=True`) reads votes as their samples finish and aborts the comparison's
+requests once the majority cannot change. A timeout aborts what is still running; those items come
+back with error "timeout" (invalid, never a made-up verdict).
 """
 from __future__ import annotations
 
+import asyncio
 import inspect
-import math
 import random
-import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Sequence
+import threading
+from typing import Any, Awaitable, Callable, Literal, Sequence
 
+from ..async_engine import AsyncLLM
+from .background_loop import background_loop, run_sync
 from .defaults import default_max_tokens
-from .prompt import THINK_CLOSE, THINK_OPEN, PromptBuilder, RRMPrompt, check_text
-from .tournament import Knockout, Match, RoundRobin, Tournament
-from .verdict import read_verdict
-from .voting import SWAP_MODES, SwapMode, Vote, decided, presentation_orders, tally, unswap
+from .lockstep_engine import LockstepEngine
+from .pair_job import PairJob
+from .prompt import THINK_CLOSE, THINK_OPEN, PromptBuilder, check_text
+from .rank_job import rank_candidates
+from .results import Comparison, RankedMatch, Ranking, failed_comparison, failed_ranking
+from .voting import FORCE_POLICIES, SWAP_MODES, ForcePolicy, SwapMode
 
 Method = Literal["knockout", "elo"]
+
+__all__ = ["Judge", "Comparison", "Ranking", "RankedMatch", "Method"]
 
 
 def _engine_api() -> tuple[Any, Any]:
@@ -43,214 +57,6 @@ def _engine_api() -> tuple[Any, Any]:
     if sp is None:  # until the package exports it
         from rrm_engine.sampling_params import SamplingParams as sp
     return llm_cls, sp
-
-
-@dataclass
-class Comparison:
-    winner: int | None  # 0: response a, 1: response b, None: no decision (see voting.py tie rule)
-    votes: list[Vote]
-    counts: tuple[int, int]  # valid votes for a, for b
-    p_first: float | None  # mean P(a better) over valid votes
-    invalid: int
-    invalid_reasons: dict[str, int] = field(default_factory=dict)
-    tokens_used: int = 0  # generated tokens of all votes, forced continuations included
-    votes_aborted: int = 0  # adaptive voting: votes stopped once the majority was decided
-    tokens_saved: int = 0  # estimate: aborted votes x mean tokens of the completed ones
-    error: str | None = None  # this item failed (bad input or engine error); the others did not
-
-
-@dataclass
-class RankedMatch:
-    i: int
-    j: int
-    round: int
-    winner: int | None  # candidate index; knockout fills a coin flip when the comparison had none
-    invalid: bool
-    comparison: Comparison
-
-
-@dataclass
-class Ranking:
-    order: list[int]  # candidate indices, best first
-    scores: list[float]  # knockout: rounds survived; elo: ELO-scale Bradley-Terry ratings
-    matches: list[RankedMatch]
-    invalid: int  # matches whose comparison gave no winner
-    tokens_used: int
-    method: str = "knockout"
-    error: str | None = None
-
-
-def _failed(err: str) -> Comparison:
-    return Comparison(None, [], (0, 0), None, 0, error=err)
-
-
-class _Driver:
-    """The add_request / step loop: callbacks run as requests finish and may submit more work.
-
-    With a timeout, everything still running at the deadline is aborted in the engine and its
-    comparisons fail with error "timeout" (invalid, never a made-up verdict)."""
-
-    def __init__(self, llm: Any, timeout: float | None = None):
-        self.llm = llm
-        self.waiting: dict[str, Callable[[Any], None]] = {}
-        self.jobs: list[_CompareJob] = []
-        self.deadline = None if timeout is None else time.monotonic() + timeout
-        self.closed = False
-
-    def submit(self, prompt_ids: list[int], params: Any, on_done: Callable[[Any], None]) -> str:
-        if self.closed:
-            raise TimeoutError("timeout")
-        rid = self.llm.add_request(prompt_ids, params)
-        self.waiting[rid] = on_done
-        return rid
-
-    def abort(self, rid: str) -> None:
-        if self.waiting.pop(rid, None) is not None:
-            self.llm.abort(rid)
-
-    def _expire(self) -> None:
-        self.closed = True
-        for rid in list(self.waiting):
-            self.abort(rid)
-        for job in list(self.jobs):
-            if not job.finished:
-                job._fail("timeout")
-
-    def run(self) -> None:
-        while self.waiting:
-            if self.deadline is not None and time.monotonic() > self.deadline:
-                self._expire()
-                break
-            outs = self.llm.step()
-            for out in outs:
-                cb = self.waiting.get(out.request_id)
-                if out.finished:
-                    self.waiting.pop(out.request_id, None)
-                if cb is not None:
-                    cb(out)
-            if not outs and not self.llm.has_unfinished() and self.waiting:
-                raise RuntimeError(f"engine idle with {len(self.waiting)} request(s) never returned")
-
-
-class _CompareJob:
-    """The votes of one comparison, from submission to the Comparison."""
-
-    def __init__(self, judge: "Judge", query: str, a: str, b: str, votes: int, rng: random.Random,
-                 on_done: Callable[[Comparison], None]):
-        self.judge, self.on_done = judge, on_done
-        self.k = votes
-        self.orders = presentation_orders(votes, judge.swap, rng)
-        self.prompts: dict[bool, RRMPrompt] = {}
-        for swapped in set(self.orders):
-            self.prompts[swapped] = judge.builder.build(query, b, a) if swapped else judge.builder.build(query, a, b)
-        self.seed = rng.randrange(2**31)
-        self.votes: dict[int, Vote] = {}
-        self.live: dict[str, list[int]] = {}  # request id -> vote indices it carries
-        self.seen: set[tuple[str, int]] = set()  # (request id, sample index) already read
-        self.finished = False
-
-    def start(self, driver: _Driver) -> None:
-        self.driver = driver
-        driver.jobs.append(self)
-        try:  # one request per presentation order, n = its votes: prefilled once, forked
-            for swapped in sorted(set(self.orders)):
-                idx = [v for v, s in enumerate(self.orders) if s == swapped]
-                self._submit(swapped, idx, self.judge._params(len(idx), self.seed + idx[0]))
-        except Exception as e:  # e.g. a prompt longer than the context: this item only
-            self._fail(f"{type(e).__name__}: {e}")
-
-    def _submit(self, swapped: bool, idx: list[int], params: Any) -> None:
-        prompt = self.prompts[swapped]
-        rid = self.driver.submit(prompt.token_ids, params, lambda out: self._on_output(out, swapped, idx))
-        self.live[rid] = idx
-
-    def _fail(self, err: str) -> None:
-        for rid in list(self.live):
-            self.driver.abort(rid)
-        self.live.clear()
-        if not self.finished:
-            self.finished = True
-            self.on_done(_failed(err))
-
-    def _on_output(self, out: Any, swapped: bool, idx: list[int]) -> None:
-        """Called for every step in which one of the request's samples finished (votes are read
-        one by one, so adaptive voting can stop the rest)."""
-        if out.finished:
-            self.live.pop(out.request_id, None)
-        if self.finished:
-            return
-        for comp in out.outputs:
-            key = (out.request_id, comp.index)
-            if comp.finish_reason is not None and key not in self.seen:
-                self.seen.add(key)
-                self._read(idx[comp.index], comp, swapped, out.prompt_token_ids)
-        self._maybe_done()
-
-    def _read(self, v: int, comp: Any, swapped: bool, prompt_ids: list[int]) -> None:
-        j = self.judge
-        prompt = self.prompts[swapped]
-        opened = j.builder.think_open in comp.text
-        need_close = j.strict or prompt.opens_think or opened
-        verdict, reason = read_verdict(comp.text, comp.finish_reason, require_think_end=need_close,
-                                       think_close=j.builder.think_close)
-        tokens = len(comp.token_ids)
-        if verdict is not None or j.strict or comp.finish_reason == "abort":
-            p = None if verdict is None else float(verdict == 1)
-            verdict, p = unswap(verdict, p, swapped)
-            self.votes[v] = Vote(verdict, reason, comp.text, tokens, p, swapped, token_ids=list(comp.token_ids))
-            return
-        # force the answer: prompt + generated tokens (minus a final EOS) + the forced text
-        gen = list(comp.token_ids)
-        if gen and (gen[-1] == getattr(comp, "stop_reason", None) or gen[-1] in j.eos_ids):
-            gen = gen[:-1]
-        still_thinking = (prompt.opens_think and j.builder.think_close not in comp.text) or (
-            comp.text.rfind(j.builder.think_open) > comp.text.rfind(j.builder.think_close))
-        forced_ids, id1, id2 = j.forced_ids(still_thinking)
-        params = j._sp(n=1, temperature=0.0, max_tokens=1, logprob_token_ids=[id1, id2])
-
-        def on_forced(out: Any) -> None:
-            if not out.finished:
-                return
-            self.live.pop(out.request_id, None)
-            if self.finished:
-                return
-            c = out.outputs[0]
-            lp = (c.logprobs or [{}])[0]
-            if id1 not in lp or id2 not in lp:
-                self.votes[v] = Vote(None, reason, comp.text, tokens, None, swapped, token_ids=list(comp.token_ids))
-            else:
-                p1 = 1.0 / (1.0 + math.exp(lp[id2] - lp[id1]))  # P("1") renormalised over {"1", "2"}
-                fv = None if p1 == 0.5 else (1 if p1 > 0.5 else 2)
-                fv, p = unswap(fv, p1, swapped)
-                self.votes[v] = Vote(fv, reason, comp.text, tokens + len(forced_ids) + 1, p, swapped, forced=True,
-                                     token_ids=list(comp.token_ids))
-            self._maybe_done()
-
-        try:
-            rid = self.driver.submit(prompt_ids + gen + forced_ids, params, on_forced)
-            self.live[rid] = [v]
-        except Exception as e:
-            self.votes[v] = Vote(None, "error", comp.text, tokens, None, swapped, token_ids=list(comp.token_ids))
-            self.judge._log_error(e)
-
-    def _maybe_done(self) -> None:
-        if self.finished:
-            return
-        done = [self.votes[v] for v in sorted(self.votes)]
-        aborted = 0
-        if len(done) < self.k:
-            if not (self.judge.adaptive and decided(done, self.k)):
-                return
-            for rid in list(self.live):
-                self.driver.abort(rid)
-            self.live.clear()
-            aborted = self.k - len(done)
-        self.finished = True
-        t = tally(done)
-        used = sum(x.tokens for x in done)
-        saved = round(aborted * used / len(done)) if done else 0
-        self.on_done(Comparison(t.winner, done, t.counts, t.p_first, t.invalid, t.invalid_reasons, used,
-                                aborted, saved))
 
 
 class Judge:
@@ -269,10 +75,20 @@ class Judge:
         user_template: str | None = None,
         chat_template: str | None = None,
         think_markers: tuple[str, str] = (THINK_OPEN, THINK_CLOSE),
+        force: ForcePolicy | None = None,
     ):
+        """force: which votes without a verdict get one read from log-probs: "truncated" (default:
+        votes that ran out of tokens), "invalid" (opt-in: every vote without a verdict, explicit
+        non-answers included) or "never" (strict=True implies it)."""
         self._check_votes(votes)
         if max_tokens is None:  # per model (defaults.py): the paper's 8192, a small budget for the demo model
             max_tokens = default_max_tokens(llm)
+        if force is None:
+            force = "never" if strict else "truncated"
+        if force not in FORCE_POLICIES:
+            raise ValueError(f"force must be one of {FORCE_POLICIES}, got {force!r}")
+        if strict and force != "never":
+            raise ValueError(f"strict=True forces nothing; it cannot be combined with force={force!r}")
         if not isinstance(max_tokens, int) or max_tokens < 1:
             raise ValueError(f"max_tokens must be an int >= 1, got {max_tokens!r}")
         if thinking_budget is not None and (not isinstance(thinking_budget, int) or thinking_budget < 1):
@@ -281,20 +97,24 @@ class Judge:
             raise ValueError(f"swap must be one of {SWAP_MODES}, got {swap!r}")
         _, self._sp = _engine_api()
         self._sp(temperature=temperature, top_p=top_p)  # let SamplingParams validate them now
-        self.llm = llm
+        if hasattr(llm, "submit") and hasattr(llm, "llm"):  # an AsyncLLM: judge over its engine
+            self.llm, self._engine = llm.llm, llm
+        else:
+            self.llm, self._engine = llm, None
         self.votes, self.max_tokens, self.temperature, self.top_p = votes, max_tokens, temperature, top_p
         self.thinking_budget, self.strict, self.swap, self.seed, self.adaptive = (
             thinking_budget, strict, swap, seed, adaptive)
+        self.force: ForcePolicy = force
         kw: dict[str, Any] = {"chat_template": chat_template, "think_open": think_markers[0],
                               "think_close": think_markers[1]}
         if user_template is not None:
             kw["user_template"] = user_template
-        self.builder = PromptBuilder(llm.tokenizer, **kw)
-        eos = getattr(llm.tokenizer, "eos_token_id", None)
+        self.builder = PromptBuilder(self.llm.tokenizer, **kw)
+        eos = getattr(self.llm.tokenizer, "eos_token_id", None)
         self.eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
         self._forced: dict[bool, tuple[list[int], int, int]] = {}
         self.errors: list[str] = []
-        if not strict:
+        if force != "never":
             self.forced_ids(True)  # fail now, not mid-batch, if the tokenizer cannot express it
 
     @classmethod
@@ -309,6 +129,29 @@ class Judge:
         llm_kwargs = {k: v for k, v in kwargs.items() if k not in own}
         return cls(llm_cls(model, **llm_kwargs), **judge_kwargs)
 
+    @property
+    def engine(self) -> Any:
+        """The AsyncLLM every request goes through: the one of this LLM, shared with every other Judge,
+        adapter and server route over it (created on first use). A tensor-parallel LLM, which an
+        AsyncLLM cannot drive, is stepped in lockstep on the judge's background loop instead
+        (lockstep_engine.py)."""
+        with _engine_lock:
+            if self._engine is None:
+                try:
+                    self._engine = AsyncLLM.of(self.llm)
+                except ValueError:
+                    if not _tensor_parallel(self.llm):
+                        raise
+                    self._engine = _lockstep_of(self.llm)
+            return self._engine
+
+    async def _on_engine_loop(self, coro: Any) -> Any:
+        """Await coro here, or, for a lockstep engine bound to the background loop, there."""
+        engine = self.engine
+        if isinstance(engine, LockstepEngine) and asyncio.get_running_loop() is not engine.loop:
+            return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, engine.loop))
+        return await coro
+
     # -- helpers ---------------------------------------------------------------------------------
     @staticmethod
     def _check_votes(k: Any) -> int:
@@ -319,6 +162,24 @@ class Judge:
     def _params(self, n: int, seed: int) -> Any:
         budget = self.max_tokens if self.thinking_budget is None else min(self.max_tokens, self.thinking_budget)
         return self._sp(n=n, temperature=self.temperature, top_p=self.top_p, max_tokens=budget, seed=seed)
+
+    def _validate(self, prompt_ids: list[int], params: Any) -> None:
+        """The engine's own admission check (ValueError naming what is wrong), without submitting."""
+        engine = getattr(self.llm, "engine", None)
+        if engine is not None and hasattr(engine, "validate"):
+            engine.validate(prompt_ids, params)
+
+    def _check_rank_fits(self, query: str, cands: list[str], votes: int) -> None:
+        """The longest match of a ranking (its two longest candidates) must fit the engine."""
+        if len(cands) < 2:
+            return
+        lengths = [len(self.builder.encode(c)) for c in cands]
+        i, j = sorted(range(len(cands)), key=lambda x: -lengths[x])[:2]
+        prompt = self.builder.build(query, cands[i], cands[j])
+        try:
+            self._validate(prompt.token_ids, self._params(votes, 0))
+        except ValueError as e:
+            raise ValueError(f"candidates {i} and {j}: {e}") from None
 
     def _log_error(self, e: Exception) -> None:
         self.errors.append(f"{type(e).__name__}: {e}")
@@ -366,7 +227,10 @@ class Judge:
 
     # -- comparisons -----------------------------------------------------------------------------
     def compare(self, query: str, a: str, b: str, votes: int | None = None) -> Comparison:
-        out = self.compare_batch([(query, a, b)], votes=votes, errors="raise")[0]
+        return run_sync(self.acompare(query, a, b, votes))
+
+    async def acompare(self, query: str, a: str, b: str, votes: int | None = None) -> Comparison:
+        out = (await self.acompare_batch([(query, a, b)], votes=votes, errors="raise"))[0]
         if out.error is not None:
             raise RuntimeError(out.error)
         return out
@@ -377,52 +241,56 @@ class Judge:
                       on_result: Callable[[int, Comparison], None] | None = None) -> list[Comparison]:
         """Judge many (query, a, b) at once. errors="raise": a bad item raises ValueError before anything
         runs; "return": it comes back as a Comparison with `error` set and the others still run.
-        timeout (seconds): items not finished by then come back with error "timeout".
+        timeout (seconds): items not finished by then are aborted and come back with error "timeout".
         on_result(index, comparison): called as each item finishes (in completion order), e.g. to
         stream results to a file; progress=True shows a tqdm bar over items."""
+        return run_sync(self.acompare_batch(items, votes, errors, progress, timeout, on_result))
+
+    async def acompare_batch(self, items: Sequence[tuple[str, str, str]], votes: int | None = None,
+                             errors: Literal["raise", "return"] = "raise", progress: bool = False,
+                             timeout: float | None = None,
+                             on_result: Callable[[int, Comparison], None] | None = None) -> list[Comparison]:
+        return await self._on_engine_loop(self._compare_batch(items, votes, errors, progress, timeout, on_result))
+
+    async def _compare_batch(self, items: Sequence[tuple[str, str, str]], votes: int | None,
+                             errors: Literal["raise", "return"], progress: bool, timeout: float | None,
+                             on_result: Callable[[int, Comparison], None] | None) -> list[Comparison]:
         k = self._check_votes(self.votes if votes is None else votes)
-        results: list[Comparison | None] = [None] * len(items)
-        bar = _progress(progress, len(items), "compare")
-
-        def put(n: int, c: Comparison) -> None:
-            results[n] = c
-            bar.update(1)
-            if on_result is not None:
-                on_result(n, c)
-
         valid: list[tuple[int, tuple[str, str, str]]] = []
+        refused: list[tuple[int, Comparison]] = []
         for n, item in enumerate(items):
             try:
                 valid.append((n, self.validate_pair(item)))
             except ValueError as e:
                 if errors == "raise":
-                    bar.close()
                     raise ValueError(f"item {n}: {e}") from None
-                put(n, _failed(f"ValueError: {e}"))
-        driver = _Driver(self.llm, timeout)
-
-        def finish(n: int) -> Callable[[Comparison], None]:
-            return lambda c: put(n, c)
-
-        # grouped by query so that each query's prompts reach the engine together (shared prefix)
+                refused.append((n, failed_comparison(f"ValueError: {e}")))
+        # grouped by query so that each query's prompts reach the engine together (shared prefix);
+        # seeded by content, not batch position: the same item gets the same votes in any batch, on any
+        # replica of a pool, from any caller
         valid.sort(key=lambda x: x[1][0])
+        jobs = []
         for n, (q, a, b) in valid:
             try:
-                # seeded by content, not batch position: the same item gets the same votes in any batch,
-                # on any replica of a pool
-                _CompareJob(self, q, a, b, k, self._rng("c", q, a, b), finish(n)).start(driver)
-            except ValueError as e:
-                put(n, _failed(f"ValueError: {e}"))
-        try:
-            driver.run()
-        finally:
-            bar.close()
-        return [r if r is not None else _failed("no result") for r in results]
+                job = PairJob(self, q, a, b, k, self._rng("c", q, a, b))
+                job.check()
+            except ValueError as e:  # e.g. longer than the context: refused before anything runs
+                if errors == "raise":
+                    raise ValueError(f"item {n}: {e}") from None
+                refused.append((n, failed_comparison(f"ValueError: {e}")))
+                continue
+            jobs.append((n, job.run))
+        return await _run_items(len(items), refused, jobs, timeout, _progress(progress, len(items), "compare"),
+                                failed_comparison, on_result)
 
     # -- rankings --------------------------------------------------------------------------------
     def rank(self, query: str, candidates: Sequence[str], method: Method = "knockout",
              votes: int | None = None) -> Ranking:
-        out = self.rank_batch([(query, candidates)], method=method, votes=votes, errors="raise")[0]
+        return run_sync(self.arank(query, candidates, method, votes))
+
+    async def arank(self, query: str, candidates: Sequence[str], method: Method = "knockout",
+                    votes: int | None = None) -> Ranking:
+        out = (await self.arank_batch([(query, candidates)], method=method, votes=votes, errors="raise"))[0]
         if out.error is not None:
             raise RuntimeError(out.error)
         return out
@@ -435,66 +303,98 @@ class Judge:
                    votes: int | None = None, errors: Literal["raise", "return"] = "raise",
                    progress: bool = False, timeout: float | None = None,
                    on_result: Callable[[int, Ranking], None] | None = None) -> list[Ranking]:
-        """Rank the candidates of many queries; all their matches share one engine loop.
+        """Rank the candidates of many queries; all their matches run on the engine together.
         on_result(index, ranking): called as each query's ranking is complete."""
+        return run_sync(self.arank_batch(items, method, votes, errors, progress, timeout, on_result))
+
+    async def arank_batch(self, items: Sequence[tuple[str, Sequence[str]]], method: Method = "knockout",
+                          votes: int | None = None, errors: Literal["raise", "return"] = "raise",
+                          progress: bool = False, timeout: float | None = None,
+                          on_result: Callable[[int, Ranking], None] | None = None) -> list[Ranking]:
+        return await self._on_engine_loop(self._rank_batch(items, method, votes, errors, progress, timeout,
+                                                           on_result))
+
+    async def _rank_batch(self, items: Sequence[tuple[str, Sequence[str]]], method: Method,
+                          votes: int | None, errors: Literal["raise", "return"], progress: bool,
+                          timeout: float | None, on_result: Callable[[int, Ranking], None] | None) -> list[Ranking]:
         k = self._check_votes(self.votes if votes is None else votes)
         if method not in ("knockout", "elo"):
             raise ValueError(f"method must be 'knockout' or 'elo', got {method!r}")
-        results: list[Ranking | None] = [None] * len(items)
-        valid = []
+        valid, refused = [], []
         for n, item in enumerate(items):
             try:
-                valid.append((n, self.validate_rank(item)))
+                q, cands = self.validate_rank(item)
+                self._check_rank_fits(q, cands, k)
+                valid.append((n, (q, cands)))
             except ValueError as e:
                 if errors == "raise":
                     raise ValueError(f"item {n}: {e}") from None
-                results[n] = Ranking([], [], [], 0, 0, method, error=f"ValueError: {e}")
-                if on_result is not None:
-                    on_result(n, results[n])
-        bar = _progress(progress, len(valid), f"rank ({method})")
-        driver = _Driver(self.llm, timeout)
-        for n, (q, cands) in valid:
-            t: Tournament = Knockout(len(cands), self.seed) if method == "knockout" else RoundRobin(len(cands), self.seed)
-            _RankJob(self, n, q, cands, t, method, k, driver, results, bar, on_result).advance()
-        try:
-            driver.run()
-        finally:
-            bar.close()
-        return [r if r is not None else Ranking([], [], [], 0, 0, method, error="no result") for r in results]
+                refused.append((n, failed_ranking(method, f"ValueError: {e}")))
+        jobs = [(n, lambda q=q, c=c: rank_candidates(self, q, c, method, k)) for n, (q, c) in valid]
+        return await _run_items(len(items), refused, jobs, timeout, _progress(progress, len(items), f"rank ({method})"),
+                                lambda err: failed_ranking(method, err), on_result)
 
 
-class _RankJob:
-    def __init__(self, judge: Judge, n: int, query: str, cands: list[str], t: Tournament, method: str, k: int,
-                 driver: _Driver, results: list, bar: Any, on_result: Callable[[int, Ranking], None] | None = None):
-        self.judge, self.n, self.query, self.cands, self.t = judge, n, query, cands, t
-        self.method, self.k, self.driver, self.results, self.bar = method, k, driver, results, bar
-        self.on_result = on_result
-        self.records: dict[int, Comparison] = {}
+async def _run_items(total: int, refused: list[tuple[int, Any]], jobs: list[tuple[int, Callable[[], Awaitable[Any]]]],
+                     timeout: float | None, bar: Any, failed: Callable[[str], Any],
+                     on_result: Callable[[int, Any], None] | None) -> list[Any]:
+    """Run each item's coroutine as a task and return the results in item order. An item that raises
+    fails alone; items still running at the timeout (or when this call is cancelled, or on_result
+    raises) are cancelled, i.e. aborted in the engine. on_result sees every item as it is settled."""
+    results: list[Any] = [None] * total
 
-    def advance(self) -> None:
-        for m in self.t.ready():
-            job = _CompareJob(self.judge, self.query, self.cands[m.i], self.cands[m.j], self.k,
-                              self.judge._rng("r", self.query, *self.cands, m.id), lambda c, m=m: self._report(m, c))
-            job.start(self.driver)
-        if self.t.done and self.results[self.n] is None:
-            self._finish()
+    def settle(n: int, r: Any) -> None:
+        results[n] = r
+        bar.update(1)
+        if on_result is not None:
+            on_result(n, r)
 
-    def _report(self, m: Match, c: Comparison) -> None:
-        self.records[m.id] = c
-        self.t.report(m.id, None if c.winner is None else (m.i, m.j)[c.winner])
-        self.advance()
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else loop.time() + timeout
+    tasks = {asyncio.ensure_future(make()): n for n, make in jobs}
+    pending = set(tasks)
+    try:
+        for n, r in refused:
+            settle(n, r)
+        while pending:
+            left = None if deadline is None else deadline - loop.time()
+            if left is not None and left <= 0:
+                break
+            done, pending = await asyncio.wait(pending, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            for task in sorted(done, key=tasks.__getitem__):
+                e = None if task.cancelled() else task.exception()
+                r = failed("cancelled") if task.cancelled() else failed(f"{type(e).__name__}: {e}") if e else task.result()
+                settle(tasks[task], r)
+    finally:
+        for task in pending:
+            task.cancel()
+        if pending:  # let the cancellations run, so that every abort reaches the engine
+            await asyncio.gather(*pending, return_exceptions=True)
+        bar.close()
+    for task in sorted(pending, key=tasks.__getitem__):
+        settle(tasks[task], failed("timeout"))
+    return results
 
-    def _finish(self) -> None:
-        matches = [RankedMatch(m.i, m.j, m.round, m.winner, m.invalid, self.records[m.id]) for m in self.t.matches]
-        errs = [r.comparison.error for r in matches if r.comparison.error]
-        self.results[self.n] = Ranking(
-            order=self.t.order(), scores=self.t.scores(), matches=matches,
-            invalid=sum(r.comparison.winner is None for r in matches),
-            tokens_used=sum(r.comparison.tokens_used for r in matches), method=self.method,
-            error=f"{len(errs)} match(es) failed: {errs[0]}" if errs else None)
-        self.bar.update(1)
-        if self.on_result is not None:
-            self.on_result(self.n, self.results[self.n])
+
+_engine_lock = threading.Lock()
+
+
+def _lockstep_of(llm: Any) -> LockstepEngine:
+    """The one lockstep engine of a tensor-parallel LLM (shared by every Judge over it, as an AsyncLLM is)."""
+    engine = getattr(llm, "_rrm_lockstep", None)
+    if engine is None:
+        engine = LockstepEngine(llm, background_loop())
+        llm._rrm_lockstep = engine
+    return engine
+
+
+def _tensor_parallel(llm: Any) -> bool:
+    """Spawned worker ranks (the engine is not in this process) or a launched rank (logits gathered)."""
+    from rrm_engine.engine import Engine
+
+    engine = getattr(llm, "engine", None)
+    return engine is not None and (not isinstance(engine, Engine)
+                                   or getattr(getattr(engine, "model", None), "gather_logits", None) is not None)
 
 
 class _NoBar:

@@ -14,6 +14,7 @@ them into whatever ids the model uses.
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -113,6 +114,9 @@ class PromptBuilder:
         self.chat_template = chat_template
         self.think_open = think_open
         self.think_close = think_close
+        # callers on several threads (event loops of their own) build prompts at once; an HF tokenizer
+        # is not safe to use from two threads at the same time
+        self._lock = threading.Lock()
 
     def messages(self, query: str, a: str, b: str) -> list[dict[str, str]]:
         check_text("query", query, allow_empty=False)
@@ -124,14 +128,17 @@ class PromptBuilder:
 
     def render(self, messages: Sequence[dict[str, str]]) -> str:
         kwargs = {} if self.chat_template is None else {"chat_template": self.chat_template}
-        text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False, **kwargs)
+        with self._lock:
+            text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False,
+                                                      **kwargs)
         if not isinstance(text, str):
             raise TypeError(f"apply_chat_template returned {type(text).__name__}, expected str")
         return text
 
     def encode(self, text: str) -> list[int]:
         # the template already holds BOS (or deliberately not): never add special tokens twice
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        with self._lock:
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def build(self, query: str, a: str, b: str) -> RRMPrompt:
         text = self.render(self.messages(query, a, b))

@@ -7,6 +7,13 @@ Tie rule (documented once, used everywhere): more valid votes wins; on equal cou
 score p_first decides (it differs from 0.5 only when forced votes carry probabilities); if that is
 exactly 0.5 too, or no vote is valid, the winner is None. Invalid votes are counted with their
 reasons and never count for either side.
+
+Which votes may be forced (their verdict read from the log-probs of "1" vs "2" after appending
+"[</think>] \\boxed{Assistant "): only a vote that ran out of tokens (reason "truncated": the
+thinking budget, max_tokens or the context ended it) had no chance to answer, so only it is forced
+by default. A vote that finished and gave no answer (\\boxed{both}, \\boxed{}, no box after
+</think>, no </think>, nothing) made an explicit non-answer: it stays invalid unless the caller opts
+in with force="invalid". force="never" (the judge's strict mode) forces nothing.
 """
 from __future__ import annotations
 
@@ -17,6 +24,8 @@ from typing import Literal, Sequence
 
 SwapMode = Literal["random", "split", "none"]
 SWAP_MODES = ("random", "split", "none")
+ForcePolicy = Literal["truncated", "invalid", "never"]
+FORCE_POLICIES = ("truncated", "invalid", "never")
 
 
 @dataclass
@@ -33,11 +42,22 @@ class Vote:
 
 @dataclass
 class Tally:
-    counts: tuple[int, int]  # valid votes for a, for b
-    invalid: int
+    counts: tuple[int, int]  # votes with a verdict (read or forced) for a, for b
+    invalid: int  # votes without a verdict
     invalid_reasons: dict[str, int] = field(default_factory=dict)
-    p_first: float | None = None  # mean p_first over valid votes
-    winner: int | None = None  # 0: a, 1: b, None: tie or no valid vote
+    p_first: float | None = None  # mean p_first over the votes with a verdict
+    winner: int | None = None  # 0: a, 1: b, None: tie or no verdict at all
+    valid: int = 0  # verdicts read from the text
+    forced: int = 0  # verdicts read from log-probs (truncated votes, or opted-in non-answers)
+
+
+def may_force(reason: str, policy: ForcePolicy) -> bool:
+    """Whether a vote without a verdict, invalid for `reason`, may have its verdict forced."""
+    if policy not in FORCE_POLICIES:
+        raise ValueError(f"force must be one of {FORCE_POLICIES}, got {policy!r}")
+    if reason in ("ok", "abort", "error") or policy == "never":
+        return False
+    return policy == "invalid" or reason == "truncated"
 
 
 def unswap(verdict: int | None, p_first: float | None, swapped: bool) -> tuple[int | None, float | None]:
@@ -59,7 +79,8 @@ def tally(votes: Sequence[Vote]) -> Tally:
         winner = 0 if p_first > 0.5 else 1
     else:
         winner = None
-    return Tally((a, b), sum(invalid.values()), dict(invalid), p_first, winner)
+    forced = sum(v.forced and v.verdict is not None for v in votes)
+    return Tally((a, b), sum(invalid.values()), dict(invalid), p_first, winner, valid=a + b - forced, forced=forced)
 
 
 def decided(votes: Sequence[Vote], total: int) -> bool:

@@ -22,7 +22,7 @@ Semantics (the contract the serving layer codes against)
     output). Deadlines are checked between steps, so a request can overrun by one step.
   * stream() items hold only what is new since the previous item (joined, they give the final
     output); stream(..., delta=False) gives each item as the output so far, the last equal to what
-    generate() returns. Streamed text never runs ahead of the final text (serving/stream.py).
+    generate() returns. Streamed text never runs ahead of the final text (async_engine/stream.py).
   * Cancelling the Future (or the asyncio task awaiting generate()), or leaving a stream before
     its end (break, aclose(), cancel, dropping it), aborts the request.
   * A step that raises fails only the requests of that step (the engine rolls it back): their
@@ -157,7 +157,7 @@ class AsyncLLM:
     def stream(self, prompt: str | list[int], params: SamplingParams, *, request_id: str | None = None,
                timeout: float | None = None, delta: bool = True) -> AsyncIterator[RequestOutput]:
         """Outputs as tokens come, the last one finished=True: what is new in each item, or with
-        delta=False each item the output so far (see serving/stream.py). The request is queued
+        delta=False each item the output so far (see async_engine/stream.py). The request is queued
         now (validation errors raise here); consume it from one event loop."""
         p = self._submit(prompt, params, request_id, timeout, stream=True, delta=delta)
         s, p.hold = p.hold, None  # from here on only the caller keeps the stream alive

@@ -1,0 +1,87 @@
+"""Module-level entry points for verl's `custom_reward_function` (verl loads a function by module path
+and name, and passes the config's reward_kwargs on every call):
+
+    reward:
+      custom_reward_function:
+        path: pkg://rrm_engine.serving.verl
+        name: compute_score_async        # or compute_score (sync, thread pool), compute_score_batch
+        reward_kwargs:
+          rrm_url: http://judge-host:8000   # a shared `python -m rrm_engine serve` ...
+          # rrm_model: /models/RRM-7B       # ... or a judge in each reward process
+          rrm_votes: 4
+          rrm_invalid_score: 0.0
+
+The scorer comes from rrm_url (a JudgeClient), else rrm_model (a Judge of its own, built once per
+process; rrm_judge_kwargs go to it and to its LLM), else the environment (RRM_JUDGE_URL,
+RRM_JUDGE_MODEL). What is scored, and what an invalid judgment scores, is in
+rrm_engine/judge/verl_reward.py. Every other keyword argument verl passes is accepted and ignored.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any, Sequence
+
+from ..judge.verl_reward import make_async_verl_compute_score, make_verl_compute_score
+
+_lock = threading.Lock()
+_scorers: dict[tuple, Any] = {}
+_functions: dict[tuple, tuple[Any, Any]] = {}
+
+
+def _scorer(url: str | None, model: str | None, judge_kwargs: dict | None) -> Any:
+    url = url or os.environ.get("RRM_JUDGE_URL")
+    model = model or os.environ.get("RRM_JUDGE_MODEL")
+    if not url and not model:
+        raise ValueError("no judge: set reward_kwargs.rrm_url (a `python -m rrm_engine serve` server) or "
+                         "reward_kwargs.rrm_model, or the environment variable RRM_JUDGE_URL / RRM_JUDGE_MODEL")
+    key = ("url", url) if url else ("model", model, tuple(sorted((judge_kwargs or {}).items())))
+    with _lock:
+        if key not in _scorers:
+            if url:
+                from .client import JudgeClient
+
+                _scorers[key] = JudgeClient(url)
+            else:
+                from ..judge.judge import Judge
+
+                _scorers[key] = Judge.from_pretrained(model, **(judge_kwargs or {}))
+        return _scorers[key]
+
+
+def _functions_for(rrm_url: str | None = None, rrm_model: str | None = None, rrm_votes: int | None = None,
+                   rrm_query_key: str = "question", rrm_invalid_score: float = 0.0, rrm_timeout: float | None = None,
+                   rrm_default_query: str | None = None, rrm_judge_kwargs: dict | None = None,
+                   **ignored: Any) -> tuple[Any, Any]:
+    """(sync, async) compute_score of this configuration, made once."""
+    judge_kwargs = dict(rrm_judge_kwargs or {})
+    key = (rrm_url, rrm_model, rrm_votes, rrm_query_key, rrm_invalid_score, rrm_timeout, rrm_default_query,
+           tuple(sorted(judge_kwargs.items())))
+    with _lock:
+        if key in _functions:
+            return _functions[key]
+    scorer = _scorer(rrm_url, rrm_model, judge_kwargs)
+    kw = dict(query_key=rrm_query_key, votes=rrm_votes, invalid_score=rrm_invalid_score, timeout=rrm_timeout,
+              default_query=rrm_default_query)
+    fns = (make_verl_compute_score(scorer, **kw), make_async_verl_compute_score(scorer, **kw))
+    with _lock:
+        return _functions.setdefault(key, fns)
+
+
+def compute_score(data_source: Any = None, solution_str: Any = None, ground_truth: Any = None,
+                  extra_info: dict | None = None, **kwargs: Any) -> dict:
+    """verl's per-item form, synchronous (verl runs it in its loop's thread pool)."""
+    return _functions_for(**kwargs)[0](data_source, solution_str, ground_truth, extra_info)
+
+
+async def compute_score_async(data_source: Any = None, solution_str: Any = None, ground_truth: Any = None,
+                              extra_info: dict | None = None, **kwargs: Any) -> dict:
+    """verl's per-item form as a coroutine (verl awaits it; cancelling it aborts the judgment)."""
+    return await _functions_for(**kwargs)[1](data_source, solution_str, ground_truth, extra_info)
+
+
+def compute_score_batch(data_sources: Sequence[Any] | None = None, solution_strs: Sequence[Any] = (),
+                        ground_truths: Sequence[Any] = (), extra_infos: Sequence[dict | None] | None = None,
+                        **kwargs: Any) -> list[dict]:
+    """verl's batch reward manager form: one dict per item."""
+    return _functions_for(**kwargs)[0].batch(data_sources, solution_strs, ground_truths, extra_infos)

@@ -3,8 +3,8 @@
 sampling without filters (temperature or greedy).
 
 Built from source the first time they are used on a machine (torch.utils.cpp_extension.load with
-g++ and OpenMP; about a minute; cached under torch's extension dir, TORCH_EXTENSIONS_DIR, and
-rebuilt when a source changes). `load()` raises RuntimeError when the build fails; callers that
+g++ and OpenMP; about a minute; cached under torch's extension dir, TORCH_EXTENSIONS_DIR, one
+build per version of the sources). `load()` raises RuntimeError when the build fails; callers that
 can do without (the engine's CPU backend) catch it and fall back to torch.
 
 Each op runs AVX-512, AVX2 or plain C++ code, chosen at run time: the best this CPU supports,
@@ -57,11 +57,12 @@ def _build() -> Any:
     if missing:
         raise RuntimeError(f"CPU ops sources are missing: {', '.join(missing)}")
     from torch.utils.cpp_extension import load as jit_load
-    # torch rebuilds when a listed source or a flag changes; the headers ride in on a flag
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS)).hexdigest()[:16]
+    # one build dir per version of the sources (headers included): checkouts of different versions
+    # on one machine (worktrees, CI caches) never rebuild over each other's library
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS)).hexdigest()[:12]
     try:
-        return jit_load(name="rrm_cpu_ops", sources=[str(p) for p in SOURCES],
-                        extra_cflags=["-O3", "-fopenmp", f"-DRRM_CPU_OPS_SOURCES={digest}"], extra_ldflags=["-fopenmp"],
+        return jit_load(name=f"rrm_cpu_ops_{digest}", sources=[str(p) for p in SOURCES],
+                        extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
                         extra_include_paths=[str(CSRC_DIR)], verbose=False)
     except Exception as e:  # compiler missing, build error, ...: one line for the caller to log
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]

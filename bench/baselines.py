@@ -103,8 +103,11 @@ QWEN2_7B = dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, 
 def random_qwen2_7b(layers: int | None, tokenizer: Any, device: torch.device, dtype: torch.dtype,
                     seed: int = 0) -> tuple[Any, Any]:
     """RRM-7B's shapes with random weights: (transformers Qwen2ForCausalLM, rrm_engine LoadedModel)
-    holding the very same parameter tensors. The Decoder is built directly (there is no checkpoint
-    to load); its parameter names are transformers', so the state dict is assigned as is."""
+    holding the very same parameter tensors. The Decoder is built and filled first: its q/k/v and
+    gate/up are fused weights (fused_linear.py), so transformers' separate projections are then
+    assigned as views into them (its state dict names them as the separate HF tensors). Built the
+    other way round, assigning transformers' separate tensors to the decoder would stack them into
+    new fused tensors: a second copy of most of the 7B weights on the device."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from rrm_engine.config import ModelConfig
@@ -114,18 +117,27 @@ def random_qwen2_7b(layers: int | None, tokenizer: Any, device: torch.device, dt
     kw = dict(QWEN2_7B, num_hidden_layers=layers or QWEN2_7B["num_hidden_layers"])
     eos = tokenizer.eos_token_id if tokenizer is not None else 2
     cfg = Qwen2Config(**kw, eos_token_id=eos, pad_token_id=eos, bos_token_id=eos, architectures=["Qwen2ForCausalLM"])
+    mcfg = ModelConfig.from_hf(cfg.to_dict())
     # built on meta and materialised once, in dtype, on the device (no fp32 copy of 7B weights)
     with torch.device("meta"):
-        hf = Qwen2ForCausalLM(cfg).to(dtype)
-    hf.to_empty(device=device)
+        dec = Decoder(mcfg).to(dtype)
+    dec.to_empty(device=device)
     g = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
-        for name, p in hf.named_parameters():
+        for name, p in dec.named_parameters():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
             else:  # weights and the q/k/v biases (non-zero, as in a trained model)
                 p.normal_(0.0, 0.02, generator=g)
-        # RoPE inverse frequencies (buffers, empty after to_empty): recomputed in fp32 as transformers does
+    dec.eval()
+    with torch.device("meta"):
+        hf = Qwen2ForCausalLM(cfg).to(dtype)
+    shared = dec.state_dict()  # HF names; q/k/v and gate/up are views into the fused weights
+    missing, unexpected = hf.load_state_dict(shared, strict=False, assign=True)
+    if unexpected or any("rotary_emb" not in k for k in missing):
+        raise RuntimeError(f"decoder and transformers disagree on names: missing {missing}, unexpected {unexpected}")
+    with torch.no_grad():
+        # RoPE inverse frequencies (buffers, still on meta): computed in fp32 as transformers does
         theta = (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta", QWEN2_7B["rope_theta"])
         head_dim = cfg.hidden_size // cfg.num_attention_heads
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
@@ -133,12 +145,12 @@ def random_qwen2_7b(layers: int | None, tokenizer: Any, device: torch.device, dt
             for attr in ("inv_freq", "original_inv_freq"):
                 if isinstance(getattr(module, attr, None), torch.Tensor):
                     setattr(module, attr, inv_freq.clone())
+    for name, t in hf.state_dict().items():
+        if t.is_meta or ("rotary_emb" not in name and t.data_ptr() != shared[name].data_ptr()):
+            raise RuntimeError(f"{name} is not shared between transformers and the decoder")
+    if any(b.is_meta for b in hf.buffers()):
+        raise RuntimeError("a transformers buffer was left on the meta device")
     hf.eval()
-    mcfg = ModelConfig.from_hf(cfg.to_dict())
-    with torch.device("meta"):
-        dec = Decoder(mcfg)
-    dec.load_state_dict({k: v for k, v in hf.state_dict().items() if "rotary_emb" not in k}, assign=True)
-    dec.eval()
     loaded = LoadedModel(model=dec, tokenizer=tokenizer, config=mcfg, eos_token_ids=(eos,), name="qwen2-7b-shape")
     return hf, loaded
 

@@ -89,7 +89,8 @@ namespace isa_avx512 {
 
 namespace {
 
-bool cpu_has(Isa isa) {
+// Detected once: cpuid traps to the hypervisor in a VM (microseconds), too slow for every call.
+bool detect(Isa isa) {
 #ifdef RRM_X86
   if (isa == kScalar) return true;
   __builtin_cpu_init();
@@ -102,6 +103,11 @@ bool cpu_has(Isa isa) {
 #else
   return isa == kScalar;
 #endif
+}
+
+bool cpu_has(Isa isa) {
+  static const bool has[3] = {detect(kScalar), detect(kAvx2), detect(kAvx512)};
+  return has[isa];
 }
 
 const char* isa_name(Isa isa) { return isa == kAvx512 ? "avx512" : isa == kAvx2 ? "avx2" : "scalar"; }

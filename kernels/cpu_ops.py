@@ -3,8 +3,8 @@
 sampling without filters (temperature or greedy).
 
 Built from source the first time they are used on a machine (torch.utils.cpp_extension.load with
-g++ and OpenMP; about a minute; cached under torch's extension dir, TORCH_EXTENSIONS_DIR, and
-rebuilt when a source changes). `load()` raises RuntimeError when the build fails; callers that
+g++ and OpenMP; about a minute; cached under torch's extension dir, TORCH_EXTENSIONS_DIR, one
+build per version of the sources). `load()` raises RuntimeError when the build fails; callers that
 can do without (the engine's CPU backend) catch it and fall back to torch.
 
 Each op runs AVX-512, AVX2 or plain C++ code, chosen at run time: the best this CPU supports,
@@ -15,7 +15,6 @@ Signatures follow the Triton ops of the same names.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 from pathlib import Path
@@ -34,27 +33,48 @@ ISA_ENV = "RRM_CPU_ISA"
 SPLIT_TOKENS = 256
 
 
-@functools.cache
+_module: Any = None
+_failure: RuntimeError | None = None
+
+
 def load() -> Any:
-    """The built extension module (built on first call, then cached by torch)."""
+    """The built extension module (built on first call, then cached by torch). A failed build
+    raises RuntimeError with its first line, here and on every later call (no second attempt)."""
+    global _module, _failure
+    if _module is None:
+        if _failure is not None:
+            raise _failure
+        try:
+            _module = _build()
+        except RuntimeError as e:
+            _failure = e
+            raise
+    return _module
+
+
+def _build() -> Any:
     missing = [str(p) for p in SOURCES + HEADERS if not p.exists()]
     if missing:
         raise RuntimeError(f"CPU ops sources are missing: {', '.join(missing)}")
     from torch.utils.cpp_extension import load as jit_load
-    # torch rebuilds when a listed source or a flag changes; the headers ride in on a flag
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS)).hexdigest()[:16]
+    # one build dir per version of the sources (headers included): checkouts of different versions
+    # on one machine (worktrees, CI caches) never rebuild over each other's library
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS)).hexdigest()[:12]
     try:
-        return jit_load(name="rrm_cpu_ops", sources=[str(p) for p in SOURCES],
-                        extra_cflags=["-O3", "-fopenmp", f"-DRRM_CPU_OPS_SOURCES={digest}"], extra_ldflags=["-fopenmp"],
+        return jit_load(name=f"rrm_cpu_ops_{digest}", sources=[str(p) for p in SOURCES],
+                        extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"],
                         extra_include_paths=[str(CSRC_DIR)], verbose=False)
     except Exception as e:  # compiler missing, build error, ...: one line for the caller to log
-        first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-        raise RuntimeError(f"building the CPU ops ({SOURCES[0].name}) failed: {first}") from e
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        # the compiler's first error says more than ninja's command line
+        first = next((ln for ln in lines if "error" in ln.lower() and "error building extension" not in ln.lower()),
+                     lines[0] if lines else type(e).__name__)
+        raise RuntimeError(f"building the CPU ops ({SOURCES[0].name}) failed: {first[:300]}") from e
 
 
 def is_loaded() -> bool:
     """True once load() has succeeded in this process (callers that must not trigger a build ask this)."""
-    return load.cache_info().currsize > 0
+    return _module is not None
 
 
 def supported_isas() -> list[str]:
@@ -124,11 +144,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def sample_unfiltered(logits: torch.Tensor, row_index: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor,
-                      offsets: torch.Tensor, isa: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      offsets: torch.Tensor, isa: str | None = None, return_status: bool = False):
     """kernels.sampling.sample_ref with top-k, top-p and min-p off (the caller checks that): the
     same tokens for the same (seed, offset), logprob = log_softmax(logits / T)[token] (T = 1 when
-    greedy). A sampled row that holds NaN or +inf, or is entirely -inf, raises ValueError naming it."""
-    tokens, logprobs, status = load().sample(logits.float().contiguous(), row_index, temperature, seeds, offsets, _isa(isa))
+    greedy). A sampled row that holds NaN or +inf, or is entirely -inf, raises ValueError naming
+    it; with return_status=True nothing is raised: (tokens, logprobs, status), status [B] int32
+    nonzero for such a sample (as kernels.sampling.sample's)."""
+    tokens, logprobs, status = load().sample(logits.float().contiguous(), row_index, temperature, seeds, offsets,
+                                             _isa(isa))
+    if return_status:
+        return tokens, logprobs, status
     if bool(status.any()):
         rows = sorted(set(row_index[status != 0].tolist()))
         raise ValueError(f"logits rows {rows} contain NaN or +inf, or are entirely -inf")

@@ -229,10 +229,10 @@ class TorchAttention:
         if nd == b:
             return self._decode_rows(layer, q, cache, meta, scale)
         if nd == 0:
-            return prefill_attention(layer, q, cache, meta, scale)
+            return self._prefill(layer, q, cache, meta, scale)
         out = torch.empty_like(q)
         out[:nd] = self._decode_rows(layer, q[:nd], cache, meta.decode_part(), scale)
-        out[nd:] = prefill_attention(layer, q[nd:], cache, meta.prefill_part(), scale)
+        out[nd:] = self._prefill(layer, q[nd:], cache, meta.prefill_part(), scale)
         return out
 
     def _decode_rows(self, layer: int, q: torch.Tensor, cache: KVCache, meta: AttentionMetadata,
@@ -240,6 +240,10 @@ class TorchAttention:
         if meta.prefix_levels:
             return self._cascade_decode(layer, q, cache, meta, scale)
         return self._decode(layer, q, cache, meta, scale)
+
+    def _prefill(self, layer: int, q: torch.Tensor, cache: KVCache, meta: AttentionMetadata,
+                 scale: float) -> torch.Tensor:
+        return prefill_attention(layer, q, cache, meta, scale)
 
     def _decode(self, layer: int, q: torch.Tensor, cache: KVCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         kb, vb = gather_kv(layer, cache, meta.block_tables, meta.max_seq_len)

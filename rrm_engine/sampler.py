@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels import cpu_ops
-from kernels.sampling import SAMPLING_BACKENDS, bad_rows
+from kernels.sampling import SAMPLING_BACKENDS
 from kernels.sampling import sample as fused_sample
 
 from .sampling_params import SamplingParams
@@ -77,13 +77,10 @@ def sample(logits: torch.Tensor, reqs: list[SampleRequest], backend: str = "auto
     all_greedy = all(x.temperature == 0 for x in p)
     if (backend == "auto" and not logits.is_cuda and cpu_ops.is_loaded()
             and all(_unfiltered(x, logits.shape[1]) for x in p)):
-        # CPU ops in use and no top-k / top-p / min-p: the C++ sampler (same tokens as the reference);
-        # bad rows are flagged as the other backends do, and draw from a harmless row
-        bad = bad_rows(logits)
-        status = bad.index_select(0, row_index).to(torch.int32)
-        if bool(bad.any()):
-            logits = logits.masked_fill(bad[:, None], 0.0)
-        tokens, logprobs = cpu_ops.sample_unfiltered(logits, row_index, temperature, seeds, offsets)
+        # CPU backend in use and no top-k / top-p / min-p: the C++ sampler, token for token the
+        # torch reference's draw, bad rows flagged like it
+        tokens, logprobs, status = cpu_ops.sample_unfiltered(logits, row_index, temperature, seeds, offsets,
+                                                             return_status=True)
     else:
         # parameter checks cost a host sync: on GPU skip them (SamplingParams were validated when
         # added); bad logits never raise here, they come back as the status flags

@@ -24,7 +24,11 @@ LONG = SamplingParams(temperature=0.0, max_tokens=600, ignore_eos=True)  # secon
 
 @pytest.fixture(scope="module")
 def model():
-    return small_model()
+    m = small_model()
+    # at least 1 ms per forward, so that LONG's 600 steps outlast the tests' timeouts and aborts on any
+    # backend (the CPU backend's C++ ops step this tiny model in well under a millisecond)
+    m.model.model.layers[0].register_forward_hook(lambda *args: time.sleep(0.001))
+    return m
 
 
 def make_llm(model, **kw) -> LLM:

@@ -65,3 +65,21 @@ def test_bad_options_are_refused(argv, capsys):
     with pytest.raises(SystemExit):
         throughput.parse_args(argv)
     assert "error" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_qwen2_7b_shape_shares_every_weight_with_transformers():
+    """bench --shape qwen2-7b holds one copy of the weights: transformers' separate q/k/v and
+    gate/up are views into the decoder's fused weights (one layer, bf16: ~2.6 GB of CPU memory)."""
+    import torch
+
+    from bench.baselines import random_qwen2_7b
+
+    hf, loaded = random_qwen2_7b(1, None, torch.device("cpu"), torch.bfloat16)
+    storages = {p.untyped_storage().data_ptr() for p in loaded.model.parameters()}
+    assert all(p.untyped_storage().data_ptr() in storages for p in hf.parameters())
+    ids = torch.randint(0, 1000, (1, 8))
+    with torch.no_grad():
+        ref = hf(ids).logits[0].float()
+        mine = loaded.model.compute_logits(loaded.model(ids, torch.arange(8)[None])).float()[0]
+    assert (ref - mine).abs().max().item() < 0.05 * ref.abs().max().item()

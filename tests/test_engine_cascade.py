@@ -63,7 +63,7 @@ def generate(llm: LLM, prompts, params) -> tuple[list[list[list[int]]], list]:
     return [[c.token_ids for c in o.outputs] for o in outs], levels
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=[pytest.mark.slow, INTERPRETER])])
+@pytest.mark.parametrize("backend", ["torch", "cpu", pytest.param("triton", marks=[pytest.mark.slow, INTERPRETER])])
 def test_two_queries_in_flight_three_levels_equal_plain_decode(backend):
     prompts = rrm_prompts(queries=2, comparisons=2, query_len=2 * BS, pair_len=BS + 5)
     params = SamplingParams(n=3, temperature=0.8, max_tokens=5, seed=3, ignore_eos=True)

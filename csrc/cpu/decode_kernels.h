@@ -40,17 +40,68 @@ inline int64_t attend_scratch(int nv, int d) {
   return d * mb + kTileTokens * mb + mb * d + 3 * mb + 2 * kTileTokens * d;
 }
 
+// Tokens per score block (independent accumulator chains per q vector) and rows per P @ V block,
+// sized to the register file: 32 vector registers with AVX-512, 16 with AVX2.
+template <int NV>
+constexpr int score_tokens() { return Vec::W == 16 || NV == 1 ? 8 : 4; }
+constexpr int kPvRows = Vec::W == 16 ? 4 : 2;
+constexpr int kPvVecs = 4;  // vectors of D per P @ V block
+
+template <typename T>
+inline void prefetch_rows(const T* base, int64_t blk_stride, int64_t tok_stride, int page, const int32_t* table,
+                          int lo, int hi, int D) {
+  for (int tok = lo; tok < hi; ++tok) {
+    const char* row = reinterpret_cast<const char*>(base + int64_t(table[tok / page]) * blk_stride +
+                                                    int64_t(tok % page) * tok_stride);
+    for (int64_t b = 0; b < int64_t(D) * int64_t(sizeof(T)); b += 64) __builtin_prefetch(row + b, 0, 3);
+  }
+}
+
+// acc[r] = acc[r] * alpha[r] + sum_t P[t][r] * v_t for NR rows from r0 and kPvVecs vectors of D
+// from d0: each loaded V vector feeds NR FMAs, and the NR * kPvVecs accumulators are independent
+// chains (one row at a time would wait on the FMA latency).
+template <int NR, int MB>
+inline void pv_block(float* acc, const float* alpha, const float* S, int r0, const float* const* vp, int n, int D,
+                     int d0, int nd) {
+  constexpr int W = Vec::W;
+  Vec o[NR][kPvVecs];
+  for (int r = 0; r < NR; ++r) {
+    const Vec al = Vec::set1(alpha[r0 + r]);
+    for (int u = 0; u < nd; ++u) o[r][u] = Vec::load(acc + int64_t(r0 + r) * D + d0 + u * W) * al;
+  }
+  if (nd == kPvVecs) {
+    for (int t = 0; t < n; ++t) {
+      Vec vv[kPvVecs];
+      for (int u = 0; u < kPvVecs; ++u) vv[u] = Vec::load(vp[t] + d0 + u * W);
+      for (int r = 0; r < NR; ++r) {
+        const Vec p = Vec::set1(S[t * MB + r0 + r]);
+        for (int u = 0; u < kPvVecs; ++u) o[r][u] = Vec::fma(p, vv[u], o[r][u]);
+      }
+    }
+  } else {
+    for (int t = 0; t < n; ++t)
+      for (int r = 0; r < NR; ++r) {
+        const Vec p = Vec::set1(S[t * MB + r0 + r]);
+        for (int u = 0; u < nd; ++u) o[r][u] = Vec::fma(p, Vec::load(vp[t] + d0 + u * W), o[r][u]);
+      }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int u = 0; u < nd; ++u) o[r][u].store(acc + int64_t(r0 + r) * D + d0 + u * W);
+}
+
 // Online-softmax attention of up to NV * W query rows over the keys [lo, hi) of one paged
 // sequence (block table `table`) and one kv head (kbase/vbase point at that head of block 0).
 // qt: the rows transposed, [D][NV * W], pre-scaled by scale * log2(e) (padding rows are zero).
 // Writes each row's normalised output (fp32, D values) and its base-2 log-sum-exp.
-// Scores are vectorised over rows (a q column times one broadcast key element), so no
-// horizontal sums are needed; P @ V is vectorised over D.
+// Scores are vectorised over rows (a q column times one broadcast key element, several keys at
+// once), so no horizontal sums are needed; P @ V is vectorised over D, several rows at once so
+// each loaded V vector feeds several FMAs. The next tile's K/V rows are prefetched (pages are
+// scattered, so the hardware prefetcher cannot follow them).
 template <typename T, int NV>
-void attend_block(const float* qt, int rows, int D, const T* kbase, const T* vbase, int64_t blk_stride,
-                  int64_t tok_stride, int page, const int32_t* table, int lo, int hi, float* scratch,
-                  float* const* out_rows, float* const* lse_rows) {
-  constexpr int W = Vec::W, MB = NV * W;
+void attend_block(const float* qt, int rows, int D, const T* kbase, const T* vbase,
+                  int64_t blk_stride, int64_t tok_stride, int page, const int32_t* table, int lo, int hi,
+                  float* scratch, float* const* out_rows, float* const* lse_rows) {
+  constexpr int W = Vec::W, MB = NV * W, TB = score_tokens<NV>();
   float* S = scratch + int64_t(D) * MB;  // [kTileTokens][MB] scores, then probabilities
   float* acc = S + kTileTokens * MB;     // [MB][D]
   float* mrun = acc + int64_t(MB) * D;   // running max per row (base 2)
@@ -63,8 +114,13 @@ void attend_block(const float* qt, int rows, int D, const T* kbase, const T* vba
   std::fill(lrun, lrun + MB, 0.0f);
   const float* kp[kTileTokens];
   const float* vp[kTileTokens];
+  prefetch_rows(kbase, blk_stride, tok_stride, page, table, lo, std::min(hi, lo + kTileTokens), D);
+  prefetch_rows(vbase, blk_stride, tok_stride, page, table, lo, std::min(hi, lo + kTileTokens), D);
   for (int t0 = lo; t0 < hi; t0 += kTileTokens) {
     const int n = std::min(kTileTokens, hi - t0);
+    const int next_hi = std::min(hi, t0 + 2 * kTileTokens);
+    prefetch_rows(kbase, blk_stride, tok_stride, page, table, t0 + n, next_hi, D);
+    prefetch_rows(vbase, blk_stride, tok_stride, page, table, t0 + n, next_hi, D);
     for (int i = 0; i < n; ++i) {
       const int tok = t0 + i;
       const int64_t off = int64_t(table[tok / page]) * blk_stride + int64_t(tok % page) * tok_stride;
@@ -78,24 +134,21 @@ void attend_block(const float* qt, int rows, int D, const T* kbase, const T* vba
         vp[i] = vf + i * D;
       }
     }
-    // S[i][:] = sum_d qt[d][:] * k_i[d], four keys at a time (independent accumulator chains)
+    // S[i][:] = sum_d qt[d][:] * k_i[d], TB keys at a time (independent accumulator chains)
     int i = 0;
-    for (; i + 4 <= n; i += 4) {
-      Vec s[4][NV];
-      for (int j = 0; j < 4; ++j)
+    for (; i + TB <= n; i += TB) {
+      Vec s[TB][NV];
+      for (int j = 0; j < TB; ++j)
         for (int v = 0; v < NV; ++v) s[j][v] = Vec::zero();
       for (int d = 0; d < D; ++d) {
-        const Vec k0 = Vec::set1(kp[i][d]), k1 = Vec::set1(kp[i + 1][d]);
-        const Vec k2 = Vec::set1(kp[i + 2][d]), k3 = Vec::set1(kp[i + 3][d]);
-        for (int v = 0; v < NV; ++v) {
-          const Vec q = Vec::load(qt + d * MB + v * W);
-          s[0][v] = Vec::fma(q, k0, s[0][v]);
-          s[1][v] = Vec::fma(q, k1, s[1][v]);
-          s[2][v] = Vec::fma(q, k2, s[2][v]);
-          s[3][v] = Vec::fma(q, k3, s[3][v]);
+        Vec q[NV];
+        for (int v = 0; v < NV; ++v) q[v] = Vec::load(qt + d * MB + v * W);
+        for (int j = 0; j < TB; ++j) {
+          const Vec k = Vec::set1(kp[i + j][d]);
+          for (int v = 0; v < NV; ++v) s[j][v] = Vec::fma(q[v], k, s[j][v]);
         }
       }
-      for (int j = 0; j < 4; ++j)
+      for (int j = 0; j < TB; ++j)
         for (int v = 0; v < NV; ++v) s[j][v].store(S + (i + j) * MB + v * W);
     }
     for (; i < n; ++i) {
@@ -123,31 +176,16 @@ void attend_block(const float* qt, int rows, int D, const T* kbase, const T* vba
       m.store(mrun + v * W);
       a.store(alpha + v * W);
     }
-    // acc[r] = acc[r] * alpha[r] + sum_t P[t][r] * v_t, four vectors of a row at a time
-    for (int r = 0; r < rows; ++r) {
-      float* a = acc + int64_t(r) * D;
-      const Vec al = Vec::set1(alpha[r]);
-      int d0 = 0;
-      for (; d0 + 4 * W <= D; d0 += 4 * W) {
-        Vec o0 = Vec::load(a + d0) * al, o1 = Vec::load(a + d0 + W) * al;
-        Vec o2 = Vec::load(a + d0 + 2 * W) * al, o3 = Vec::load(a + d0 + 3 * W) * al;
-        for (int t = 0; t < n; ++t) {
-          const Vec p = Vec::set1(S[t * MB + r]);
-          const float* vr = vp[t] + d0;
-          o0 = Vec::fma(p, Vec::load(vr), o0);
-          o1 = Vec::fma(p, Vec::load(vr + W), o1);
-          o2 = Vec::fma(p, Vec::load(vr + 2 * W), o2);
-          o3 = Vec::fma(p, Vec::load(vr + 3 * W), o3);
-        }
-        o0.store(a + d0);
-        o1.store(a + d0 + W);
-        o2.store(a + d0 + 2 * W);
-        o3.store(a + d0 + 3 * W);
-      }
-      for (; d0 < D; d0 += W) {  // D is a multiple of W (the dispatcher picks an ISA for which it is)
-        Vec o = Vec::load(a + d0) * al;
-        for (int t = 0; t < n; ++t) o = Vec::fma(Vec::set1(S[t * MB + r]), Vec::load(vp[t] + d0), o);
-        o.store(a + d0);
+    // acc = acc * alpha + P^T V, kPvRows rows x kPvVecs vectors of D at a time (D is a multiple of
+    // W: the dispatcher picks an ISA for which it is)
+    for (int r0 = 0; r0 < rows; r0 += kPvRows) {
+      const int nr = std::min(kPvRows, rows - r0);
+      for (int d0 = 0; d0 < D; d0 += kPvVecs * W) {
+        const int nd = std::min(kPvVecs, (D - d0) / W);
+        if (nr == kPvRows) pv_block<kPvRows, MB>(acc, alpha, S, r0, vp, n, D, d0, nd);
+        else if (nr == 3) pv_block<3, MB>(acc, alpha, S, r0, vp, n, D, d0, nd);  // only when kPvRows is 4
+        else if (nr == 2) pv_block<2, MB>(acc, alpha, S, r0, vp, n, D, d0, nd);
+        else pv_block<1, MB>(acc, alpha, S, r0, vp, n, D, d0, nd);
       }
     }
   }
@@ -222,7 +260,32 @@ void merge_row(const float* out_parts, const float* lse_parts, int parts, int64_
   from_float(tmp, out, D);
 }
 
-template <typename T, int NV>
+// Rows per block for a task of `rows` query rows: one vector of rows when they fit (a suffix: g
+// rows), else two (a group prefix: members x g rows, in blocks of 2 W). The scalar build takes up
+// to 8 rows per block.
+constexpr int kMaxNV = Vec::W == 1 ? 8 : 2;
+
+template <typename T>
+void run_task(const AttnTask& task, const std::vector<int>& members, const T* q, int64_t q_sb, int64_t q_sh, int G,
+              int D, float qscale, const T* kc, const T* vc, int64_t blk_stride, int64_t tok_stride, int page,
+              float* out_parts, float* lse_parts, int B, int Hq, float* scratch) {
+  const int rows = task.members * G;
+  auto run = [&](auto nv) {
+    run_rows<T, decltype(nv)::value>(task, members, q, q_sb, q_sh, G, D, qscale, kc, vc, blk_stride, tok_stride, page,
+                                     out_parts, lse_parts, B, Hq, scratch);
+  };
+  if constexpr (Vec::W == 1) {
+    if (rows <= 1) run(std::integral_constant<int, 1>{});
+    else if (rows <= 2) run(std::integral_constant<int, 2>{});
+    else if (rows <= 4) run(std::integral_constant<int, 4>{});
+    else run(std::integral_constant<int, 8>{});
+  } else {
+    if (rows <= Vec::W) run(std::integral_constant<int, 1>{});
+    else run(std::integral_constant<int, 2>{});
+  }
+}
+
+template <typename T>
 void run_tasks(const std::vector<AttnTask>& tasks, const std::vector<int>& members, const T* q, int64_t q_sb,
                int64_t q_sh, int B, int Hq, int G, int D, float qscale, const T* kc, const T* vc, int64_t blk_stride,
                int64_t tok_stride, int page, float* out_parts, float* lse_parts, int parts, T* out,
@@ -231,11 +294,11 @@ void run_tasks(const std::vector<AttnTask>& tasks, const std::vector<int>& membe
   const int threads = work >= kParallelFlops ? at::get_num_threads() : 1;
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<float> scratch(attend_scratch(NV, D) + D);
+    std::vector<float> scratch(attend_scratch(kMaxNV, D) + D);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < int64_t(tasks.size()); ++t)
-      run_rows<T, NV>(tasks[t], members, q, q_sb, q_sh, G, D, qscale, kc, vc, blk_stride, tok_stride, page,
-                      out_parts, lse_parts, B, Hq, scratch.data());
+      run_task<T>(tasks[t], members, q, q_sb, q_sh, G, D, qscale, kc, vc, blk_stride, tok_stride, page,
+                  out_parts, lse_parts, B, Hq, scratch.data());
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows_out; ++r)
       merge_row(out_parts, lse_parts, parts, rows_out, r, D, scratch.data(), out + r * D);
@@ -313,22 +376,8 @@ void paged_decode(const T* q, int64_t q_sb, int64_t q_sh, int B, int Hq, int D, 
   std::vector<float> out_parts(int64_t(parts) * B * Hq * D);
   std::vector<float> lse_parts(int64_t(parts) * B * Hq, -std::numeric_limits<float>::infinity());
   const float qscale = scale * 1.4426950408889634f;  // scores in base 2: exp(s) = 2^(s * log2 e)
-  // rows per block: one vector of rows when a task has few (a suffix: G rows), else two
-  int max_rows = G;
-  for (const AttnTask& t : tasks) max_rows = std::max(max_rows, t.members * G);
-  auto run = [&](auto nv) {
-    run_tasks<T, decltype(nv)::value>(tasks, members, q, q_sb, q_sh, B, Hq, G, D, qscale, kc, vc, blk_stride,
-                                      tok_stride, page, out_parts.data(), lse_parts.data(), parts, out, work);
-  };
-  if constexpr (Vec::W == 1) {
-    if (max_rows <= 1) run(std::integral_constant<int, 1>{});
-    else if (max_rows <= 2) run(std::integral_constant<int, 2>{});
-    else if (max_rows <= 4) run(std::integral_constant<int, 4>{});
-    else run(std::integral_constant<int, 8>{});
-  } else {
-    if (max_rows <= Vec::W) run(std::integral_constant<int, 1>{});
-    else run(std::integral_constant<int, 2>{});
-  }
+  run_tasks<T>(tasks, members, q, q_sb, q_sh, B, Hq, G, D, qscale, kc, vc, blk_stride, tok_stride, page,
+               out_parts.data(), lse_parts.data(), parts, out, work);
 }
 
 // ------------------------------------------------------------------------ rotary + KV store

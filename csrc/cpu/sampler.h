@@ -33,35 +33,29 @@ inline SampleOut sample_row(const float* f, int64_t V, float temperature, int64_
   const bool greedy = temperature == 0.0f;
   const float t = greedy ? 1.0f : temperature;
   const float inf = std::numeric_limits<float>::infinity();
-  // pass 1: max with its first index (per lane, then across lanes), and bad values
+  // pass 1: max with its first index (per lane, then the smallest index among the lanes holding
+  // the max), and bad values. Indices are fp32 lanes: exact below 2^24, far above any vocabulary.
   constexpr int W = Vec::W;
   const Vec tv = Vec::set1(t);
-  float lane_max[W], lane_arg[W];
-  Vec vmax = Vec::set1(-inf);
-  for (int l = 0; l < W; ++l) lane_arg[l] = 0.0f;
-  int64_t i = 0;
+  Vec vmax = Vec::set1(-inf), varg = Vec::zero();
   bool bad = false;
-  float buf[W];
+  int64_t i = 0;
   for (; i + W <= V; i += W) {
     const Vec x = Vec::load(f + i) / tv;
-    x.store(buf);
-    vmax.store(lane_max);
-    for (int l = 0; l < W; ++l) {
-      bad |= (buf[l] != buf[l]) || buf[l] == inf;
-      if (buf[l] > lane_max[l]) {  // strict: each lane keeps its first max
-        lane_max[l] = buf[l];
-        lane_arg[l] = static_cast<float>(i + l);
-      }
-    }
-    vmax = Vec::load(lane_max);
+    bad |= x.any_nan_or_posinf();
+    varg = Vec::select_gt(x, vmax, Vec::iota(static_cast<float>(i)), varg);  // strict: first max per lane
+    vmax = Vec::max(x, vmax);
   }
+  float lane_max[W], lane_arg[W];
   vmax.store(lane_max);
+  varg.store(lane_arg);
   float m = -inf;
   int64_t top = V;
   for (int l = 0; l < W; ++l) {
-    if (lane_max[l] > m || (lane_max[l] == m && static_cast<int64_t>(lane_arg[l]) < top)) {
+    const int64_t arg = static_cast<int64_t>(lane_arg[l]);
+    if (lane_max[l] > m || (lane_max[l] == m && arg < top)) {
       m = lane_max[l];
-      top = static_cast<int64_t>(lane_arg[l]);
+      top = arg;
     }
   }
   for (; i < V; ++i) {
@@ -95,16 +89,23 @@ inline SampleOut sample_row(const float* f, int64_t V, float temperature, int64_
   float best = -inf;
   int64_t token = top;
   float token_x = m;
-  for (i = 0; i < V; ++i) {
-    if (!(f[i] >= thr)) continue;
-    const float x = f[i] / t;
-    const float score = x - std::log(-std::log(rng_uniform(h1, h2, i)));
-    if (score > best) {
+  auto race = [&](int64_t j) {
+    const float x = f[j] / t;
+    const float score = x - std::log(-std::log(rng_uniform(h1, h2, j)));
+    if (score > best) {  // ascending j: the first index wins ties
       best = score;
-      token = i;
+      token = j;
       token_x = x;
     }
+  };
+  const Vec thr_v = Vec::set1(thr);
+  for (i = 0; i + W <= V; i += W) {
+    unsigned hits = Vec::mask_ge(Vec::load(f + i), thr_v);
+    for (int l = 0; hits; ++l, hits >>= 1)
+      if (hits & 1u) race(i + l);
   }
+  for (; i < V; ++i)
+    if (f[i] >= thr) race(i);
   return {token, token_x - log_z, 0};
 }
 

@@ -42,6 +42,17 @@ struct Vec {
   static Vec max(Vec a, Vec b) { return {_mm512_max_ps(a.v, b.v)}; }
   float sum() const { return _mm512_reduce_add_ps(v); }
   float hmax() const { return _mm512_reduce_max_ps(v); }
+  static Vec iota(float start) {
+    return {_mm512_add_ps(_mm512_set1_ps(start), _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15))};
+  }
+  static Vec select_gt(Vec a, Vec b, Vec x, Vec y) {  // a > b ? x : y, per lane
+    return {_mm512_mask_blend_ps(_mm512_cmp_ps_mask(a.v, b.v, _CMP_GT_OQ), y.v, x.v)};
+  }
+  static unsigned mask_ge(Vec a, Vec b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_GE_OQ); }  // bit per lane
+  bool any_nan_or_posinf() const {
+    return (_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) |
+            _mm512_cmp_ps_mask(v, _mm512_set1_ps(std::numeric_limits<float>::infinity()), _CMP_EQ_OQ)) != 0;
+  }
   // 2^x for x in [-126, 126] (clamped), relative error ~1e-7: 2^round(x) * poly(2^f), |f| <= 0.5
   static Vec exp2(Vec x) {
     __m512 c = _mm512_min_ps(_mm512_max_ps(x.v, _mm512_set1_ps(-126.0f)), _mm512_set1_ps(126.0f));
@@ -106,6 +117,14 @@ struct Vec {
     s = _mm_max_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
   }
+  static Vec iota(float start) { return {_mm256_add_ps(_mm256_set1_ps(start), _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7))}; }
+  static Vec select_gt(Vec a, Vec b, Vec x, Vec y) { return {_mm256_blendv_ps(y.v, x.v, _mm256_cmp_ps(a.v, b.v, _CMP_GT_OQ))}; }
+  static unsigned mask_ge(Vec a, Vec b) { return unsigned(_mm256_movemask_ps(_mm256_cmp_ps(a.v, b.v, _CMP_GE_OQ))); }
+  bool any_nan_or_posinf() const {
+    const __m256 bad = _mm256_or_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q),
+                                    _mm256_cmp_ps(v, _mm256_set1_ps(std::numeric_limits<float>::infinity()), _CMP_EQ_OQ));
+    return _mm256_movemask_ps(bad) != 0;
+  }
   static Vec exp2(Vec x) {
     __m256 c = _mm256_min_ps(_mm256_max_ps(x.v, _mm256_set1_ps(-126.0f)), _mm256_set1_ps(126.0f));
     __m256 n = _mm256_round_ps(c, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -145,6 +164,10 @@ struct Vec {
   static Vec max(Vec a, Vec b) { return {a.v > b.v ? a.v : b.v}; }
   float sum() const { return v; }
   float hmax() const { return v; }
+  static Vec iota(float start) { return {start}; }
+  static Vec select_gt(Vec a, Vec b, Vec x, Vec y) { return {a.v > b.v ? x.v : y.v}; }
+  static unsigned mask_ge(Vec a, Vec b) { return a.v >= b.v ? 1u : 0u; }
+  bool any_nan_or_posinf() const { return v != v || v == std::numeric_limits<float>::infinity(); }
   static Vec exp2(Vec x) { return {std::exp2(std::min(std::max(x.v, -126.0f), 126.0f))}; }
 };
 // free functions, not in-class friends: GCC gives in-class friends no target attribute

@@ -5,10 +5,12 @@ share a head, as a judge's comparisons of one query do) at about `context` token
 every engine step (schedule + forward + sample) is timed. Each line prints the time per step and
 per generated token beside the bounds this machine allows for the precision used, gpt-fast style,
 with the ceilings measured in the same run:
-  * weight-bandwidth bound: every weight byte read once per step / the read bandwidth (a large
-    tensor sum; the copy bandwidth is printed too);
-  * compute bound: 2 x params x rows FLOP (plus attention) / the faster of torch.mm on a large
-    square matrix and the CPU ops' decode GEMM on a cache-resident weight, in the run's dtype.
+  * weight-bandwidth bound: every weight byte read once per step, as served (`--weights`: a Q4_1
+    model reads its 4.5-bit blocks, not fp32) / the read bandwidth (a large tensor sum; the copy
+    bandwidth is printed too);
+  * compute bound: 2 x params x rows FLOP (plus attention) / the fastest of torch.mm on a large
+    square matrix, the CPU ops' decode GEMM and (quantised weights) the quantised linear, each at
+    32 rows on a cache-resident weight.
 "x bound" is the step time over the larger of the two (1.0 = at the roofline): the issue's
 "within 1.2x of the weight-bandwidth bound" reads off the `x wbw` column.
 
@@ -57,7 +59,7 @@ def _best(fn, repeat: int) -> float:
     return best
 
 
-def measure_ceilings(dtype: torch.dtype, repeat: int = 5) -> Ceilings:
+def measure_ceilings(dtype: torch.dtype, weights: str, repeat: int = 5) -> Ceilings:
     big = torch.ones(64 << 20, dtype=torch.float32)  # 256 MiB, 8x this CPU's L3
     out = torch.empty_like(big)
     read = big.numel() * 4 / _best(lambda: big.sum(), repeat)
@@ -73,19 +75,22 @@ def measure_ceilings(dtype: torch.dtype, repeat: int = 5) -> Ceilings:
         gemm = 2 * 32 * 1024 * 576 / _best(lambda: cpu_ops.linear(x, w), 20 * repeat)
     except RuntimeError:
         pass
+    if weights in ("q8_0", "q4_1"):  # int8 dot products: a higher ceiling than the dense GEMMs
+        from kernels.quant_linear_cpu import PackedWeight, quant_linear
+        x, w = torch.randn(32, 576), PackedWeight.from_dense(torch.randn(1024, 576), weights)
+        gemm = max(gemm, 2 * 32 * 1024 * 576 / _best(lambda: quant_linear(x, w), 20 * repeat))
     return Ceilings(read, copy, mm, gemm)
 
 
 def weight_bytes(llm: LLM) -> int:
-    """Bytes of every weight a decode step reads (parameters and weight buffers, each once; a tied
-    embedding is read in full as the LM head)."""
+    """Bytes of every weight a decode step reads, as served: the linears and the LM head (a tied
+    embedding is read in full as the head) plus the norms; the embedding table itself is only
+    indexed (rows per step), so it does not count."""
+    from rrm_engine.weight_formats import served_weight_bytes
     model = llm.engine.model
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total
+    norms = sum(m.weight.numel() * m.weight.element_size() for name, m in model.named_modules()
+                if "norm" in name.rsplit(".", 1)[-1] and getattr(m, "weight", None) is not None)
+    return served_weight_bytes(model) + norms
 
 
 def prompts(llm: LLM, rows: int, prompt_len: int, seed: int = 0) -> list[list[int]]:
@@ -135,14 +140,17 @@ def time_steps(llm: LLM, rows: int, context: int, steps: int, warmup: int) -> li
     return times
 
 
-def make_llm(loaded, backend: str, kv_tokens: int) -> LLM:
-    return LLM(loaded, attention_backend=backend, kv_cache_tokens=kv_tokens)
+def make_llm(loaded, backend: str, kv_tokens: int, weights: str | None = None) -> LLM:
+    return LLM(loaded, attention_backend=backend, kv_cache_tokens=kv_tokens, weights=weights)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="embedded")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--weights", default="auto", choices=["auto", "fp32", "bf16", "q8_0", "q4_1"],
+                   help="the linears' format, as LLM(weights=...): auto serves a GGUF's own blocks (Q4_1 "
+                        "for the embedded model); fp32 is the exact reference")
     p.add_argument("--rows", default="8,32", help="decode rows per step (multiples of 8: 8 votes per comparison)")
     p.add_argument("--context", type=int, default=600, help="tokens of context at the middle of the timed steps")
     p.add_argument("--steps", type=int, default=16, help="timed decode steps per repetition")
@@ -165,16 +173,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     from rrm_engine.loader import load
     loaded = load(a.model, device="cpu", dtype=dtype)
-    ceil = measure_ceilings(dtype)
     kv_tokens = 16 * (-(-(max(rows_list) * (a.context + a.steps + a.warmup + 64)) // 16) + 64)
-    wbytes = weight_bytes(make_llm(loaded, "torch", 1024))
-    n_params = sum(t.numel() for t in loaded.model.parameters())
+    n_params = sum(t.numel() for t in loaded.model.parameters())  # before a conversion makes them buffers
+    first = make_llm(loaded, "torch", 1024, a.weights)  # converts the shared decoder once
+    served, wbytes = first.weights, weight_bytes(first)
+    del first
+    ceil = measure_ceilings(dtype, served)
     cfg = loaded.model.cfg
-    print(f"model {a.model} ({n_params / 1e6:.0f}M params, {wbytes / 1e6:.0f} MB of weights in {a.dtype}), "
+    print(f"model {a.model} ({n_params / 1e6:.0f}M params, {wbytes / 1e6:.0f} MB of weights served as {served}, activations {a.dtype}), "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"ceilings (this run): read {ceil.read_bw / 1e9:.1f} GB/s, copy {ceil.copy_bw / 1e9:.1f} GB/s; "
           f"torch.mm 1024^3 {ceil.mm_rate / 1e9:.0f} GFLOP/s, CPU-ops GEMM (32 rows, weight in cache) "
-          f"{ceil.gemm_rate / 1e9:.0f} GFLOP/s ({a.dtype})")
+          f"{ceil.gemm_rate / 1e9:.0f} GFLOP/s ({served})")
     results = []
     for rows in rows_list:
         runs: dict[str, list[float]] = {v: [] for v in variants}

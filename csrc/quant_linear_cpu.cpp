@@ -19,7 +19,9 @@
 //
 // ISA is chosen at run time (__builtin_cpu_supports): AVX-512 VNNI, AVX2, or scalar; the file itself
 // is compiled for baseline x86-64 (functions carry target attributes), so one build runs anywhere.
-// Threads: at::parallel_for over column groups (torch's OpenMP pool, torch.set_num_threads applies).
+// Threads: at::parallel_for over column groups (torch's OpenMP pool, torch.set_num_threads applies),
+// only from kParallelMacs multiply-adds: under OMP_WAIT_POLICY=PASSIVE (rrm_engine's default) waking
+// the pool costs ~50-80 us per call, more than a decode projection of SmolLM2 takes on one thread.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
@@ -345,6 +347,12 @@ void tile(Isa isa, const uint8_t* wg, const QuantX& x, int64_t r0, int nr, float
   tile_scalar<FMT>(wg, x, r0, nr, y, y_stride, ncols, bias);
 }
 
+// Multiply-adds from which a call uses the thread pool: measured at 8 rows of SmolLM2's decode step on
+// 2 quiet cores, PASSIVE wait policy (2026-12-01): with a parallel for every projection a step took
+// 1.4-1.9x longer on 2 threads than on 1; from 2^25 only the LM head (and gate/up from ~20 rows)
+// goes parallel.
+constexpr int64_t kParallelMacs = int64_t(1) << 25;
+
 Isa resolve_isa(int64_t isa) {
   TORCH_CHECK(isa >= kAuto && isa <= kAvx512, "quant_linear: isa must be 0 (auto), 1 (scalar), 2 (avx2) or 3 (avx512), got ", isa);
   if (isa == kAuto) return best_isa();
@@ -402,8 +410,10 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& packed, int64_t f
   const uint8_t* wp = packed.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
   const int64_t rec = record_bytes(fmt);
-  // each task: one column group, all rows (the group's weights stay in L1 across row tiles)
-  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+  // each task: one column group, all rows (the group's weights stay in L1 across row tiles); a
+  // grain of all groups runs the loop inline on the calling thread
+  const int64_t grain = M * n_out * K >= kParallelMacs ? 1 : groups;
+  at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
       const uint8_t* wg = wp + g * KB * rec;
       const int ncols = static_cast<int>(std::min<int64_t>(NG, n_out - g * NG));

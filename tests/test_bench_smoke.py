@@ -83,3 +83,23 @@ def test_qwen2_7b_shape_shares_every_weight_with_transformers():
         ref = hf(ids).logits[0].float()
         mine = loaded.model.compute_logits(loaded.model(ids, torch.arange(8)[None])).float()[0]
     assert (ref - mine).abs().max().item() < 0.05 * ref.abs().max().item()
+
+
+def test_decode_step_bound_counts_the_weights_as_served(tiny_qwen2_dir):
+    """bench.decode_step --weights: the weight-bandwidth bound reads the served bytes (q8_0 blocks:
+    34 bytes per 32 weights), and the quantised model decodes through the whole benchmark."""
+    import torch
+
+    from bench import decode_step
+    from rrm_engine import LLM
+    from rrm_engine.loader import load
+
+    def served_bytes(weights: str) -> int:
+        return decode_step.weight_bytes(LLM(load(str(tiny_qwen2_dir), device="cpu", dtype=torch.float32),
+                                            weights=weights, kv_cache_tokens=256))
+
+    ratio = served_bytes("q8_0") / served_bytes("fp32")
+    assert 34 / 128 <= ratio < 0.3, ratio  # the norms stay fp32
+    res = decode_step.main(["--model", str(tiny_qwen2_dir), "--weights", "q8_0", "--rows", "8", "--context", "80",
+                            "--steps", "2", "--warmup", "1", "--repeat", "1", "--variants", "cpu"])
+    assert [r["rows"] for r in res] == [8] and res[0]["median_s"] > 0 and res[0]["weight_bound_s"] > 0

@@ -120,6 +120,27 @@ def test_isa_paths_agree_bit_for_bit_on_block_sums(have_isas):
             torch.testing.assert_close(y, ys[0], rtol=1e-5, atol=1e-5 * ys[0].abs().max().item())
 
 
+@pytest.mark.parametrize("fmt", ql.FORMATS)
+def test_threads_split_columns_without_changing_a_bit(fmt):
+    # 40 x 1696 x 576 multiply-adds: past the op's threshold (2^25), so 2 threads split the columns;
+    # every output element is computed by one thread in one order either way
+    g = torch.Generator().manual_seed(11)
+    qw = ql.quantize(torch.randn(1696, 576, generator=g) * 0.05, fmt)
+    pw = ql.PackedWeight.from_quantized(qw)
+    x = torch.randn(40, 576, generator=g)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ql.quant_linear(x, pw)
+        torch.set_num_threads(2)
+        two = ql.quant_linear(x, pw)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+    ref = ql.quant_linear_ref(x, qw)
+    torch.testing.assert_close(two, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())
+
+
 def test_op_shapes_strides_and_dtypes(have_isas):
     g = torch.Generator().manual_seed(3)
     qw = ql.quantize(torch.randn(24, 64, generator=g), "q4_1")

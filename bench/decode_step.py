@@ -31,6 +31,7 @@ import torch
 
 from rrm_engine import LLM, SamplingParams
 
+from .roofline import quant_linear_rate
 from .workload import _pandalm_rows, _synthetic_text, default_pandalm
 
 VOTES = 8
@@ -76,9 +77,7 @@ def measure_ceilings(dtype: torch.dtype, weights: str, repeat: int = 5) -> Ceili
     except RuntimeError:
         pass
     if weights in ("q8_0", "q4_1"):  # int8 dot products: a higher ceiling than the dense GEMMs
-        from kernels.quant_linear_cpu import PackedWeight, quant_linear
-        x, w = torch.randn(32, 576), PackedWeight.from_dense(torch.randn(1024, 576), weights)
-        gemm = max(gemm, 2 * 32 * 1024 * 576 / _best(lambda: quant_linear(x, w), 20 * repeat))
+        gemm = max(gemm, quant_linear_rate(weights, repeat=20 * repeat))
     return Ceilings(read, copy, mm, gemm)
 
 

@@ -1,7 +1,8 @@
 """A roofline for decode steps, with the ceilings measured on this device in the same run.
 
 Ceilings: copy bandwidth (a large tensor copy: read + write bytes over time) and matmul rate
-(a large square mm in the run's dtype). A decode step must at least read every weight once
+(a large square mm in the run's dtype; with quantised CPU weights, the faster of that and the
+int8 linear at decode rows, which is what the engine multiplies with). A decode step must at least read every weight once
 (the embedding excepted: only B rows of it; a tied head reads it in full as the head) and the
 KV it attends to. "Must move" counts the unique KV: the k votes of a comparison share their
 prompt, so its KV counts once per comparison (what the shared-prefix kernel reads); the CPU
@@ -46,6 +47,16 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int | None = None, 
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     return 2 * n ** 3 / _best_time(lambda: torch.mm(a, b), device, repeat)
+
+
+def quant_linear_rate(fmt: str, rows: int = 32, n: int = 1024, k: int = 576, repeat: int = 100) -> float:
+    """FLOP/s of the quantised CPU linear (q8_0 / q4_1 blocks, int8 dot products) at decode rows on a
+    cache-resident weight; 0.0 when the op cannot be built here."""
+    from kernels import quant_linear_cpu as ql
+    if not ql.available():
+        return 0.0
+    x, w = torch.randn(rows, k), ql.PackedWeight.from_dense(torch.randn(n, k), fmt)
+    return 2 * rows * n * k / _best_time(lambda: ql.quant_linear(x, w), torch.device("cpu"), repeat)
 
 
 def linear_params(s: Shape) -> int:

@@ -246,8 +246,11 @@ def test_soak_with_random_step_faults(model, sequential):
     work, ref = sequential
     a = AsyncLLM(make_llm(model))
     eng = a.llm.engine
-    per_step = dict.fromkeys(("runner.copy_blocks", "compute_logits", "sample", "tree.evict", "_output"), 0.01)
-    chaos = Chaos(eng, p=dict.fromkeys(Chaos.POINTS, 0.002) | per_step, seed=3)  # before any request: loop idle
+    # at these rates 84-98 of the 240 calls failed in 4 runs alone: a failed step fails every request
+    # in it, so the share depends on how the loop happened to batch them (at twice these rates one CI
+    # run had 141 fail, leaving 99 ok)
+    per_step = dict.fromkeys(("runner.copy_blocks", "compute_logits", "sample", "tree.evict", "_output"), 0.005)
+    chaos = Chaos(eng, p=dict.fromkeys(Chaos.POINTS, 0.001) | per_step, seed=3)  # before any request: loop idle
     lock = threading.Lock()
     outcomes: dict[str, str] = {}
     unexpected: list[str] = []
@@ -315,7 +318,7 @@ def test_soak_with_random_step_faults(model, sequential):
         assert unexpected == []
         assert len(outcomes) == 8 * 30
         kinds = list(outcomes.values())
-        assert kinds.count("failed") > 0 and kinds.count("ok") > 100, (kinds.count("ok"), kinds.count("failed"))
+        assert kinds.count("failed") > 0 and kinds.count("ok") > 60, (kinds.count("ok"), kinds.count("failed"))
         assert a._dead is None, "a fault killed the loop"
         m = a.metrics()
         assert m["failed_steps"] >= 3 and m["requests_failed"] == kinds.count("failed")
@@ -329,3 +332,4 @@ def test_soak_with_random_step_faults(model, sequential):
             assert eng.pool.num_used == eng.tree.num_nodes
     finally:
         a.shutdown()
+        chaos.remove()  # also when an assertion failed: the wrapped engine.sample is module-wide

@@ -23,6 +23,15 @@ def cli_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "rrm_engine", *args]
 
 
+def foreground_cli_command(*args: str) -> list[str]:
+    """cli_command with Ctrl-C raising KeyboardInterrupt as in a terminal's foreground job, whatever this
+    process inherited: a job started with `&` by a non-interactive shell (CI scripts, nohup) has SIGINT
+    ignored, its children inherit that, and Python then installs no KeyboardInterrupt handler."""
+    boot = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "sys.argv[0] = 'rrm_engine'; runpy.run_module('rrm_engine', run_name='__main__', alter_sys=True)")
+    return [sys.executable, "-c", boot, *args]
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(cli_command(*args), capture_output=True, text=True, cwd=cwd or REPO,
                           env=cli_env(**env), timeout=timeout)

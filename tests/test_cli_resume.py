@@ -10,13 +10,11 @@ import time
 
 import pytest
 
-from cli_helpers import REPO, cli_command, cli_env, read_jsonl, run_cli, write_jsonl
+from cli_helpers import REPO, cli_env, foreground_cli_command, read_jsonl, run_cli, write_jsonl
 
 ROWS = [{"id": f"q{i}", "query": f"Which number is larger, {i} or {i + 7}?", "a": str(i), "b": str(i + 7),
-         "label": 2} for i in range(24)]
-# one item per engine loop, each ~70 ms on the tiny model with the C++ CPU ops (2 quiet cores): the
-# file fills row by row, and 24 rows leave the signal (sent at the second row) ~1.5 s to land mid-way
-# (with 10 rows and the signal at the third, one CI run found all 10 written)
+         "label": 2} for i in range(10)]
+# one item per engine loop, each ~70 ms on the tiny model with the C++ CPU ops: the file fills row by row
 ARGS = ["--votes", "2", "--max-tokens", "32", "--batch-size", "1", "--quiet", "--device", "cpu"]
 
 
@@ -39,9 +37,10 @@ def _judge(pairs, out, model, *extra):
     return ["judge", "--pairs", str(pairs), "--out", str(out), "--model", str(model), *ARGS, *extra]
 
 
-def _interrupt(args: list[str], out, sig: int, after_rows: int = 2, timeout: float = 240) -> tuple[int, str]:
-    """Start the command, send `sig` once `out` holds `after_rows` rows; (exit code, stderr)."""
-    proc = subprocess.Popen(cli_command(*args), cwd=REPO, env=cli_env(), stdout=subprocess.PIPE,
+def _interrupt(args: list[str], out, sig: int, after_rows: int = 3, timeout: float = 240) -> tuple[int, str]:
+    """Start the command as a terminal's foreground job, send `sig` once `out` holds `after_rows` rows;
+    (exit code, stderr)."""
+    proc = subprocess.Popen(foreground_cli_command(*args), cwd=REPO, env=cli_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
@@ -71,7 +70,7 @@ def test_kill_and_resume_equals_an_uninterrupted_run(sig, reference, tmp_path, t
     out = tmp_path / "verdicts.jsonl"
     code, err = _interrupt(_judge(pairs, out, tiny_qwen2_dir), out, sig)
     kept = read_jsonl(out)
-    assert 2 <= len(kept) < len(ROWS), f"the run was not interrupted mid-way: {len(kept)} rows, exit {code}: {err}"
+    assert 3 <= len(kept) < len(ROWS), f"the run was not interrupted mid-way: {len(kept)} rows, exit {code}: {err}"
     if sig == signal.SIGINT:
         assert code == 130 and "run the same command with --resume" in err, err
     else:

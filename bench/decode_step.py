@@ -139,8 +139,16 @@ def time_steps(llm: LLM, rows: int, context: int, steps: int, warmup: int) -> li
     return times
 
 
-def make_llm(loaded, backend: str, kv_tokens: int, weights: str | None = None) -> LLM:
-    return LLM(loaded, attention_backend=backend, kv_cache_tokens=kv_tokens, weights=weights)
+def make_llm(loaded, backend: str, kv_tokens: int, weights: str | None = None, kv_dtype: str | None = None) -> LLM:
+    return LLM(loaded, attention_backend=backend, kv_cache_tokens=kv_tokens, weights=weights, kv_cache_dtype=kv_dtype)
+
+
+def parse_variant(v: str) -> tuple[str, int | None, str | None]:
+    """"cpu", "cpu@1" (one torch thread), "cpu:bf16" (KV cache in bf16), "cpu@1:bf16" -> (backend,
+    threads, kv cache dtype)."""
+    head, _, kv = v.partition(":")
+    backend, _, threads = head.partition("@")
+    return backend, int(threads) if threads else None, kv or None
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -156,8 +164,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeat", type=int, default=3, help="repetitions (variants interleaved)")
     p.add_argument("--variants", default="torch,cpu",
-                   help="comma-separated attention backends to compare; NAME@N runs NAME with N torch threads "
-                        "(e.g. cpu,cpu@1,torch)")
+                   help="comma-separated attention backends to compare; NAME@N runs NAME with N torch threads, "
+                        "NAME:DTYPE with its KV cache in DTYPE (e.g. cpu,cpu@1,torch,cpu:bf16)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="also profile 5 decode steps of the first variant at the first row count; trace + table into DIR")
@@ -189,10 +197,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         runs: dict[str, list[float]] = {v: [] for v in variants}
         for _ in range(a.repeat):
             for v in variants:  # interleaved, so load changes hit every variant alike
-                backend, _, threads = v.partition("@")
+                backend, threads, kv_dtype = parse_variant(v)
                 before = torch.get_num_threads()
-                torch.set_num_threads(int(threads) if threads else before)
-                llm = make_llm(loaded, backend, kv_tokens)
+                torch.set_num_threads(threads or before)
+                llm = make_llm(loaded, backend, kv_tokens, kv_dtype=kv_dtype)
                 runs[v].append(statistics.median(time_steps(llm, rows, a.context, a.steps, a.warmup)))
                 del llm
                 torch.set_num_threads(before)
@@ -213,7 +221,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             results.append({"rows": rows, "variant": b, "median_s": med, "quietest_s": best, "runs_s": runs[b],
                             "weight_bound_s": w_bound, "compute_bound_s": c_bound})
     if a.profile:
-        _profile(loaded, variants[0].partition("@")[0], rows_list[0], a, kv_tokens)
+        _profile(loaded, parse_variant(variants[0])[0], rows_list[0], a, kv_tokens)
     return results
 
 

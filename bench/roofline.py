@@ -49,9 +49,10 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int | None = None, 
     return 2 * n ** 3 / _best_time(lambda: torch.mm(a, b), device, repeat)
 
 
-def quant_linear_rate(fmt: str, rows: int = 32, n: int = 1024, k: int = 576, repeat: int = 100) -> float:
+def quant_linear_rate(fmt: str, rows: int = 32, n: int = 4096, k: int = 576, repeat: int = 100) -> float:
     """FLOP/s of the quantised CPU linear (q8_0 / q4_1 blocks, int8 dot products) at decode rows on a
-    cache-resident weight; 0.0 when the op cannot be built here."""
+    cache-resident weight (75M multiply-adds: enough for the op to use every thread); 0.0 when the op
+    cannot be built here."""
     from kernels import quant_linear_cpu as ql
     if not ql.available():
         return 0.0

@@ -86,6 +86,7 @@ class Options:
     llamacpp: tuple[str, ...] = ("q4_1", "f16", "f32")
     llamacpp_flash_attn: str = "auto"
     llamacpp_kv_unified: bool = False
+    kv_cache_dtype: str | None = None  # the engine's KV cache dtype, None: the run dtype
 
 
 def parse_args(argv: list[str] | None = None) -> Options:
@@ -109,6 +110,9 @@ def parse_args(argv: list[str] | None = None) -> Options:
     p.add_argument("--weights", default="auto", choices=("fp32", "bf16", "q8_0", "q4_1", "auto"),
                    help="format of the engine's linear weights for (b) and (c) (LLM(weights=...)); auto: the "
                         "checkpoint's own (Q4_1 blocks for the embedded model)")
+    p.add_argument("--kv-cache-dtype", default=None, choices=("bfloat16", "float16", "float32"),
+                   help="KV cache dtype of the engine's systems (b) and (c) (LLM(kv_cache_dtype=...); CPU only when "
+                        "it differs from --dtype); default: the run dtype")
     p.add_argument("--llamacpp", default="q4_1,f16,f32",
                    help=f"(d) precisions, comma list of {', '.join(LLAMACPP_PRECISIONS)} (q4_1: the GGUF as "
                         "shipped; others converted by llama.cpp's llama_model_quantize); the fastest is (d)")
@@ -166,7 +170,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
     return Options(a.model, a.device, a.dtype, a.votes, a.candidates, a.queries, a.prompt_len, a.gen_len, a.method,
                    a.shape, a.layers, systems, a.hf_batch, a.kv_tokens, a.temperature, a.seed, a.profile, a.json,
                    sweep, values, a.plot, a.quiet, a.threads, a.profile_steps, a.pandalm, a.cuda_graphs, a.weights,
-                   precisions, a.llamacpp_flash_attn, a.llamacpp_kv_unified)
+                   precisions, a.llamacpp_flash_attn, a.llamacpp_kv_unified, a.kv_cache_dtype)
 
 
 # ------------------------------------------------------------------------------ the systems
@@ -191,8 +195,13 @@ class Setup:
         return torch.empty((), dtype=self.dtype).element_size()
 
     @property
+    def kv_elem(self) -> int:  # the engine's KV cache element (--kv-cache-dtype, else the run dtype)
+        kv = self.opts.kv_cache_dtype
+        return torch.empty((), dtype=getattr(torch, kv)).element_size() if kv else self.elem
+
+    @property
     def bytes_per_block(self) -> int:
-        return self.block_size * self.shape.kv_bytes_per_token(self.elem)
+        return self.block_size * self.shape.kv_bytes_per_token(self.kv_elem)
 
 
 def _judge_cls() -> Any:
@@ -206,7 +215,7 @@ def build(opts: Options, log=print) -> Setup:
     dtype = _DTYPES[opts.dtype] if opts.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     kw = dict(device=device, dtype=dtype) if opts.shape is None else {}
     engine_kw = dict(block_size=16, seed=opts.seed, cuda_graphs=opts.cuda_graphs,
-                     kv_cache_tokens=opts.kv_tokens or _kv_tokens_needed(opts))
+                     kv_cache_tokens=opts.kv_tokens or _kv_tokens_needed(opts), kv_cache_dtype=opts.kv_cache_dtype)
     t = time.perf_counter()
     hf = None
     if opts.shape == "qwen2-7b":
@@ -415,7 +424,7 @@ def compare(setup: Setup, votes: int, prompt_len: int, gen_len: int, log=print) 
             }
     if "c" in results:
         from rrm_engine.weight_formats import served_weight_bytes
-        rl = decode_roofline(rec.step_log, setup.shape, setup.elem, statistics.mean(lens), gen_len, votes,
+        rl = decode_roofline(rec.step_log, setup.shape, setup.kv_elem, statistics.mean(lens), gen_len, votes,
                              setup.ceilings[0], setup.ceilings[1], served_weight_bytes(setup.llm_c.loaded.model))
         report["roofline_c"] = rl.as_dict() if rl is not None else None
         report["roofline_line"] = rl.line() if rl is not None else "roofline: no pure decode step in (c)"

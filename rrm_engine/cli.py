@@ -137,6 +137,9 @@ LLM_OPTIONS: list[Option] = [
     Option(("--dtype",), "dtype", dict(type=dtype_arg, help="float32/fp32, bfloat16/bf16, float16/fp16 "
                                                             "(default: bf16 on cuda, fp32 on cpu)")),
     Option(("--kv-cache-tokens",), "kv_cache_tokens", dict(type=positive_int, help="KV cache size in tokens")),
+    Option(("--kv-cache-dtype",), "kv_cache_dtype", dict(
+        type=dtype_arg, help="KV cache dtype (default: the run dtype); on CPU bfloat16/float16 halve the cache and the "
+                             "bytes attention reads, lossy")),
     Option(("--tensor-parallel-size",), "tensor_parallel_size", dict(
         type=positive_int, help="split the model over this many GPUs (ranks spawned by the engine; default 1)")),
     Option(("--weights",), "weights", dict(

@@ -44,16 +44,33 @@ def small_m_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 
 class CpuAttention:
+    """The ops compute in fp32 whatever the cache stores; with a bf16/fp16 KV cache under an fp32
+    model (LLM(kv_cache_dtype=...)) q and the rotary tables go in the cache's dtype (the ops take one
+    storage type) and the output comes back in the model's."""
+
     def __init__(self) -> None:
         load_cpu_ops()  # fail here, when the backend is chosen, not in the first step
+        self._tables: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _rotary_tables(self, rotary: Rotary, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if rotary.cos_table.dtype == dtype:
+            return rotary.cos_table, rotary.sin_table
+        key = (rotary.cos_table.data_ptr(), dtype)  # the decoder builds its tables once per device/dtype
+        if key not in self._tables:
+            self._tables[key] = (rotary.cos_table.to(dtype), rotary.sin_table.to(dtype))
+        return self._tables[key]
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotary: Rotary,
                  cache: KVCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        return self._attend(layer, q, k, v, rotary, cache, meta, scale).to(q.dtype)
+
+    def _attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotary: Rotary,
+                cache: KVCache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         k_cache, v_cache = cache.k[layer], cache.v[layer]
         dtype = k_cache.dtype
-        q = cpu_ops.rope_and_store(q.to(dtype), k.to(dtype), v.to(dtype), rotary.positions,
-                                   rotary.cos_table.to(dtype), rotary.sin_table.to(dtype), k_cache, v_cache,
-                                   meta.slot_mapping)
+        cos, sin = self._rotary_tables(rotary, dtype)
+        q = cpu_ops.rope_and_store(q.to(dtype), k.to(dtype), v.to(dtype), rotary.positions, cos, sin, k_cache,
+                                   v_cache, meta.slot_mapping)
         nd, b = meta.num_decode, len(meta.query_lens_host)  # a mixed step puts its decode rows first
         if nd == 0:
             return prefill_attention(layer, q, cache, meta, scale)

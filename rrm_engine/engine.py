@@ -76,7 +76,8 @@ class _EngineStuck(RuntimeError):
 class Engine:
     def __init__(self, model: Decoder, tokenizer, eos_token_ids: tuple[int, ...], *, num_blocks: int,
                  block_size: int = 16, enable_prefix_caching: bool = True, max_num_batched_tokens: int = 2048,
-                 max_num_seqs: int = 256, seed: int = 0, cuda_graphs: bool = False, sampler_backend: str = "auto"):
+                 max_num_seqs: int = 256, seed: int = 0, cuda_graphs: bool = False, sampler_backend: str = "auto",
+                 kv_cache_dtype: torch.dtype | None = None):
         for name, v in (("num_blocks", num_blocks), ("block_size", block_size),
                         ("max_num_batched_tokens", max_num_batched_tokens), ("max_num_seqs", max_num_seqs)):
             if not isinstance(v, int) or v < 1:
@@ -95,7 +96,8 @@ class Engine:
         # tensor-parallel shards hold fewer heads: size the cache from the module, not the config
         kv_heads = model.model.layers[0].self_attn.qkv_proj.part_sizes[1] // cfg.head_dim
         # one block more than the pool hands out: the scratch block that padded decode rows write to
-        self.cache = KVCache.allocate(cfg.num_layers, num_blocks + 1, block_size, kv_heads, cfg.head_dim, p.dtype, p.device)
+        self.cache = KVCache.allocate(cfg.num_layers, num_blocks + 1, block_size, kv_heads, cfg.head_dim,
+                                      kv_cache_dtype or p.dtype, p.device)
         self.pool = BlockPool(num_blocks, block_size)
         self.tree = RadixCache(self.pool) if enable_prefix_caching else None
         self.scheduler = Scheduler(self.pool, self.tree, max_num_batched_tokens, max_num_seqs)

@@ -39,7 +39,8 @@ class LLM:
                  max_num_batched_tokens: int = 2048, max_num_seqs: int = 256, attention_backend: str = "auto",
                  seed: int = 0, cuda_graphs: bool = False, tensor_parallel_size: int = 1,
                  gpu_memory_utilization: float = 0.9, memory_probe: MemoryProbe | None = None,
-                 sampler_backend: str = "auto", weights: str | None = None):
+                 sampler_backend: str = "auto", weights: str | None = None,
+                 kv_cache_dtype: torch.dtype | str | None = None):
         """cuda_graphs: run pure decode steps as CUDA graphs replayed at padded batch sizes (1, 2,
         4, ...); off by default until validated on a GPU. On CPU it runs the same padded path eagerly.
         tensor_parallel_size > 1: from a plain process, this LLM spawns that many worker processes
@@ -57,7 +58,14 @@ class LLM:
         weights: the format of the linears' weights on CPU: "fp32" (the exact reference), "bf16",
         "q8_0", "q4_1" (GGUF blocks multiplied in place), or "auto" (the fastest that loses nothing of
         the checkpoint); None keeps the run dtype. See rrm_engine/weight_formats.py. Converting a
-        LoadedModel changes its decoder in place (it can no longer be trained)."""
+        LoadedModel changes its decoder in place (it can no longer be trained).
+        kv_cache_dtype: the KV cache's dtype; None or "auto" keeps the run dtype. On CPU "bfloat16" or
+        "float16" under an fp32 model halves the cache and the bytes attention reads per step (keys
+        and values rounded as llama.cpp's default f16 cache does; lossy, so opt-in). On CUDA only the
+        run dtype for now (the Triton kernels read the cache in the model's dtype)."""
+        if kv_cache_dtype is not None:  # a bad name fails now, not after the model has loaded
+            from .placement import resolve_dtype
+            resolve_dtype(kv_cache_dtype, "cpu")
         if tensor_parallel_size != 1 and weights not in (None, "auto"):
             raise ValueError(f"weights={weights!r} converts the weights in one process; tensor parallelism shards "
                              "the dense weights (leave weights unset)")
@@ -73,17 +81,19 @@ class LLM:
         check_wait_policy(next(decoder.parameters()).device.type)  # threads.py: torch imported before us
         self.weights = _apply_weights(decoder, weights, loaded, tensor_parallel_size)
         _use_backend(decoder, attention_backend)
+        kv_dtype = _kv_cache_dtype(kv_cache_dtype, next(decoder.parameters()), decoder.backend)
         if kv_cache_tokens is not None and (not isinstance(kv_cache_tokens, int) or kv_cache_tokens < block_size):
             raise ValueError(f"kv_cache_tokens must be an integer >= block_size ({block_size}), got {kv_cache_tokens!r}")
         self._memory_plan = _plan_memory(decoder, memory_probe, gpu_memory_utilization=gpu_memory_utilization,
                                          kv_cache_tokens=kv_cache_tokens, block_size=block_size,
                                          max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
-                                         cuda_graphs=cuda_graphs, tensor_parallel=tensor_parallel_size != 1)
+                                         cuda_graphs=cuda_graphs, tensor_parallel=tensor_parallel_size != 1,
+                                         kv_dtype=kv_dtype)
         self.engine = Engine(decoder, loaded.tokenizer, tuple(loaded.eos_token_ids),
                              num_blocks=self._memory_plan.num_blocks, block_size=block_size,
                              enable_prefix_caching=enable_prefix_caching,
                              max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs, seed=seed,
-                             cuda_graphs=cuda_graphs, sampler_backend=sampler_backend)
+                             cuda_graphs=cuda_graphs, sampler_backend=sampler_backend, kv_cache_dtype=kv_dtype)
         if cuda_graphs:
             _capture_graphs_at_init(self.engine)
         self._pending: list[RequestOutput] = []  # outputs of caller-driven requests seen inside generate()
@@ -335,9 +345,25 @@ def _use_backend(decoder, name: str) -> None:
         decoder.use_kernels(rms_norm=cpu_ops.rms_norm, silu_mul=cpu_ops.silu_mul, linear=small_m_linear)
 
 
+def _kv_cache_dtype(spec: torch.dtype | str | None, p: torch.Tensor, backend: object = None) -> torch.dtype:
+    """The KV cache's dtype: the run dtype unless asked; another one only for the CPU and torch
+    attention backends on CPU (see LLM)."""
+    from .placement import resolve_dtype
+    from .triton_backend import TritonAttention
+
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() == "auto"):
+        return p.dtype
+    dt = resolve_dtype(spec, p.device)
+    if dt != p.dtype and (p.device.type != "cpu" or isinstance(backend, TritonAttention)):
+        raise ValueError(f"kv_cache_dtype={spec!r} differs from the run dtype {p.dtype}: only a CPU engine on the cpu "
+                         "or torch attention backend keeps its KV cache in another dtype (the Triton kernels read it "
+                         "in the model's)")
+    return dt
+
+
 def _plan_memory(decoder, probe: MemoryProbe | None, *, gpu_memory_utilization: float, kv_cache_tokens: int | None,
                  block_size: int, max_num_batched_tokens: int, max_num_seqs: int, cuda_graphs: bool,
-                 tensor_parallel: bool) -> MemoryPlan:
+                 tensor_parallel: bool, kv_dtype: torch.dtype) -> MemoryPlan:
     """The KV cache size and where the rest of the memory goes (memory_plan.py). Without a probe
     (CPU) the cache is kv_cache_tokens or the CPU default. Tensor-parallel ranks all take the
     smallest rank's cache, or all fail together, so that their schedules stay in lockstep."""
@@ -350,7 +376,7 @@ def _plan_memory(decoder, probe: MemoryProbe | None, *, gpu_memory_utilization: 
         probe = CudaMemoryProbe(p.device)
     if probe is None:
         return fixed_plan(device=str(p.device), weights=weights_bytes(decoder),
-                          kv_bytes_per_token=kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, p.dtype),
+                          kv_bytes_per_token=kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, kv_dtype),
                           block_size=block_size, kv_cache_tokens=kv_cache_tokens or _CPU_DEFAULT_KV_TOKENS,
                           how="kv_cache_tokens" if kv_cache_tokens else "cpu default")
     plan, error = None, None

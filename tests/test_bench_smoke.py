@@ -103,3 +103,23 @@ def test_decode_step_bound_counts_the_weights_as_served(tiny_qwen2_dir):
     res = decode_step.main(["--model", str(tiny_qwen2_dir), "--weights", "q8_0", "--rows", "8", "--context", "80",
                             "--steps", "2", "--warmup", "1", "--repeat", "1", "--variants", "cpu"])
     assert [r["rows"] for r in res] == [8] and res[0]["median_s"] > 0 and res[0]["weight_bound_s"] > 0
+
+
+def test_decode_step_variants_name_backend_threads_and_cache_dtype():
+    from bench.decode_step import parse_variant
+    assert parse_variant("cpu") == ("cpu", None, None)
+    assert parse_variant("cpu@1") == ("cpu", 1, None)
+    assert parse_variant("torch:bf16") == ("torch", None, "bf16")
+    assert parse_variant("cpu@2:float16") == ("cpu", 2, "float16")
+
+
+def test_engine_kv_cache_dtype_halves_the_reported_kv(tiny_qwen2_dir, tmp_path):
+    runs = {}
+    for kv in (None, "bfloat16"):
+        out = tmp_path / f"{kv}.json"
+        throughput.main(["--model", str(tiny_qwen2_dir), "--systems", "c", "--queries", "1", "--candidates", "2",
+                         "--votes", "2", "--gen-len", "3", "--prompt-len", "150", "--json", str(out), "--quiet"]
+                        + (["--kv-cache-dtype", kv] if kv else []))
+        runs[kv] = json.loads(out.read_text())["run"]["systems"]["c"]
+    assert runs["bfloat16"]["generated_tokens"] == runs[None]["generated_tokens"] == 2 * 3
+    assert runs["bfloat16"]["kv_peak_bytes"] * 2 == runs[None]["kv_peak_bytes"]

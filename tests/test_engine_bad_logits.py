@@ -11,25 +11,17 @@ import random
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from rrm_engine import LLM, SamplingParams
-from rrm_engine.config import ModelConfig
 from rrm_engine.loader import LoadedModel
-from rrm_engine.model import Decoder
+
+from tiny_engine_model import small_model
 
 VOCAB = 512
 
 
 def tiny() -> LoadedModel:
-    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=False, initializer_range=0.1, use_sliding_window=False)
-    torch.manual_seed(3)
-    hf = Qwen2ForCausalLM(cfg)
-    dec = Decoder(ModelConfig.from_hf(cfg.to_dict() | {"architectures": ["Qwen2ForCausalLM"]}))
-    dec.load_state_dict(hf.state_dict())
-    return LoadedModel(dec.eval(), None, dec.cfg, (2,))
+    return small_model(vocab=VOCAB, max_pos=256, seed=3, bias_std=None)
 
 
 def ids(seed: int, n: int, avoid: int = -1) -> list[int]:

@@ -11,12 +11,11 @@ import random
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from rrm_engine import LLM, SamplingParams
-from rrm_engine.config import ModelConfig
 from rrm_engine.loader import LoadedModel
-from rrm_engine.model import Decoder
+
+from tiny_engine_model import small_model
 
 BS = 16
 # the Triton cases build CPU tensors for the interpreter; on a GPU, tests/gpu runs these paths
@@ -26,14 +25,7 @@ SYSTEM = list(range(3, 3 + 2 * BS))  # two whole blocks shared by every prompt
 
 
 def tiny(max_len: int = 1024) -> LoadedModel:
-    cfg = Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_len,
-                      tie_word_embeddings=False, initializer_range=0.1, use_sliding_window=False)
-    torch.manual_seed(0)
-    hf = Qwen2ForCausalLM(cfg)
-    dec = Decoder(ModelConfig.from_hf(cfg.to_dict() | {"architectures": ["Qwen2ForCausalLM"]}))
-    dec.load_state_dict(hf.state_dict())
-    return LoadedModel(dec.eval(), None, dec.cfg, (2,))
+    return small_model(max_pos=max_len, hidden=64, bias_std=None)
 
 
 def rrm_prompts(queries: int, comparisons: int, query_len: int, pair_len: int) -> list[list[int]]:

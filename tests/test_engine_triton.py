@@ -6,25 +6,17 @@ import os
 
 import pytest
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from rrm_engine import LLM, SamplingParams
-from rrm_engine.config import ModelConfig
 from rrm_engine.loader import LoadedModel
-from rrm_engine.model import Decoder
+
+from tiny_engine_model import small_model
 
 pytestmark = pytest.mark.slow
 
 
 def model() -> LoadedModel:
-    cfg = Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      tie_word_embeddings=False, initializer_range=0.1, use_sliding_window=False)
-    torch.manual_seed(0)
-    hf = Qwen2ForCausalLM(cfg)
-    dec = Decoder(ModelConfig.from_hf(cfg.to_dict() | {"architectures": ["Qwen2ForCausalLM"]}))
-    dec.load_state_dict(hf.state_dict())
-    return LoadedModel(dec.eval(), None, dec.cfg, (2,))
+    return small_model(max_pos=512, hidden=64, bias_std=None)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",

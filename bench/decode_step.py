@@ -178,6 +178,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     variants = a.variants.split(",")
     dtype = getattr(torch, a.dtype)
 
+    from rrm_engine import threads
     from rrm_engine.loader import load
     loaded = load(a.model, device="cpu", dtype=dtype)
     kv_tokens = 16 * (-(-(max(rows_list) * (a.context + a.steps + a.warmup + 64)) // 16) + 64)
@@ -189,6 +190,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     cfg = loaded.model.cfg
     print(f"model {a.model} ({n_params / 1e6:.0f}M params, {wbytes / 1e6:.0f} MB of weights served as {served}, activations {a.dtype}), "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(threads.describe())
     print(f"ceilings (this run): read {ceil.read_bw / 1e9:.1f} GB/s, copy {ceil.copy_bw / 1e9:.1f} GB/s; "
           f"torch.mm 1024^3 {ceil.mm_rate / 1e9:.0f} GFLOP/s, CPU-ops GEMM (32 rows, weight in cache) "
           f"{ceil.gemm_rate / 1e9:.0f} GFLOP/s ({served})")

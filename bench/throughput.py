@@ -503,8 +503,12 @@ def main(argv: list[str] | None = None) -> dict:
     t = time.perf_counter()
     warm_up(setup)
     log(f"[warm-up] {time.perf_counter() - t:.1f}s")
+    from rrm_engine import threads
+    if setup.device.type == "cpu":
+        log(f"[threads] {torch.get_num_threads()} torch threads; {threads.describe()}")
     out: dict[str, Any] = {"device": str(setup.device), "dtype": str(setup.dtype).replace("torch.", ""),
                            "model": setup.model_note, "torch_threads": torch.get_num_threads(),
+                           "openmp": threads.describe(),
                            "ceilings": {"copy_bytes_per_s": setup.ceilings[0], "mm_flops_per_s": setup.ceilings[1]}}
     if o.sweep is None:
         rep = compare(setup, o.votes, o.prompt_len, o.gen_len, log)

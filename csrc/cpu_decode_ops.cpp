@@ -35,6 +35,15 @@
 
 enum Isa : int64_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 
+// Work (elements, multiply-adds) from which an op uses the thread pool; set by set_parallel_min
+// (kernels/cpu_ops.py picks them for the OpenMP wait policy, see cpu/decode_kernels.h).
+struct ParallelMin {
+  int64_t elems = int64_t(1) << 18;  // elementwise ops and sampling
+  int64_t attention = int64_t(1) << 24;  // decode attention (multiply-adds)
+  int64_t gemm = int64_t(1) << 21;   // the small-M GEMM (multiply-adds)
+};
+inline ParallelMin g_parallel_min;
+
 #define RRM_VEC_SCALAR
 namespace isa_scalar {
 #include "cpu/vec.h"
@@ -402,6 +411,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &silu_mul, "silu(gate) * up (CPU)");
   m.def("linear", &linear, "x @ weight.T (+ bias) for few rows: weight-streaming GEMM (CPU)");
   m.def("sample", &sample, "temperature / greedy sampling with log-probs, no filters (CPU)");
+  m.def("set_parallel_min", [](int64_t elems, int64_t attention, int64_t gemm) {
+    const ParallelMin old = g_parallel_min;
+    g_parallel_min = ParallelMin{elems, attention, gemm};
+    return std::vector<int64_t>{old.elems, old.attention, old.gemm};
+  }, "work from which the ops use the thread pool (elementwise elements, attention and GEMM multiply-adds); returns the old values");
   m.def("supported_isas", &supported_isas, "instruction sets this CPU runs, best first");
   m.def("resolved_isa", &resolved_isa, "the ISA an op would run with");
 }

@@ -31,6 +31,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <utility>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -351,7 +352,7 @@ void tile(Isa isa, const uint8_t* wg, const QuantX& x, int64_t r0, int nr, float
 // 2 quiet cores, PASSIVE wait policy (2026-12-01): with a parallel for every projection a step took
 // 1.4-1.9x longer on 2 threads than on 1; from 2^25 only the LM head (and gate/up from ~20 rows)
 // goes parallel.
-constexpr int64_t kParallelMacs = int64_t(1) << 25;
+int64_t g_parallel_macs = int64_t(1) << 25;  // set_parallel_min changes it
 
 Isa resolve_isa(int64_t isa) {
   TORCH_CHECK(isa >= kAuto && isa <= kAvx512, "quant_linear: isa must be 0 (auto), 1 (scalar), 2 (avx2) or 3 (avx512), got ", isa);
@@ -412,7 +413,7 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& packed, int64_t f
   const int64_t rec = record_bytes(fmt);
   // each task: one column group, all rows (the group's weights stay in L1 across row tiles); a
   // grain of all groups runs the loop inline on the calling thread
-  const int64_t grain = M * n_out * K >= kParallelMacs ? 1 : groups;
+  const int64_t grain = M * n_out * K >= g_parallel_macs ? 1 : groups;
   at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
       const uint8_t* wg = wp + g * KB * rec;
@@ -444,5 +445,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quant_linear", &quant_linear, "y = x @ W^T, W in packed Q8_0/Q4_1 blocks (int8 dot products)",
         pybind11::arg("x"), pybind11::arg("packed"), pybind11::arg("fmt"), pybind11::arg("n_out"),
         pybind11::arg("bias") = pybind11::none(), pybind11::arg("isa") = 0);
+  m.def("set_parallel_min", [](int64_t macs) { return std::exchange(g_parallel_macs, macs); },
+        "multiply-adds from which a call uses the thread pool; returns the old value");
   m.def("supported_isas", &supported_isas, "the ISA paths this CPU can run: scalar, avx2, avx512");
 }

@@ -77,6 +77,18 @@ def is_loaded() -> bool:
     return _module is not None
 
 
+def set_parallel_min(elems: int, attention: int, gemm: int) -> tuple[int, int, int]:
+    """The work from which the ops use torch's OpenMP threads: elements of an elementwise op or of
+    sampling's logits, multiply-adds of decode attention and of the small-M GEMM. The built-in
+    values (2^18, 2^24, 2^21) suit threads that sleep while idle (OMP_WAIT_POLICY=PASSIVE), where
+    each parallel region pays a wake-up; rrm_engine.threads picks lower ones when they spin.
+    Returns the values it replaces."""
+    if min(elems, attention, gemm) < 1:
+        raise ValueError(f"parallel minimums must be >= 1, got {elems}, {attention}, {gemm}")
+    old = load().set_parallel_min(int(elems), int(attention), int(gemm))
+    return int(old[0]), int(old[1]), int(old[2])
+
+
 def supported_isas() -> list[str]:
     """Instruction sets this CPU can run the ops with, best first (always ends with 'scalar')."""
     return list(load().supported_isas())

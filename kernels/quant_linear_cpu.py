@@ -195,6 +195,14 @@ def default_isa() -> str:
     return isa
 
 
+def set_parallel_min(macs: int) -> int:
+    """Multiply-adds from which a call uses torch's OpenMP threads (built-in 2^25, for threads that
+    sleep while idle; rrm_engine.threads picks a lower one when they spin). Returns the old value."""
+    if macs < 1:
+        raise ValueError(f"parallel minimum must be >= 1, got {macs}")
+    return int(load().set_parallel_min(int(macs)))
+
+
 # ------------------------------------------------------------------------------ the op
 def quant_linear(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None, isa: str | None = None) -> torch.Tensor:
     """x [..., k] (float32; other float dtypes are computed in fp32 and cast back) -> [..., n_out]."""

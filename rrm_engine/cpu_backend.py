@@ -21,11 +21,13 @@ from kernels import cpu_ops
 
 from .attention import AttentionMetadata, KVCache, prefill_attention
 from .rotary import Rotary
+from .threads import tune_cpu_ops
 
 
 def load_cpu_ops() -> None:
     """Build (or load the cached build of) the ops; raises RuntimeError (one line) when it cannot."""
     cpu_ops.load()
+    tune_cpu_ops("cpu_ops")
 
 
 # Rows up to which a projection runs on the ops' weight-streaming GEMM instead of torch's BLAS

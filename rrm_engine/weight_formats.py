@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fused_linear import FusedLinear
+from .threads import tune_cpu_ops
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,7 @@ def apply(decoder: nn.Module, fmt: str) -> str:
         from kernels import quant_linear_cpu
         if not quant_linear_cpu.available():
             return f"weights {fmt} unavailable (the CPU op did not build): dense {_dtype_name(decoder)} kept"
+        tune_cpu_ops("quant_linear_cpu")
         k_ok = all(m.in_features % quant_linear_cpu.QK == 0 for m in _linears(decoder))
         if not k_ok or decoder.cfg.hidden_size % quant_linear_cpu.QK:
             raise ValueError(f"weights={fmt!r} needs every linear's input size to be a multiple of "

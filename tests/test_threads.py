@@ -57,3 +57,51 @@ def test_late_wait_policy_warns_once_with_the_fix(first, threads, env, warns, po
     assert n == (1 if warns else 0), out.stderr  # once, although it was checked twice
     if warns:
         assert "OMP_WAIT_POLICY=PASSIVE in the environment" in out.stderr
+
+
+@pytest.mark.parametrize("env,counts", [
+    ({}, (300_000, 100)),  # libgomp's default: spin, then sleep; when throttled, barely spin
+    ({"OMP_WAIT_POLICY": "passive"}, (0, 0)), ({"OMP_WAIT_POLICY": "ACTIVE"}, (30_000_000_000, 1000)),
+    ({"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "3000"}, (3000, 0)),  # the count wins, not when throttled
+    ({"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "1000"}, (1000, 1000)),  # the opt-in the docs give
+    ({"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "300"}, (300, 300)),
+    ({"GOMP_SPINCOUNT": "2k"}, (2000, 100)), ({"GOMP_SPINCOUNT": " 1M "}, (1_000_000, 100)),
+    ({"GOMP_SPINCOUNT": "infinite"}, (30_000_000_000, 100)), ({"GOMP_SPINCOUNT": "0", "OMP_WAIT_POLICY": "ACTIVE"}, (0, 0)),
+    ({"GOMP_SPINCOUNT": "lots", "OMP_WAIT_POLICY": "PASSIVE"}, (0, 0)),  # unparsable: libgomp ignores it
+])
+def test_spin_counts_as_libgomp_reads_them(env, counts):
+    from rrm_engine import threads
+    assert threads.openmp_spin_counts(env) == counts
+
+
+TUNED_CHILD = """
+import sys
+import rrm_engine
+from rrm_engine import threads
+from kernels import cpu_ops, quant_linear_cpu
+rrm_engine.LLM(sys.argv[1], device="cpu", kv_cache_tokens=256, weights="q8_0")
+print("ops", cpu_ops.set_parallel_min(1, 1, 1), "quant", quant_linear_cpu.set_parallel_min(1))
+pm = threads.cpu_parallel_min()
+print("want", (pm.elems, pm.attention, pm.gemm), "quant", pm.quant_gemm)
+"""
+
+
+@pytest.mark.parametrize("policy,spin,spinning", [
+    (None, None, False),  # rrm_engine's PASSIVE
+    ("ACTIVE", "1000", True), ("PASSIVE", "3000", False), ("ACTIVE", "300", False), ("ACTIVE", None, True),
+])
+def test_engine_gives_the_ops_the_thresholds_of_the_wait_policy(policy, spin, spinning, tiny_qwen2_dir):
+    from rrm_engine import threads
+    env = cli_env()
+    for name, value in (("OMP_WAIT_POLICY", policy), ("GOMP_SPINCOUNT", spin)):
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
+    out = subprocess.run([sys.executable, "-c", TUNED_CHILD, str(tiny_qwen2_dir)], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    pm = threads.SPINNING_MIN if spinning else threads.PASSIVE_MIN
+    lines = dict(line.split(" ", 1) for line in out.stdout.splitlines())
+    assert lines["ops"] == f"{(pm.elems, pm.attention, pm.gemm)} quant {pm.quant_gemm}", out.stdout
+    assert lines["want"] == lines["ops"]

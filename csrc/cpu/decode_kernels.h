@@ -293,7 +293,7 @@ void run_tasks(const std::vector<AttnTask>& tasks, const std::vector<int>& membe
                int64_t tok_stride, int page, float* out_parts, float* lse_parts, int parts, T* out,
                int64_t work) {
   const int64_t rows_out = int64_t(B) * Hq;
-  const int threads = work >= kParallelFlops ? at::get_num_threads() : 1;
+  const int threads = work >= ::g_parallel_min.attention ? at::get_num_threads() : 1;
 #pragma omp parallel num_threads(threads)
   {
     std::vector<float> scratch(attend_scratch(kMaxNV, D) + D);
@@ -409,7 +409,7 @@ void rope_store(const T* q, int64_t q_st, int64_t q_sh, const T* k, int64_t k_st
                 const T* sin, int64_t cs_stride, T* kc, T* vc, const int64_t* slots, T* q_out) {
   const int half = D / 2;
   const int64_t work = int64_t(Tn) * (Hq + 2 * Hkv) * D;
-  const int threads = work >= kParallelElems ? at::get_num_threads() : 1;
+  const int threads = work >= ::g_parallel_min.elems ? at::get_num_threads() : 1;
 #pragma omp parallel num_threads(threads)
   {
     std::vector<float> tmp(D);
@@ -440,7 +440,7 @@ void rope_store(const T* q, int64_t q_st, int64_t q_sh, const T* k, int64_t k_st
 template <typename T>
 void rms_norm(const T* x, int64_t x_st, const T* residual, int64_t r_st, const T* w, int64_t N, int H, float eps,
               T* out, T* res_out) {
-  const int threads = N * H >= kParallelElems ? at::get_num_threads() : 1;
+  const int threads = N * H >= ::g_parallel_min.elems ? at::get_num_threads() : 1;
 #pragma omp parallel num_threads(threads)
   {
     std::vector<float> s(H), wf(H);
@@ -481,7 +481,7 @@ void rms_norm(const T* x, int64_t x_st, const T* residual, int64_t r_st, const T
 // silu(gate) * up; silu rounded to T first, as F.silu(gate) * up does in T.
 template <typename T>
 void silu_mul(const T* gu, int64_t st, int64_t N, int I, T* out) {
-  const int threads = N * I >= kParallelElems ? at::get_num_threads() : 1;
+  const int threads = N * I >= ::g_parallel_min.elems ? at::get_num_threads() : 1;
   const Vec one = Vec::set1(1.0f), neg_log2e = Vec::set1(-1.4426950408889634f);
 #pragma omp parallel num_threads(threads)
   {

@@ -114,7 +114,7 @@ inline SampleOut sample_row(const float* f, int64_t V, float temperature, int64_
 inline void sample_rows(const float* logits, int64_t st, int64_t V, const int64_t* row_index, const float* temperature,
                         const int64_t* seeds, const int64_t* offsets, int64_t B, int64_t* tokens, float* logprobs,
                         int32_t* status) {
-  const int threads = B * V >= kParallelElems && B > 1 ? at::get_num_threads() : 1;
+  const int threads = B * V >= ::g_parallel_min.elems && B > 1 ? at::get_num_threads() : 1;
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
   for (int64_t b = 0; b < B; ++b) {
     const SampleOut r = sample_row(logits + row_index[b] * st, V, temperature[b], seeds[b], offsets[b]);

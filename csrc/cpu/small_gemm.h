@@ -83,7 +83,7 @@ void small_gemm(const T* x, int64_t x_st, int M, int K, const T* w, int64_t N, c
   const int64_t tasks = (N + kRowsPerTask - 1) / kRowsPerTask;
   // 2^21 multiply-adds (~30 us on one core when W streams from memory) pay for waking a sibling:
   // at 8 rows every projection of the embedded model runs on all threads
-  const int threads = int64_t(M) * N * K >= (int64_t(1) << 21) ? at::get_num_threads() : 1;
+  const int threads = int64_t(M) * N * K >= ::g_parallel_min.gemm ? at::get_num_threads() : 1;
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t t = 0; t < tasks; ++t) {
     const int64_t end = std::min(N, (t + 1) * kRowsPerTask);

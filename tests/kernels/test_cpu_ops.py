@@ -272,3 +272,51 @@ def test_sampler_rejects_bad_rows_and_parameters():
     rows, _, seeds, offs = args([0])
     with pytest.raises(RuntimeError, match="temperature"):
         cpu_ops.sample_unfiltered(logits, rows, torch.tensor([-1.0]), seeds, offs)
+
+
+def test_every_op_parallel_from_the_least_work_changes_no_bit(isa):
+    # With spinning OpenMP threads rrm_engine lowers the work from which the ops go parallel
+    # (rrm_engine.threads.SPINNING_MIN); at a minimum of 1 every op splits across 2 threads. Each
+    # output element is still computed by one thread in one order, so nothing may change.
+    gen = torch.Generator().manual_seed(5)
+    page, hkv, g, d = 8, 2, 3, 32
+    bt, seq_lens, level0, level1, nb = two_level_batch(page, votes=3, gen=gen)
+    kc, vc = make_cache(nb, page, hkv, d, torch.float32, gen)
+    b = bt.shape[0]
+    qkv = torch.randn(b, (hkv * g + 2 * hkv) * d, generator=gen)
+    q, k, v = (x.view(b, -1, d) for x in qkv.split([hkv * g * d, hkv * d, hkv * d], dim=-1))
+    freqs = torch.arange(64)[:, None] * (1e4 ** (-torch.arange(0, d, 2) / d))[None]
+    cos, sin = torch.cat((freqs, freqs), -1).cos(), torch.cat((freqs, freqs), -1).sin()
+    pos = torch.randint(0, 64, (b,), generator=gen)
+    slots = torch.randperm(nb * page, generator=gen)[:b]
+    x, r = torch.randn(b, 96, generator=gen), torch.randn(b, 96, generator=gen)
+    w_norm, w_lin = 1 + 0.1 * torch.randn(96, generator=gen), torch.randn(70, 96, generator=gen)
+    gate_up = torch.randn(b, 2 * 48, generator=gen)
+    logits = torch.randn(b, 300, generator=gen) * 3
+    rows = torch.arange(b)
+    temp, seeds, offs = torch.full((b,), 0.7), torch.arange(b) + 11, torch.arange(b) * 3
+
+    def run_all():
+        kcc, vcc = kc.clone(), vc.clone()
+        qr = cpu_ops.rope_and_store(q, k, v, pos, cos, sin, kcc, vcc, slots, isa=isa)
+        return [qr, kcc, vcc, cpu_ops.paged_decode_attention(qr, kcc, vcc, bt, seq_lens, d ** -0.5, [level0, level1],
+                                                             split_tokens=page, isa=isa),
+                *cpu_ops.rms_norm(x, w_norm, 1e-5, r, isa=isa), cpu_ops.silu_mul(gate_up, isa=isa),
+                cpu_ops.linear(x, w_lin, isa=isa), *cpu_ops.sample_unfiltered(logits, rows, temp, seeds, offs, isa=isa)]
+
+    threads = torch.get_num_threads()
+    old = cpu_ops.set_parallel_min(1, 1, 1)
+    try:
+        cpu_ops.set_parallel_min(*old)
+        torch.set_num_threads(1)
+        one = run_all()
+        torch.set_num_threads(2)
+        assert cpu_ops.set_parallel_min(1, 1, 1) == old
+        two = run_all()
+    finally:
+        cpu_ops.set_parallel_min(*old)
+        torch.set_num_threads(threads)
+    for a, c in zip(one, two):
+        assert torch.equal(a, c)
+    with pytest.raises(ValueError, match="must be >= 1"):
+        cpu_ops.set_parallel_min(0, 1, 1)

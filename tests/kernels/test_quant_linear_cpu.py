@@ -120,15 +120,17 @@ def test_isa_paths_agree_bit_for_bit_on_block_sums(have_isas):
             torch.testing.assert_close(y, ys[0], rtol=1e-5, atol=1e-5 * ys[0].abs().max().item())
 
 
-@pytest.mark.parametrize("fmt", ql.FORMATS)
-def test_threads_split_columns_without_changing_a_bit(fmt):
+@pytest.mark.parametrize("fmt,rows,parallel_min", [(f, 40, None) for f in ql.FORMATS] + [("q4_1", 3, 1)])
+def test_threads_split_columns_without_changing_a_bit(fmt, rows, parallel_min):
     # 40 x 1696 x 576 multiply-adds: past the op's threshold (2^25), so 2 threads split the columns;
-    # every output element is computed by one thread in one order either way
+    # 3 rows with the threshold at 1 (what spinning threads get): split too. Every output element
+    # is computed by one thread in one order either way
     g = torch.Generator().manual_seed(11)
     qw = ql.quantize(torch.randn(1696, 576, generator=g) * 0.05, fmt)
     pw = ql.PackedWeight.from_quantized(qw)
-    x = torch.randn(40, 576, generator=g)
+    x = torch.randn(rows, 576, generator=g)
     threads = torch.get_num_threads()
+    old = ql.set_parallel_min(parallel_min) if parallel_min else None
     try:
         torch.set_num_threads(1)
         one = ql.quant_linear(x, pw)
@@ -136,6 +138,8 @@ def test_threads_split_columns_without_changing_a_bit(fmt):
         two = ql.quant_linear(x, pw)
     finally:
         torch.set_num_threads(threads)
+        if old is not None:
+            ql.set_parallel_min(old)
     assert torch.equal(one, two)
     ref = ql.quant_linear_ref(x, qw)
     torch.testing.assert_close(two, ref, rtol=1e-4, atol=1e-5 * ref.abs().max().item())

@@ -36,7 +36,7 @@
 enum Isa : int64_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 
 // Work (elements, multiply-adds) from which an op uses the thread pool; set by set_parallel_min
-// (kernels/cpu_ops.py picks them for the OpenMP wait policy, see cpu/decode_kernels.h).
+// (rrm_engine/threads.py picks them for the OpenMP wait policy; these defaults suit sleeping threads).
 struct ParallelMin {
   int64_t elems = int64_t(1) << 18;  // elementwise ops and sampling
   int64_t attention = int64_t(1) << 24;  // decode attention (multiply-adds)

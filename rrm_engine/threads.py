@@ -65,6 +65,12 @@ def check_wait_policy(device_type: str) -> None:
         warnings.warn(text, RuntimeWarning, stacklevel=3)
 
 
+def _libgomp_env() -> dict:
+    if _ENV_SEEN_BY_LIBGOMP is not None:
+        return _ENV_SEEN_BY_LIBGOMP
+    return {k: os.environ.get(k) for k in _LIBGOMP_VARS}
+
+
 def openmp_spin_counts(env: dict | None = None) -> tuple[int, int]:
     """(spins, throttled spins): how many pauses libgomp's idle threads spin before they sleep, from
     the variables it read, parsed as libgomp does (GOMP_SPINCOUNT with an optional k/M/G/T suffix
@@ -73,7 +79,7 @@ def openmp_spin_counts(env: dict | None = None) -> tuple[int, int]:
     as a second thread (AsyncLLM's step loop, a server's) runs parallel regions beside the main
     one on a small machine: ACTIVE 1000, no policy 100, PASSIVE 0, never above the first count."""
     if env is None:
-        env = _ENV_SEEN_BY_LIBGOMP if _ENV_SEEN_BY_LIBGOMP is not None else {k: os.environ.get(k) for k in _LIBGOMP_VARS}
+        env = _libgomp_env()
     policy = {"ACTIVE": 1, "PASSIVE": 0}.get((env.get("OMP_WAIT_POLICY") or "").strip().upper(), -1)
     count = (env.get("GOMP_SPINCOUNT") or "").strip()
     m = re.fullmatch(r"(\d+)\s*([kKmMgGtT]?)", count)
@@ -132,7 +138,7 @@ def tune_cpu_ops(module: str) -> None:
 
 def describe() -> str:
     """One line for benchmark headers: what libgomp does with idle threads, and the ops' thresholds."""
-    env = _ENV_SEEN_BY_LIBGOMP if _ENV_SEEN_BY_LIBGOMP is not None else {k: os.environ.get(k) for k in _LIBGOMP_VARS}
+    env = _libgomp_env()
     spins, throttled = openmp_spin_counts(env)
     setting = ", ".join(f"{k}={env.get(k)}" for k in _LIBGOMP_VARS if env.get(k) is not None) or "libgomp defaults"
     return (f"OpenMP idle threads: {setting} (spin {spins}, throttled {throttled} pauses); CPU ops use "

@@ -12,7 +12,12 @@ with the ceilings measured in the same run:
     square matrix, the CPU ops' decode GEMM and (quantised weights) the quantised linear, each at
     32 rows on a cache-resident weight.
 "x bound" is the step time over the larger of the two (1.0 = at the roofline): the issue's
-"within 1.2x of the weight-bandwidth bound" reads off the `x wbw` column.
+"within 1.2x of the weight-bandwidth bound" reads off the `x wbw` column, and a line under each
+table says whether that target is reachable at all here (it is not where the compute bound alone
+exceeds 1.2x the weight bound: the multiplies then take longer than the target allows).
+`--breakdown` adds, per row count, the first variant's time per step op by op (the C++ CPU ops
+and the serving linears, timed as the decoder calls them) and what is left (Python, scheduling,
+metadata, torch glue).
 
 Variants (attention backends, torch.compile, ...) run side by side in one process, interleaved
 repetition by repetition, so their ratios hold even on a CPU shared with other jobs; the table
@@ -167,6 +172,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    help="comma-separated attention backends to compare; NAME@N runs NAME with N torch threads, "
                         "NAME:DTYPE with its KV cache in DTYPE (e.g. cpu,cpu@1,torch,cpu:bf16)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also time the first variant's ops one by one at each row count (separate steps)")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="also profile 5 decode steps of the first variant at the first row count; trace + table into DIR")
     a = p.parse_args(argv)
@@ -221,10 +228,101 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(f"{b:<12} {1e3 * med:9.1f} {1e3 * best:9.1f} {1e3 * med / rows:9.2f} {rows / med:8.1f} "
                   f"{med / w_bound:7.2f} {med / max(w_bound, c_bound):8.2f} {base / med:8.2f}x")
             results.append({"rows": rows, "variant": b, "median_s": med, "quietest_s": best, "runs_s": runs[b],
-                            "weight_bound_s": w_bound, "compute_bound_s": c_bound})
+                            "weight_bound_s": w_bound, "compute_bound_s": c_bound,
+                            "target_reachable": c_bound <= TARGET_X_WBW * w_bound})
+        print(reachability(w_bound, c_bound))
+        if a.breakdown:
+            backend, threads, kv_dtype = parse_variant(variants[0])
+            before = torch.get_num_threads()
+            torch.set_num_threads(threads or before)
+            table = op_breakdown(loaded, backend, kv_tokens, kv_dtype, rows, a)
+            torch.set_num_threads(before)
+            print(format_breakdown(variants[0], rows, a.steps, table))
+            for r in results[-len(variants):]:
+                r["breakdown"] = {name: {"ms_per_step": 1e3 * sec / a.steps, "calls_per_step": calls / a.steps}
+                                  for name, (sec, calls) in table.items()}
     if a.profile:
         _profile(loaded, parse_variant(variants[0])[0], rows_list[0], a, kv_tokens)
     return results
+
+
+TARGET_X_WBW = 1.2  # the issue's decode-step target: within 1.2x of the weight-bandwidth bound
+
+
+def reachability(w_bound: float, c_bound: float) -> str:
+    """One line: can any implementation meet the target on this machine at this precision and row
+    count? Not when the multiplies alone (the compute bound, at the fastest rate measured above)
+    take longer than TARGET_X_WBW x the weight-bandwidth bound."""
+    target = TARGET_X_WBW * w_bound
+    if c_bound > target:
+        return (f"target {TARGET_X_WBW}x wbw = {1e3 * target:.1f} ms/step: out of reach here, the compute bound alone "
+                f"is {1e3 * c_bound:.1f} ms ({c_bound / w_bound:.2f}x wbw)")
+    return (f"target {TARGET_X_WBW}x wbw = {1e3 * target:.1f} ms/step: within the compute bound "
+            f"({1e3 * c_bound:.1f} ms), reachable in principle")
+
+
+# What --breakdown times: the C++ ops as the CPU backend and the decoder call them (module
+# attributes: the decoder takes rms_norm and silu_mul when an LLM is made, so they are wrapped
+# before it is), and the serving linears of the converted weight formats.
+TIMED_CPU_OPS = ("rope_and_store", "paged_decode_attention", "rms_norm", "silu_mul", "linear", "sample_unfiltered")
+
+
+def op_breakdown(loaded, backend: str, kv_tokens: int, kv_dtype: str | None, rows: int,
+                 a: argparse.Namespace) -> dict[str, tuple[float, int]]:
+    """{op: (seconds, calls)} over a.steps decode steps of a fresh LLM, plus "step" (their total
+    wall time). Each wrapped call costs about a microsecond of timer overhead."""
+    from kernels import cpu_ops
+    from rrm_engine import weight_formats
+
+    spent: dict[str, list] = {}
+
+    def timed(fn, name: str):
+        def call(*args, **kw):
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kw)
+            finally:
+                rec = spent.setdefault(name, [0.0, 0])
+                rec[0] += time.perf_counter() - t
+                rec[1] += 1
+        return call
+
+    patches = [(cpu_ops, n, n) for n in TIMED_CPU_OPS]
+    patches += [(weight_formats.QuantizedLinear, "forward", "quantised linear"),
+                (weight_formats.Bf16Linear, "forward", "bf16 linear")]
+    saved = [(obj, attr, getattr(obj, attr)) for obj, attr, _ in patches]
+    try:
+        for obj, attr, name in patches:
+            setattr(obj, attr, timed(getattr(obj, attr), name))
+        llm = make_llm(loaded, backend, kv_tokens, kv_dtype=kv_dtype)
+        ids = start_decoding(llm, rows, a.context, a.steps, a.warmup)
+        spent.clear()
+        t = time.perf_counter()
+        for _ in range(a.steps):
+            llm.step()
+        total = time.perf_counter() - t
+        for r in ids:
+            llm.abort(r)
+    finally:
+        for obj, attr, fn in saved:
+            setattr(obj, attr, fn)
+    table = {name: (rec[0], rec[1]) for name, rec in sorted(spent.items(), key=lambda kv: -kv[1][0])}
+    table["step"] = (total, a.steps)
+    return table
+
+
+def format_breakdown(variant: str, rows: int, steps: int, table: dict[str, tuple[float, int]]) -> str:
+    total = table["step"][0]
+    ops = {k: v for k, v in table.items() if k != "step"}
+    rest = total - sum(sec for sec, _ in ops.values())
+    lines = [f"\n{variant} at {rows} rows, op by op ({steps} steps, ops timed as called):",
+             f"{'op':<26} {'ms/step':>8} {'share':>6} {'calls/step':>11} {'us/call':>8}"]
+    for name, (sec, calls) in ops.items():
+        lines.append(f"{name:<26} {1e3 * sec / steps:8.2f} {sec / total:6.0%} {calls / steps:11.0f} "
+                     f"{1e6 * sec / calls:8.1f}")
+    lines.append(f"{'rest (Python, scheduling)':<26} {1e3 * rest / steps:8.2f} {rest / total:6.0%}")
+    lines.append(f"{'step':<26} {1e3 * total / steps:8.2f}")
+    return "\n".join(lines)
 
 
 def _profile(loaded, backend: str, rows: int, a, kv_tokens: int) -> None:

@@ -101,8 +101,25 @@ def test_decode_step_bound_counts_the_weights_as_served(tiny_qwen2_dir):
     ratio = served_bytes("q8_0") / served_bytes("fp32")
     assert 34 / 128 <= ratio < 0.3, ratio  # the norms stay fp32
     res = decode_step.main(["--model", str(tiny_qwen2_dir), "--weights", "q8_0", "--rows", "8", "--context", "80",
-                            "--steps", "2", "--warmup", "1", "--repeat", "1", "--variants", "cpu"])
+                            "--steps", "2", "--warmup", "1", "--repeat", "1", "--variants", "cpu", "--breakdown"])
     assert [r["rows"] for r in res] == [8] and res[0]["median_s"] > 0 and res[0]["weight_bound_s"] > 0
+    # the breakdown timed the ops the decoder really called: one attention and 4 quantised linears
+    # a layer, an LM head, a sampler call a step
+    ops = res[0]["breakdown"]
+    layers = load(str(tiny_qwen2_dir), device="cpu", dtype=torch.float32).model.cfg.num_layers
+    assert ops["paged_decode_attention"]["calls_per_step"] == layers
+    assert ops["quantised linear"]["calls_per_step"] == 4 * layers + 1  # qkv, o, gate/up, down; the LM head
+    assert ops["sample_unfiltered"]["calls_per_step"] == 1 and ops["step"]["calls_per_step"] == 1
+    assert 0 < sum(v["ms_per_step"] for k, v in ops.items() if k != "step") < ops["step"]["ms_per_step"]
+    from kernels import cpu_ops
+    assert cpu_ops.rms_norm.__name__ == "rms_norm"  # the wrappers are gone after the breakdown
+
+
+def test_decode_step_says_when_the_bandwidth_target_is_out_of_reach():
+    from bench.decode_step import reachability
+    assert "out of reach" in reachability(w_bound=2.5e-3, c_bound=5.8e-3)  # Q4_1 at 8 rows on the 2-core VM
+    assert "reachable in principle" in reachability(w_bound=13.3e-3, c_bound=13.5e-3)  # fp32 at 8 rows
+    assert "reachable in principle" in reachability(w_bound=10e-3, c_bound=12e-3)  # exactly 1.2x
 
 
 def test_decode_step_variants_name_backend_threads_and_cache_dtype():

@@ -261,10 +261,10 @@ def reachability(w_bound: float, c_bound: float) -> str:
             f"({1e3 * c_bound:.1f} ms), reachable in principle")
 
 
-# What --breakdown times: the C++ ops as the CPU backend and the decoder call them (module
-# attributes: the decoder takes rms_norm and silu_mul when an LLM is made, so they are wrapped
-# before it is), and the serving linears of the converted weight formats.
-TIMED_CPU_OPS = ("rope_and_store", "paged_decode_attention", "rms_norm", "silu_mul", "linear", "sample_unfiltered")
+# What --breakdown times: the C++ extensions' functions, as every caller reaches them (the
+# CPU backend's flat forward and the modules' path alike): the CPU ops by their names in the
+# extension module, the quantised linears through each one's op, bf16 linears by their forward.
+TIMED_CPU_OPS = ("rope_store", "paged_decode", "rms_norm", "silu_mul", "linear", "sample")
 
 
 def op_breakdown(loaded, backend: str, kv_tokens: int, kv_dtype: str | None, rows: int,
@@ -287,9 +287,11 @@ def op_breakdown(loaded, backend: str, kv_tokens: int, kv_dtype: str | None, row
                 rec[1] += 1
         return call
 
-    patches = [(cpu_ops, n, n) for n in TIMED_CPU_OPS]
-    patches += [(weight_formats.QuantizedLinear, "forward", "quantised linear"),
-                (weight_formats.Bf16Linear, "forward", "bf16 linear")]
+    ext = cpu_ops.load()
+    patches = [(ext, n, n) for n in TIMED_CPU_OPS]
+    patches += [(m, "_op", "quant_linear") for m in loaded.model.modules()
+                if isinstance(m, weight_formats.QuantizedLinear)]
+    patches += [(weight_formats.Bf16Linear, "forward", "bf16 linear")]
     saved = [(obj, attr, getattr(obj, attr)) for obj, attr, _ in patches]
     try:
         for obj, attr, name in patches:

@@ -94,7 +94,8 @@ def supported_isas() -> list[str]:
     return list(load().supported_isas())
 
 
-def _isa(isa: str | None) -> int:
+def isa_code(isa: str | None = None) -> int:
+    """The code an op's `isa` argument takes: the named ISA, else RRM_CPU_ISA's, else -1 (the best)."""
     name = isa if isa is not None else os.environ.get(ISA_ENV, "")
     if not name:
         return -1
@@ -105,10 +106,10 @@ def _isa(isa: str | None) -> int:
 
 def resolved_isa(isa: str | None = None, head_dim: int = 0) -> str:
     """The instruction set an op runs with (for logs and benchmarks)."""
-    return load().resolved_isa(_isa(isa), head_dim)
+    return load().resolved_isa(isa_code(isa), head_dim)
 
 
-def _level_fields(level: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def level_fields(level: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if isinstance(level, (tuple, list)):
         return level[0], level[1], level[2]
     return level.block_tables, level.lens, level.seq_group
@@ -121,10 +122,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     as kernels.shared_prefix_decode) each group's prefix is read once for all its members and each
     sequence's own keys after it; without, plain paged decode. The levels must describe blocks the
     sequences really share (whole blocks, nested), as the engine's runner builds them."""
-    fields = [_level_fields(lv) for lv in levels]
+    fields = [level_fields(lv) for lv in levels]
     return load().paged_decode(q, k_cache, v_cache, block_tables, seq_lens, [f[0] for f in fields],
                                [f[1] for f in fields], [f[2] for f in fields], float(scale), int(split_tokens),
-                               _isa(isa))
+                               isa_code(isa))
 
 
 def rope_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
@@ -132,27 +133,27 @@ def rope_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions:
                    isa: str | None = None) -> torch.Tensor:
     """Rotated q [T, Hq, D]; rotated k and v written to one layer's cache at slot_mapping
     (negative = skip). cos/sin: [max_positions, D] tables indexed by positions (int64)."""
-    return load().rope_store(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping, _isa(isa))
+    return load().rope_store(q, k, v, positions, cos, sin, k_cache, v_cache, slot_mapping, isa_code(isa))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
              isa: str | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """norm(x); with residual: (norm(x + residual), x + residual). Same roundings as
     rrm_engine.model.RMSNorm; weight in x's dtype."""
-    out = load().rms_norm(x, weight, float(eps), residual, _isa(isa))
+    out = load().rms_norm(x, weight, float(eps), residual, isa_code(isa))
     return out[0] if residual is None else (out[0], out[1])
 
 
 def silu_mul(gate_up: torch.Tensor, isa: str | None = None) -> torch.Tensor:
     """[..., 2I] (gate then up) -> [..., I] = silu(gate) * up."""
-    return load().silu_mul(gate_up, _isa(isa))
+    return load().silu_mul(gate_up, isa_code(isa))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            isa: str | None = None) -> torch.Tensor:
     """x [..., K] @ weight[N, K].T (+ bias [N]), fp32 accumulation: the weight-streaming GEMM for
     the few rows of a decode step (see csrc/cpu/small_gemm.h; large M belongs to torch's BLAS)."""
-    return load().linear(x, weight, bias, _isa(isa))
+    return load().linear(x, weight, bias, isa_code(isa))
 
 
 def sample_unfiltered(logits: torch.Tensor, row_index: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor,
@@ -163,7 +164,7 @@ def sample_unfiltered(logits: torch.Tensor, row_index: torch.Tensor, temperature
     it; with return_status=True nothing is raised: (tokens, logprobs, status), status [B] int32
     nonzero for such a sample (as kernels.sampling.sample's)."""
     tokens, logprobs, status = load().sample(logits.float().contiguous(), row_index, temperature, seeds, offsets,
-                                             _isa(isa))
+                                             isa_code(isa))
     if return_status:
         return tokens, logprobs, status
     if bool(status.any()):

@@ -92,22 +92,24 @@ def existing_file(text: str) -> Path:
     return path
 
 
-def device_arg(text: str) -> str:
-    from .placement import resolve_device
+def accepted_by(check: Callable[[str], object], text: str) -> str:
+    """text, once check(text) has accepted it; check's ValueError becomes argparse's usage error
+    (the library's own parser says what is wrong, the CLI does not say it again)."""
     try:
-        resolve_device(text)
+        check(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return text
+
+
+def device_arg(text: str) -> str:
+    from .placement import resolve_device
+    return accepted_by(resolve_device, text)
 
 
 def dtype_arg(text: str) -> str:
     from .placement import resolve_dtype
-    try:
-        resolve_dtype(text, "cpu")
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
+    return accepted_by(lambda t: resolve_dtype(t, "cpu"), text)
 
 
 def model_arg(text: str) -> str:

@@ -320,6 +320,7 @@ def _use_backend(decoder, name: str) -> None:
     device = next(decoder.parameters()).device
     decoder.backend = TorchAttention()
     decoder.use_kernels()
+    decoder.serving_forward = None
     if name == "triton" or (name == "auto" and device.type == "cuda"):
         try:
             from .triton_backend import TritonAttention
@@ -343,6 +344,8 @@ def _use_backend(decoder, name: str) -> None:
             return
         decoder.backend = backend
         decoder.use_kernels(rms_norm=cpu_ops.rms_norm, silu_mul=cpu_ops.silu_mul, linear=small_m_linear)
+        from .cpu_flat_forward import FlatForward
+        decoder.serving_forward = FlatForward(decoder)
 
 
 def _kv_cache_dtype(spec: torch.dtype | str | None, p: torch.Tensor, backend: object = None) -> torch.dtype:

@@ -6,7 +6,7 @@ Two ways in, same parameters:
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -130,6 +130,10 @@ class Decoder(nn.Module):
         # set by tensor parallelism: turns this rank's vocab slice of the logits into full logits
         self.gather_logits: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.linear_kernel: Callable | None = None  # the LM head's, see use_kernels
+        # set when the CPU backend serves: the same forward as one loop without the modules
+        # (rrm_engine/cpu_flat_forward.FlatForward), for serving calls made without autograd
+        # while no forward hook is registered
+        self.serving_forward: Any = None
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -138,6 +142,9 @@ class Decoder(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
                 meta: AttentionMetadata | None = None) -> torch.Tensor:
         """Returns final hidden states (after the last norm), shaped like input_ids + [hidden]."""
+        flat = self.serving_forward
+        if meta is not None and flat is not None and not torch.is_grad_enabled() and not flat.hooks_registered():
+            return flat(input_ids, positions, cache, meta)
         x = self.model.embed_tokens(input_ids)
         if meta is None:  # training: any positions, rows computed directly
             rotary = Rotary(*rotary_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype))

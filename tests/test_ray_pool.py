@@ -9,12 +9,12 @@ CI: pip install 'ray>=2.9' (or pip install -e '.[ray]').
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 
 import pytest
 import torch
+from approx_results import approx_fields
 
 ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'rrm_engine[ray]'")
 
@@ -68,16 +68,8 @@ P_ATOL = 1e-5
 
 
 def comparable(x):
-    """Everything the judge returns, as plain data, floats rounded into P_ATOL-wide approx."""
-    def walk(v):
-        if isinstance(v, float):
-            return pytest.approx(v, abs=P_ATOL)
-        if isinstance(v, dict):
-            return {k: walk(w) for k, w in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [walk(w) for w in v]
-        return v
-    return walk(dataclasses.asdict(x))
+    """Everything the judge returns, as plain data, floats within P_ATOL."""
+    return approx_fields(x, P_ATOL)
 
 
 def test_rank_batch_equals_one_in_process_judge(pool, reference):

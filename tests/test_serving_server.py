@@ -4,7 +4,6 @@ against the plain answers, judge routes and OpenRLHF's reward shape against the 
 bad bodies, and a client that goes away. One test starts `python -m rrm_engine serve` itself."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import socket
@@ -16,6 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from approx_results import approx_fields
 
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
@@ -58,15 +58,7 @@ def srv(tiny_qwen2_dir, smollm2_tokenizer):
 
 def plain(x):
     """A judge result as plain data, floats within the noise of batching (p_first comes from log-probs)."""
-    def walk(v):
-        if isinstance(v, float):
-            return pytest.approx(v, abs=1e-5)
-        if isinstance(v, dict):
-            return {k: walk(w) for k, w in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [walk(w) for w in v]
-        return v
-    return walk(dataclasses.asdict(x))
+    return approx_fields(x, 1e-5)
 
 
 def engine_out(srv, ids, **params):

@@ -78,12 +78,9 @@ def _group_size(text: str) -> int:
 
 
 def _trainable(text: str) -> str:
+    from ..cli import accepted_by
     from .trainable import parse_trainable
-    try:
-        parse_trainable(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
+    return accepted_by(parse_trainable, text)
 
 
 def _nonneg_int(text: str) -> int:

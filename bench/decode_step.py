@@ -144,8 +144,18 @@ def time_steps(llm: LLM, rows: int, context: int, steps: int, warmup: int) -> li
     return times
 
 
+# "cpu-modules": the CPU backend stepping the decoder's modules instead of its flat serving loop
+# (rrm_engine/cpu_flat_forward.py), to measure what the loop buys
+MODULES_SUFFIX = "-modules"
+
+
 def make_llm(loaded, backend: str, kv_tokens: int, weights: str | None = None, kv_dtype: str | None = None) -> LLM:
-    return LLM(loaded, attention_backend=backend, kv_cache_tokens=kv_tokens, weights=weights, kv_cache_dtype=kv_dtype)
+    modules = backend.endswith(MODULES_SUFFIX)
+    llm = LLM(loaded, attention_backend=backend.removesuffix(MODULES_SUFFIX), kv_cache_tokens=kv_tokens,
+              weights=weights, kv_cache_dtype=kv_dtype)
+    if modules:
+        llm.engine.model.serving_forward = None
+    return llm
 
 
 def parse_variant(v: str) -> tuple[str, int | None, str | None]:
@@ -170,7 +180,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--repeat", type=int, default=3, help="repetitions (variants interleaved)")
     p.add_argument("--variants", default="torch,cpu",
                    help="comma-separated attention backends to compare; NAME@N runs NAME with N torch threads, "
-                        "NAME:DTYPE with its KV cache in DTYPE (e.g. cpu,cpu@1,torch,cpu:bf16)")
+                        "NAME:DTYPE with its KV cache in DTYPE, cpu-modules the CPU backend through the decoder's "
+                        "modules instead of its flat loop (e.g. cpu,cpu@1,torch,cpu:bf16,cpu-modules)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--breakdown", action="store_true",
                    help="also time the first variant's ops one by one at each row count (separate steps)")

@@ -128,6 +128,17 @@ def test_decode_step_variants_name_backend_threads_and_cache_dtype():
     assert parse_variant("cpu@1") == ("cpu", 1, None)
     assert parse_variant("torch:bf16") == ("torch", None, "bf16")
     assert parse_variant("cpu@2:float16") == ("cpu", 2, "float16")
+    assert parse_variant("cpu-modules@1") == ("cpu-modules", 1, None)
+
+
+def test_decode_step_cpu_modules_variant_steps_the_modules(tiny_qwen2_dir):
+    import torch
+
+    from bench.decode_step import make_llm
+    from rrm_engine.loader import load
+    loaded = load(str(tiny_qwen2_dir), device="cpu", dtype=torch.float32)
+    assert make_llm(loaded, "cpu-modules", 256).engine.model.serving_forward is None
+    assert make_llm(loaded, "cpu", 256).engine.model.serving_forward is not None
 
 
 def test_engine_kv_cache_dtype_halves_the_reported_kv(tiny_qwen2_dir, tmp_path):

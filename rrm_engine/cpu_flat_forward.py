@@ -9,9 +9,12 @@ modules would call them through their wrappers, so its hidden states are bit for
 forward or the attention backend, unchanged: bf16 linears, activations not in fp32 at a
 quantised linear, a step with prefill rows, a KV cache in another dtype than the activations.
 
-Built by rrm_engine.llm when the CPU backend serves a decoder (after its weights are converted);
-Decoder.forward hands it the serving calls made without autograd, unless a forward hook is
-registered anywhere in the decoder (or globally): hooks run only on the modules' path.
+It holds the modules' tensors as they are when it is built: updates in place (optimizer steps,
+load_state_dict) show through; replacing a module or a parameter object needs the backend chosen
+again (a new LLM on the decoder). Built by rrm_engine.llm when the CPU backend serves a decoder
+(after its weights are converted); Decoder.forward hands it the serving calls made without
+autograd, unless a forward hook is registered anywhere in the decoder (or globally): hooks run
+only on the modules' path.
 """
 from __future__ import annotations
 

@@ -76,7 +76,7 @@ def measure_ceilings(dtype: torch.dtype, weights: str, repeat: int = 5) -> Ceili
     mm = 2 * n ** 3 / _best(lambda: torch.mm(a, b), repeat)
     gemm = 0.0
     try:  # the GEMM the CPU backend runs decode projections with, at 32 rows, weights in cache
-        from kernels import cpu_ops
+        from rrm_kernels import cpu_ops
         x, w = torch.randn(32, 576).to(dtype), torch.randn(1024, 576).to(dtype)
         gemm = 2 * 32 * 1024 * 576 / _best(lambda: cpu_ops.linear(x, w), 20 * repeat)
     except RuntimeError:
@@ -282,7 +282,7 @@ def op_breakdown(loaded, backend: str, kv_tokens: int, kv_dtype: str | None, row
                  a: argparse.Namespace) -> dict[str, tuple[float, int]]:
     """{op: (seconds, calls)} over a.steps decode steps of a fresh LLM, plus "step" (their total
     wall time). Each wrapped call costs about a microsecond of timer overhead."""
-    from kernels import cpu_ops
+    from rrm_kernels import cpu_ops
     from rrm_engine import weight_formats
 
     spent: dict[str, list] = {}

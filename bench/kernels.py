@@ -10,7 +10,7 @@ heads, head_dim 128, bf16). CPU: a plain wall-clock timer, small shapes,
 and only the torch paths (Triton on CPU is an interpreter, so timing it means nothing);
 the best of a few runs there, since on a shared CPU other tenants only ever add time.
 
---sweep (GPU): also times each attention kernel at alternative launch tiles (kernels.paged_tile.
+--sweep (GPU): also times each attention kernel at alternative launch tiles (rrm_kernels.paged_tile.
 TileConfig: rows per program, keys per tile, warps) and the sampler at 1, 2 and 4 samples per
 program, one line each, so the defaults (decode_tile, prefix_tile, prefill_tile,
 sampling.sample_launch) can be chosen from one run. `python -m bench.ptxas_report --sweep` says
@@ -97,7 +97,7 @@ def tile_variants(s: Setup, run: Callable[..., object], block_m: tuple[int, ...]
     """With --sweep: the kernel at each alternative tile, `run(tile=...)` (timed on a GPU only)."""
     if not s.sweep:
         return []
-    from kernels.paged_tile import TileConfig
+    from rrm_kernels.paged_tile import TileConfig
     return [Impl(f"kernel m{m} n{n} w{w}", lambda t=TileConfig(m, n, w): run(tile=t), gpu_only=True)
             for m, n, w in itertools.product(block_m, block_n, warps)]
 
@@ -122,7 +122,7 @@ def torch_sort_top_p(logits: torch.Tensor, temperature: float, top_p: float) -> 
 
 
 def sampling_cases(s: Setup) -> list[Case]:
-    sampling = _module("kernels.sampling")
+    sampling = _module("rrm_kernels.sampling")
     if sampling is None:
         return []
     rows, vocab = (256, 152064) if s.gpu else ((16, 8192) if s.quick else (64, 32000))
@@ -162,7 +162,7 @@ def sampling_cases(s: Setup) -> list[Case]:
         Impl("torch argmax+log_softmax",
              lambda: torch.log_softmax(logits.float(), -1).gather(1, logits.argmax(-1, keepdim=True))),
     ]
-    csrc = _module("kernels.csrc_ops")
+    csrc = _module("rrm_kernels.csrc_ops")
     if csrc is not None and csrc.available():
         greedy_impls.insert(1, Impl("csrc", lambda: csrc.greedy_argmax_lse(logits, greedy["row_index"]), gpu_only=True))
     cases.append(Case("sample greedy", shape, greedy_impls, nbytes, baseline="torch argmax+log_softmax"))
@@ -183,7 +183,7 @@ def sampling_cases(s: Setup) -> list[Case]:
 
 
 def logprob_cases(s: Setup) -> list[Case]:
-    sls = _module("kernels.selective_log_softmax")
+    sls = _module("rrm_kernels.selective_log_softmax")
     if sls is None:
         return []
     n, v, h = (4096, 152064, 3584) if s.gpu else ((128, 4096, 128) if s.quick else (512, 16384, 256))
@@ -252,9 +252,9 @@ def _planned(make_plan: Callable, run: Callable) -> Callable[..., object]:
 def decode_cases(s: Setup) -> list[Case]:
     hq, hkv, d, scale, esz = _attn_dims(s)
     cases = []
-    decode = _module("kernels.paged_decode")
+    decode = _module("rrm_kernels.paged_decode")
     if decode is not None:
-        from kernels.decode_plan import plan_decode
+        from rrm_kernels.decode_plan import plan_decode
         b, ctx = (64, 4096) if s.gpu else ((4, 256) if s.quick else (8, 1024))
         kc, vc, bt = _paged_batch(s, [ctx] * b, hkv, d)
         q = torch.randn(b, hq, d, device=s.device, dtype=s.dtype)
@@ -275,10 +275,10 @@ def decode_cases(s: Setup) -> list[Case]:
 def shared_prefix_cases(s: Setup) -> list[Case]:
     hq, hkv, d, scale, esz = _attn_dims(s)
     cases = []
-    decode = _module("kernels.paged_decode")
-    shared = _module("kernels.shared_prefix_decode")
+    decode = _module("rrm_kernels.paged_decode")
+    shared = _module("rrm_kernels.shared_prefix_decode")
     if shared is not None and decode is not None:
-        from kernels.decode_plan import HostLevel, plan_decode
+        from rrm_kernels.decode_plan import HostLevel, plan_decode
         groups, votes, prefix, suffix = (8, 8, 4096, 256) if s.gpu else ((1, 4, 256, 32) if s.quick else (2, 8, 1024, 64))
         b = groups * votes
         pblocks = prefix // PAGE
@@ -313,7 +313,7 @@ def _prefix_tree_case(s: Setup, decode, shared) -> Case:
     """RRM judging with two queries in flight: a system prompt every row shares (level 0), each
     query's prompt shared by its comparisons (level 1), each comparison's responses by its votes
     (level 2); the prefix tree the runner builds, against plain paged decode of the same batch."""
-    from kernels.decode_plan import HostLevel, plan_decode
+    from rrm_kernels.decode_plan import HostLevel, plan_decode
     hq, hkv, d, scale, esz = _attn_dims(s)
     queries, pairs, votes = (2, 4, 8) if s.gpu else (2, 2, 2)
     sys_len, q_len, pair_len, suffix = (512, 1024, 2560, 256) if s.gpu else (32, 64, 128, 16)
@@ -348,7 +348,7 @@ def _prefix_tree_case(s: Setup, decode, shared) -> Case:
 def prefill_cases(s: Setup) -> list[Case]:
     hq, hkv, d, scale, esz = _attn_dims(s)
     cases = []
-    prefill = _module("kernels.paged_prefill")
+    prefill = _module("rrm_kernels.paged_prefill")
     if prefill is not None:
         t = 2048 if s.gpu else (128 if s.quick else 512)
         kc, vc, bt = _paged_batch(s, [t], hkv, d)
@@ -373,7 +373,7 @@ def rmsnorm_cases(s: Setup) -> list[Case]:
     hidden = 3584 if s.gpu else 256
     tokens = 4096 if s.gpu else (64 if s.quick else 512)
     esz = torch.empty(0, dtype=s.dtype).element_size()
-    rms = _module("kernels.rmsnorm")
+    rms = _module("rrm_kernels.rmsnorm")
     if rms is not None:
         x = torch.randn(tokens, hidden, device=s.device, dtype=s.dtype)
         r = torch.randn_like(x)
@@ -389,7 +389,7 @@ def rope_cases(s: Setup) -> list[Case]:
     cases = []
     tokens = 4096 if s.gpu else (64 if s.quick else 512)
     esz = torch.empty(0, dtype=s.dtype).element_size()
-    rope = _module("kernels.rope_store")
+    rope = _module("rrm_kernels.rope_store")
     if rope is not None:
         hq, hkv, d = (28, 4, 128) if s.gpu else (4, 2, 32)
         q = torch.randn(tokens, hq, d, device=s.device, dtype=s.dtype)
@@ -416,12 +416,12 @@ SMOLLM2_LINEARS = (("qkv", 960, 576), ("o", 576, 576), ("gate_up", 3072, 576), (
 
 
 def quant_linear_cases(s: Setup) -> list[Case]:
-    """CPU: the GGUF-block linear (csrc/quant_linear_cpu.cpp) beside torch's fp32 and bf16 F.linear at
+    """CPU: the GGUF-block linear (rrm_kernels/csrc/quant_linear_cpu.cpp) beside torch's fp32 and bf16 F.linear at
     decode shapes (M rows = the batch of a decode step). GB/s counts the Q4_1 blocks (the least the
     weights can move); the LM head is Q8_0 as in the embedded GGUF."""
     if s.gpu:
         return []
-    ql = _module("kernels.quant_linear_cpu")
+    ql = _module("rrm_kernels.quant_linear_cpu")
     if ql is None or not ql.available():
         return []
     cases = []

@@ -78,11 +78,11 @@ def compile_report(fn: Any, signature: dict[str, str], constexprs: dict[str, Any
 
 def launch_configs() -> list[tuple[str, Any, dict, dict, int, int]]:
     """(label, kernel, signature, constexprs, num_warps, num_stages) as the kernels launch them."""
-    from kernels.paged_decode import _decode_split_kernel, _merge_parts_kernel, decode_tile
-    from kernels.paged_prefill import _prefill_kernel, prefill_tile
-    from kernels.sampling import NUM_PROBES, _sample_kernel, sample_launch
-    from kernels.selective_log_softmax import _token_logprob_kernel
-    from kernels.shared_prefix_decode import _prefix_pass_kernel, prefix_tile
+    from rrm_kernels.paged_decode import _decode_split_kernel, _merge_parts_kernel, decode_tile
+    from rrm_kernels.paged_prefill import _prefill_kernel, prefill_tile
+    from rrm_kernels.sampling import NUM_PROBES, _sample_kernel, sample_launch
+    from rrm_kernels.selective_log_softmax import _token_logprob_kernel
+    from rrm_kernels.shared_prefix_decode import _prefix_pass_kernel, prefix_tile
 
     jobs = []
     for greedy, (b, v) in itertools.product((False, True), ((256, 152064), (64, 512))):
@@ -110,9 +110,9 @@ def launch_configs() -> list[tuple[str, Any, dict, dict, int, int]]:
 
 
 def sweep_configs() -> list[tuple[str, Any, dict, dict, int, int]]:
-    from kernels.paged_decode import _decode_split_kernel
-    from kernels.paged_prefill import _prefill_kernel
-    from kernels.shared_prefix_decode import _prefix_pass_kernel
+    from rrm_kernels.paged_decode import _decode_split_kernel
+    from rrm_kernels.paged_prefill import _prefill_kernel
+    from rrm_kernels.shared_prefix_decode import _prefix_pass_kernel
 
     jobs = []
     for group, d in MODEL_SHAPES:

@@ -53,7 +53,7 @@ def quant_linear_rate(fmt: str, rows: int = 32, n: int = 4096, k: int = 576, rep
     """FLOP/s of the quantised CPU linear (q8_0 / q4_1 blocks, int8 dot products) at decode rows on a
     cache-resident weight (75M multiply-adds: enough for the op to use every thread); 0.0 when the op
     cannot be built here."""
-    from kernels import quant_linear_cpu as ql
+    from rrm_kernels import quant_linear_cpu as ql
     if not ql.available():
         return 0.0
     x, w = torch.randn(rows, k), ql.PackedWeight.from_dense(torch.randn(n, k), fmt)

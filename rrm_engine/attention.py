@@ -1,6 +1,6 @@
 """The paged KV cache layout, the per-step attention metadata, and the attention backends.
 
-Layout (shared with kernels/, which takes these tensors raw):
+Layout (shared with rrm_kernels/, which takes these tensors raw):
   k_cache, v_cache: [num_layers, num_blocks, block_size, num_kv_heads, head_dim]
   A token's slot is block * block_size + offset; per layer, k_cache[l].view(-1, Hkv, D)[slot].
   block_tables[b, i] is the i-th block of sequence b (int32, padded with 0 past its length).
@@ -59,7 +59,7 @@ class PrefixLevel:
     def __init__(self, block_tables: torch.Tensor | None, lens: torch.Tensor | None, seq_group: torch.Tensor | None,
                  host: Any = None, device: torch.device | str | None = None, pad_block: int = 0):
         self._tensors = (block_tables, lens, seq_group) if block_tables is not None else None
-        self.host = host  # kernels.decode_plan.HostLevel (lists), when made from the host
+        self.host = host  # rrm_kernels.decode_plan.HostLevel (lists), when made from the host
         self._device, self._pad = device, pad_block
 
     @classmethod
@@ -92,7 +92,7 @@ class AttentionMetadata:
     query_lens_host: list[int]  # the same facts on the host, so no device sync is needed
     seq_lens_host: list[int]
     prefix_levels: list[PrefixLevel] = field(default_factory=list)  # over the first num_decode rows
-    # a backend's per-step launch plan of the decode rows (kernels.decode_plan.DecodePlan): set by
+    # a backend's per-step launch plan of the decode rows (rrm_kernels.decode_plan.DecodePlan): set by
     # StaticDecode (static buffers a CUDA graph reads), else built by the backend on first use
     decode_plan: Any = None
     _views: dict = field(default_factory=dict, repr=False, compare=False)

@@ -1,4 +1,4 @@
-"""Attention backend over the C++ CPU ops (kernels/cpu_ops.py, csrc/cpu_decode_ops.cpp): the
+"""Attention backend over the C++ CPU ops (rrm_kernels/cpu_ops.py, rrm_kernels/csrc/cpu_decode_ops.cpp): the
 AttentionBackend protocol of rrm_engine.attention, for the CPU.
 
 Each layer is two calls: rotary on q/k fused with this step's K/V store (rope_and_store), then,
@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels import cpu_ops
+from rrm_kernels import cpu_ops
 
 from .attention import AttentionMetadata, KVCache, prefill_attention
 from .rotary import Rotary

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from torch.nn.modules import module as torch_module
 
-from kernels import cpu_ops
+from rrm_kernels import cpu_ops
 
 from .attention import AttentionMetadata, KVCache
 from .cpu_backend import SMALL_M, small_m_linear

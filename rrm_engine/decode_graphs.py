@@ -4,7 +4,7 @@
 A graph replays the exact kernels and grids it captured, so everything it reads must live in
 these buffers and no shape may depend on the step: rows past the real batch are padding that
 writes its K/V into a scratch block owned by no sequence. With the Triton backend the step's
-decode plan (kernels/decode_plan.py) lives in static buffers too: each step writes its split
+decode plan (rrm_kernels/decode_plan.py) lives in static buffers too: each step writes its split
 lengths, each row's suffix start and the shared-prefix work items there before the replay, so
 the graphs keep split-K sized to the step's real context (not the model's) and the cascade over
 the step's prefix tree. Grids are sized for the worst case of each batch size; the programs a
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.decode_plan import StaticDecodePlan
+from rrm_kernels.decode_plan import StaticDecodePlan
 
 from .attention import AttentionMetadata, KVCache
 from .model import Decoder

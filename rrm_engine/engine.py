@@ -91,7 +91,7 @@ class Engine:
         if sampler_backend == "csrc":
             if p.device.type != "cuda":
                 raise ValueError(f"sampler_backend='csrc' needs the model on a CUDA device, got {p.device}")
-            from kernels.csrc_ops import load
+            from rrm_kernels.csrc_ops import load
             load()  # JIT-build it now (about a minute, once per machine), not inside the first step
         # tensor-parallel shards hold fewer heads: size the cache from the module, not the config
         kv_heads = model.model.layers[0].self_attn.qkv_proj.part_sizes[1] // cfg.head_dim

@@ -332,7 +332,7 @@ def _use_backend(decoder, name: str) -> None:
     elif name == "cpu" or (name == "auto" and device.type == "cpu"):
         if device.type != "cpu":
             raise ValueError(f"attention_backend='cpu' needs the model on the CPU, it is on {device}")
-        from kernels import cpu_ops
+        from rrm_kernels import cpu_ops
 
         from .cpu_backend import CpuAttention, small_m_linear
         try:

@@ -23,7 +23,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
-        # kernels.rmsnorm.rms_norm when the decoder serves with Triton kernels (no autograd there)
+        # rrm_kernels.rmsnorm.rms_norm when the decoder serves with Triton kernels (no autograd there)
         self.kernel: Callable | None = None
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
@@ -76,7 +76,7 @@ class MLP(nn.Module):
                                                           ("up_proj", cfg.intermediate_size)), bias=False)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         save_and_load_as_parts(self)
-        # silu(gate) * up in one op (kernels.cpu_ops.silu_mul) when serving on the CPU backend
+        # silu(gate) * up in one op (rrm_kernels.cpu_ops.silu_mul) when serving on the CPU backend
         self.silu_mul: Callable | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -171,7 +171,7 @@ class Decoder(nn.Module):
         """Serve the RMSNorms (and their residual adds) with the Triton kernel, or with torch."""
         kernel = None
         if on:
-            from kernels.rmsnorm import rms_norm
+            from rrm_kernels.rmsnorm import rms_norm
             kernel = rms_norm
         self.use_kernels(rms_norm=kernel)
 

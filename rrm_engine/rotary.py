@@ -2,7 +2,7 @@
 
 A forward pass builds one Rotary: the cos/sin rows of its tokens, shared by every layer. On the
 serving path it also carries the cos/sin tables [max_positions, D] and the token positions, so a
-backend that fuses rotary into its KV-cache store (kernels.rope_store) reads the tables itself.
+backend that fuses rotary into its KV-cache store (rrm_kernels.rope_store) reads the tables itself.
 """
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.decode_plan import MAX_LEVELS, HostLevel
+from rrm_kernels.decode_plan import MAX_LEVELS, HostLevel
 
 from .attention import AttentionMetadata, KVCache, PrefixLevel
 from .decode_graphs import StaticDecode

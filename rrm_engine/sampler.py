@@ -1,4 +1,4 @@
-"""From logits rows to tokens: builds the per-sample tensors for kernels.sampling and, for the
+"""From logits rows to tokens: builds the per-sample tensors for rrm_kernels.sampling and, for the
 samples that ask, the model's log-probs (top-k and chosen ids). Everything the host needs comes
 back in one transfer, the step's single host sync, including a per-sample flag for a logits row
 that holds NaN or +inf (or is entirely -inf): such a sample comes back with bad_logits=True and
@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import cpu_ops
-from kernels.sampling import SAMPLING_BACKENDS
-from kernels.sampling import sample as fused_sample
+from rrm_kernels import cpu_ops
+from rrm_kernels.sampling import SAMPLING_BACKENDS
+from rrm_kernels.sampling import sample as fused_sample
 
 from .sampling_params import SamplingParams
 
@@ -60,7 +60,7 @@ def check_backend(backend: str) -> str:
 
 
 def kernel_backend(backend: str, all_greedy: bool) -> str:
-    """The kernels.sampling backend for one step: csrc serves only all-greedy steps."""
+    """The rrm_kernels.sampling backend for one step: csrc serves only all-greedy steps."""
     return "auto" if backend == "csrc" and not all_greedy else backend
 
 

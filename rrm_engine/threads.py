@@ -112,7 +112,7 @@ class ParallelMin:
 
 
 # Sleeping threads: the ops' built-in values (a wake-up costs more than a small op; measured in
-# csrc/cpu/decode_kernels.h and csrc/quant_linear_cpu.cpp). Spinning threads join in a few
+# rrm_kernels/csrc/cpu/decode_kernels.h and rrm_kernels/csrc/quant_linear_cpu.cpp). Spinning threads join in a few
 # microseconds, so an op goes parallel from ~10 us of one core's work.
 PASSIVE_MIN = ParallelMin(elems=1 << 18, attention=1 << 24, gemm=1 << 21, quant_gemm=1 << 25)
 SPINNING_MIN = ParallelMin(elems=1 << 14, attention=1 << 16, gemm=1 << 18, quant_gemm=1 << 18)
@@ -127,10 +127,10 @@ def tune_cpu_ops(module: str) -> None:
     cpu_parallel_min()."""
     pm = cpu_parallel_min()
     if module == "cpu_ops":
-        from kernels import cpu_ops
+        from rrm_kernels import cpu_ops
         cpu_ops.set_parallel_min(pm.elems, pm.attention, pm.gemm)
     elif module == "quant_linear_cpu":
-        from kernels import quant_linear_cpu
+        from rrm_kernels import quant_linear_cpu
         quant_linear_cpu.set_parallel_min(pm.quant_gemm)
     else:
         raise ValueError(f"unknown CPU op library {module!r}")

@@ -1,10 +1,10 @@
-"""Attention backend over the Triton kernels in kernels/ (the AttentionBackend protocol of
+"""Attention backend over the Triton kernels in rrm_kernels/ (the AttentionBackend protocol of
 rrm_engine.attention): rotary on q/k fused with this step's K/V store (rope_and_store), then
 decode rows through the planned decode kernels (split-K, and the shared-prefix cascade when the
 step carries prefix levels) and prefill rows through paged prefill; a mixed step runs both, each
 on its own rows (the runner puts the decode rows first).
 
-The decode plan (kernels/decode_plan.py: splits, cascade work items, partial buffers) is built
+The decode plan (rrm_kernels/decode_plan.py: splits, cascade work items, partial buffers) is built
 once per step, on the first layer, from host lists, and reused by every layer; under CUDA graphs
 StaticDecode supplies it in static buffers instead (meta.decode_plan).
 """
@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import torch
 
-from kernels.decode_plan import DecodePlan, plan_decode
-from kernels.paged_prefill import paged_prefill_attention
-from kernels.rope_store import rope_and_store
-from kernels.shared_prefix_decode import decode_attention
+from rrm_kernels.decode_plan import DecodePlan, plan_decode
+from rrm_kernels.paged_prefill import paged_prefill_attention
+from rrm_kernels.rope_store import rope_and_store
+from rrm_kernels.shared_prefix_decode import decode_attention
 
 from .attention import AttentionMetadata, KVCache
 from .rotary import Rotary

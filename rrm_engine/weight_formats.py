@@ -5,7 +5,7 @@
         (fast where the CPU multiplies bf16 natively: avx512_bf16 / AMX);
   q8_0, q4_1
         GGUF's block formats kept as blocks and multiplied by the CPU op in
-        kernels/quant_linear_cpu.py (int8 dot products, activations quantised per 32-block as
+        rrm_kernels/quant_linear_cpu.py (int8 dot products, activations quantised per 32-block as
         llama.cpp does). With q4_1 the LM head is q8_0, as in GGUF files (token_embd at Q8_0).
         On a GGUF checkpoint in that format the blocks are exactly the file's own (ggml's rounding
         re-quantises its dequantised values to the same bytes: tests/test_weight_formats.py).
@@ -55,7 +55,7 @@ class QuantizedLinear(ServingLinear):
     """y = x @ W^T + b with W in packed GGUF blocks (no parameters: serving only)."""
 
     def __init__(self, packed, bias: torch.Tensor | None):
-        from kernels import quant_linear_cpu as ql
+        from rrm_kernels import quant_linear_cpu as ql
         super().__init__()
         self.fmt, self.in_features, self.out_features = packed.fmt, packed.k, packed.n_out
         self.register_buffer("packed", packed.data, persistent=False)
@@ -66,7 +66,7 @@ class QuantizedLinear(ServingLinear):
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, fmt: str) -> "QuantizedLinear":
-        from kernels.quant_linear_cpu import PackedWeight
+        from rrm_kernels.quant_linear_cpu import PackedWeight
         return cls(PackedWeight.from_dense(weight, fmt), bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,11 +134,11 @@ def resolve(weights: str, device: torch.device, checkpoint_format: str | None, d
 def apply(decoder: nn.Module, fmt: str) -> str:
     """Swap the decoder's linears (and LM head) to fmt in place; returns a one-line summary.
     fp32 on an fp32 decoder changes nothing. A block format whose op cannot build here falls back
-    to the dense weights (kernels.quant_linear_cpu.available() logs why)."""
+    to the dense weights (rrm_kernels.quant_linear_cpu.available() logs why)."""
     if is_serving_only(decoder):
         raise ValueError(f"this decoder already serves {served_format(decoder)} weights; load the model again for {fmt}")
     if fmt in BLOCK_FORMATS:
-        from kernels import quant_linear_cpu
+        from rrm_kernels import quant_linear_cpu
         if not quant_linear_cpu.available():
             return f"weights {fmt} unavailable (the CPU op did not build): dense {_dtype_name(decoder)} kept"
         tune_cpu_ops("quant_linear_cpu")

@@ -29,8 +29,8 @@ from pathlib import Path
 import pytest
 import torch
 
-# Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when any kernels/ module is first
-# imported (rrm_engine.sampler imports kernels.sampling): set it before any test module loads.
+# Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when any rrm_kernels/ module is first
+# imported (rrm_engine.sampler imports rrm_kernels.sampling): set it before any test module loads.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

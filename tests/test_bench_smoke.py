@@ -111,7 +111,7 @@ def test_decode_step_bound_counts_the_weights_as_served(tiny_qwen2_dir):
     assert ops["quant_linear"]["calls_per_step"] == 4 * layers + 1  # qkv, o, gate/up, down; the LM head
     assert ops["sample"]["calls_per_step"] == 1 and ops["step"]["calls_per_step"] == 1
     assert 0 < sum(v["ms_per_step"] for k, v in ops.items() if k != "step") < ops["step"]["ms_per_step"]
-    from kernels import cpu_ops
+    from rrm_kernels import cpu_ops
     assert cpu_ops.load().rms_norm.__name__ == "rms_norm"  # the wrappers are gone after the breakdown
 
 

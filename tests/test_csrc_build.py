@@ -1,4 +1,4 @@
-"""GPU code must keep compiling on machines without a GPU: the csrc/ .cu with nvcc for sm_90, the
+"""GPU code must keep compiling on machines without a GPU: the rrm_kernels/csrc/ .cu with nvcc for sm_90, the
 torch binding (.cpp) with g++ against the installed torch headers, and the sampling / log-prob and
 paged attention Triton kernels through Triton's real compiler for sm_90 (the CPU tests only run them
 in the interpreter, which accepts programs the compiler rejects). On a machine with CUDA the csrc op is
@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
+ROOT = Path(__file__).resolve().parent.parent
+CSRC = ROOT / "rrm_kernels" / "csrc"
 CU_FILES = sorted(CSRC.glob("*.cu"))
 CPP_FILES = sorted(CSRC.glob("*.cpp"))
 
@@ -60,7 +61,7 @@ def test_torch_binding_compiles_against_torch_headers(source, binding_syntax_che
 
 
 def test_csrc_backend_rejects_non_greedy_batches_before_building():
-    from kernels.sampling import sample
+    from rrm_kernels.sampling import sample
     b = 2
     args = (torch.randn(2, 10), torch.tensor([0, 1]), torch.ones(b), torch.zeros(b, dtype=torch.int32), torch.ones(b),
             torch.zeros(b), torch.zeros(b, dtype=torch.int64), torch.zeros(b, dtype=torch.int64))
@@ -72,7 +73,7 @@ def test_csrc_backend_rejects_non_greedy_batches_before_building():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("vocab", [7, 1000, 152064])
 def test_greedy_argmax_lse_matches_reference_on_gpu(dtype, vocab):
-    from kernels.csrc_ops import greedy_argmax_lse, greedy_argmax_lse_ref
+    from rrm_kernels.csrc_ops import greedy_argmax_lse, greedy_argmax_lse_ref
     gen = torch.Generator(device="cuda").manual_seed(vocab)
     logits = (torch.randn(5, vocab, device="cuda", generator=gen) * 4).to(dtype)
     logits[1, : vocab // 2] = float("-inf")
@@ -92,10 +93,10 @@ def test_triton_kernels_compile_for_sm90_without_spills():
     except Exception as e:  # no NVIDIA backend / ptxas in this Triton install
         pytest.skip(f"Triton's NVIDIA backend is not usable here: {e}")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the real compiler, not the interpreter
-    env["PYTHONPATH"] = str(CSRC.parent) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     # every kernel at its launch config, attention at its default tile for both model shapes
     result = subprocess.run([sys.executable, "-m", "bench.ptxas_report"], capture_output=True, text=True, env=env,
-                            cwd=CSRC.parent)
+                            cwd=ROOT)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     assert result.stdout.count("\n") > 10, result.stdout  # the header and every kernel's line

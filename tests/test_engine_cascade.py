@@ -92,7 +92,7 @@ def test_static_decode_on_triton_keeps_split_k_and_cascade():
     whole context, one split below 8K), and its levels are the step's prefix tree (the graph path
     used to skip the cascade). The samples equal the eager engine's."""
     import rrm_engine.triton_backend as tb
-    from kernels.decode_plan import choose_num_splits, split_len_for
+    from rrm_kernels.decode_plan import choose_num_splits, split_len_for
     # two requests of 2 votes sharing system prompt (level 0), each its own query+pair (level 1),
     # and an unrelated ~290-token prompt whose whole context is its suffix
     prompts = rrm_prompts(queries=2, comparisons=1, query_len=4 * BS, pair_len=4 * BS + 3)

@@ -48,7 +48,7 @@ def test_cpu_backend_samples_equal_torch_backend(temperature):
 
 
 def test_auto_falls_back_to_torch_with_one_log_line(monkeypatch, caplog):
-    from kernels import cpu_ops
+    from rrm_kernels import cpu_ops
 
     # a process where the build failed: load() re-raises that failure, nothing is loaded
     monkeypatch.setattr(cpu_ops, "_module", None)

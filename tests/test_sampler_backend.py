@@ -11,8 +11,8 @@ import os
 import pytest
 import torch
 
-import kernels.csrc_ops as csrc_ops
-import kernels.sampling as ks
+import rrm_kernels.csrc_ops as csrc_ops
+import rrm_kernels.sampling as ks
 from rrm_engine.sampler import SampleRequest, kernel_backend, sample
 from rrm_engine.sampling_params import SamplingParams
 

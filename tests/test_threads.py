@@ -78,7 +78,7 @@ TUNED_CHILD = """
 import sys
 import rrm_engine
 from rrm_engine import threads
-from kernels import cpu_ops, quant_linear_cpu
+from rrm_kernels import cpu_ops, quant_linear_cpu
 rrm_engine.LLM(sys.argv[1], device="cpu", kv_cache_tokens=256, weights="q8_0")
 print("ops", cpu_ops.set_parallel_min(1, 1, 1), "quant", quant_linear_cpu.set_parallel_min(1))
 pm = threads.cpu_parallel_min()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import rrm_engine as rrm
-from kernels import quant_linear_cpu as ql
+from rrm_kernels import quant_linear_cpu as ql
 from rrm_engine import weight_formats as wf
 from rrm_engine.loader import load_hf
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.selective_log_softmax import selective_log_softmax
+from rrm_kernels.selective_log_softmax import selective_log_softmax
 
 from ..model import Decoder
 

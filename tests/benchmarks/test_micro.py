@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.sampling import sample_ref
+from rrm_kernels.sampling import sample_ref
 from rrm_engine.block_pool import BlockPool
 from rrm_engine.radix_cache import RadixCache
 from rrm_engine.sampling_params import SamplingParams

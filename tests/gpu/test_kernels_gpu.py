@@ -49,8 +49,8 @@ def paged(lens: list[int], hkv: int, d: int, dtype: torch.dtype, gen: torch.Gene
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("hkv,g,d", SHAPES)
 def test_decode_and_shared_prefix(dtype, hkv, g, d):
-    from kernels.paged_decode import paged_decode_attention, paged_decode_attention_ref
-    from kernels.shared_prefix_decode import shared_prefix_decode_attention
+    from rrm_kernels.paged_decode import paged_decode_attention, paged_decode_attention_ref
+    from rrm_kernels.shared_prefix_decode import shared_prefix_decode_attention
     gen = torch.Generator().manual_seed(d + g)
     kc, vc, bt, lens = paged(LENS, hkv, d, dtype, gen)
     q = torch.randn(len(LENS), hkv * g, d, generator=gen).to(dtype).to(DEVICE)
@@ -72,7 +72,7 @@ def test_decode_and_shared_prefix(dtype, hkv, g, d):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("hkv,g,d", SHAPES)
 def test_prefill_varlen_and_long_prompt(dtype, hkv, g, d):
-    from kernels.paged_prefill import paged_prefill_attention, paged_prefill_attention_ref
+    from rrm_kernels.paged_prefill import paged_prefill_attention, paged_prefill_attention_ref
     gen = torch.Generator().manual_seed(d * g)
     # (context, new tokens): whole prompts, extends after cached prefixes, a long prompt
     cases = [(1, 1), (17, 17), (300, 40), (70, 1), (2048, 2048)] if GPU else [(1, 1), (17, 17), (40, 5), (70, 66)]
@@ -87,8 +87,8 @@ def test_prefill_varlen_and_long_prompt(dtype, hkv, g, d):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_rmsnorm_and_rope_store(dtype):
-    from kernels.rmsnorm import rms_norm, rms_norm_ref
-    from kernels.rope_store import rope_and_store, rope_and_store_ref
+    from rrm_kernels.rmsnorm import rms_norm, rms_norm_ref
+    from rrm_kernels.rope_store import rope_and_store, rope_and_store_ref
     from rrm_engine.rotary import rotary_cos_sin
     gen = torch.Generator().manual_seed(7)
     hidden, (hkv, g, d) = (3584 if GPU else 96), SHAPES[0]
@@ -113,8 +113,8 @@ def test_rmsnorm_and_rope_store(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32] if GPU else [torch.float32], ids=str)
 def test_sampler_and_token_logprobs_at_vocab_scale(dtype):
-    from kernels.sampling import filter_mask_ref, sample, sample_ref
-    from kernels.selective_log_softmax import token_logprobs
+    from rrm_kernels.sampling import filter_mask_ref, sample, sample_ref
+    from rrm_kernels.selective_log_softmax import token_logprobs
     gen = torch.Generator().manual_seed(3)
     rows, vocab = (256, 152064) if GPU else (8, 4000)
     logits = (torch.randn(rows, vocab, generator=gen) * 3).to(dtype).to(DEVICE)
@@ -182,9 +182,9 @@ def test_engine_triton_backend_and_cuda_graphs(tiny_qwen2_dir, dtype):
 def test_prefix_tree_and_static_plan_at_7b_shapes(dtype):
     """Three levels (system prompt | query | comparison) and a static plan reused by steps of
     other shapes, against plain decode: what the engine's graphs replay."""
-    from kernels.decode_plan import HostLevel, StaticDecodePlan, plan_decode
-    from kernels.paged_decode import paged_decode_attention_ref
-    from kernels.shared_prefix_decode import decode_attention
+    from rrm_kernels.decode_plan import HostLevel, StaticDecodePlan, plan_decode
+    from rrm_kernels.paged_decode import paged_decode_attention_ref
+    from rrm_kernels.shared_prefix_decode import decode_attention
     gen = torch.Generator().manual_seed(11)
     hkv, g, d = SHAPES[0]
     sys_n, q_n, p_n = (512, 1024, 2048) if GPU else (16, 32, 48)  # tokens, whole pages
@@ -315,7 +315,7 @@ def test_csrc_sampler_backend_matches_triton_greedy(tiny_qwen2_dir, monkeypatch)
     import rrm_engine as rrm
     from rrm_engine.sampler import SampleRequest, sample
     if not GPU:
-        import kernels.csrc_ops as csrc_ops
+        import rrm_kernels.csrc_ops as csrc_ops
         seen = []
 
         def stand_in(logits, row_index, splits=None, with_status=False):
@@ -345,7 +345,7 @@ def test_csrc_sampler_backend_matches_triton_greedy(tiny_qwen2_dir, monkeypatch)
 def test_selective_log_softmax_gradient_under_bf16_autocast():
     """B3 where the trainer runs it: bf16 autocast on the device, Triton reduction in forward,
     backward outside autocast; the gradient equals autograd's of the same forward."""
-    from kernels.selective_log_softmax import selective_log_softmax, selective_log_softmax_ref
+    from rrm_kernels.selective_log_softmax import selective_log_softmax, selective_log_softmax_ref
     gen = torch.Generator().manual_seed(12)
     n, v, h = (512, 32768, 256) if GPU else (32, 300, 16)
     hidden = (torch.randn(n, h, generator=gen) * 2).to(DEVICE).requires_grad_()

@@ -1,5 +1,5 @@
 """Kernel tests run on CPU through Triton's interpreter. Triton reads TRITON_INTERPRET when a
-kernel is decorated (at import of a kernels/ module), so it is set here, before any test module
+kernel is decorated (at import of a rrm_kernels/ module), so it is set here, before any test module
 of this directory imports kernels."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 if not torch.cuda.is_available():
     _was = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
-    _early = [m for m in sys.modules if m.startswith("kernels.")]
+    _early = [m for m in sys.modules if m.startswith("rrm_kernels.")]
     if _early and _was != "1":
         raise RuntimeError(f"{_early} were imported before TRITON_INTERPRET=1 was set and no GPU is present: "
                            "set TRITON_INTERPRET=1 in the environment or in tests/conftest.py")

@@ -1,4 +1,4 @@
-"""The C++ CPU decode ops (csrc/cpu_decode_ops.cpp via kernels.cpu_ops) against their torch
+"""The C++ CPU decode ops (rrm_kernels/csrc/cpu_decode_ops.cpp via rrm_kernels.cpu_ops) against their torch
 references, on fresh random inputs, for every instruction-set path this CPU runs (AVX-512, AVX2,
 scalar: each forced by isa=) and for fp32 / bf16 / fp16.
 
@@ -15,11 +15,11 @@ import torch.nn.functional as F
 from paged_data import make_cache, scattered_tables
 from test_shared_prefix import two_level_batch
 
-from kernels import cpu_ops
-from kernels.paged_decode import paged_decode_attention_ref
-from kernels.rmsnorm import rms_norm_ref
-from kernels.rope_store import rope_and_store_ref
-from kernels.shared_prefix_decode import shared_prefix_decode_attention_ref
+from rrm_kernels import cpu_ops
+from rrm_kernels.paged_decode import paged_decode_attention_ref
+from rrm_kernels.rmsnorm import rms_norm_ref
+from rrm_kernels.rope_store import rope_and_store_ref
+from rrm_kernels.shared_prefix_decode import shared_prefix_decode_attention_ref
 from rrm_engine.attention import PrefixLevel
 
 if shutil.which("c++") is None and shutil.which("g++") is None:
@@ -239,7 +239,7 @@ def test_linear_keeps_leading_dims_and_rejects_mismatches():
 
 @pytest.mark.parametrize("spread", [0.3, 3.0, 30.0])
 def test_sampler_equals_reference_token_for_token(isa, spread):
-    from kernels.sampling import sample_ref
+    from rrm_kernels.sampling import sample_ref
     gen = torch.Generator().manual_seed(int(spread * 10))
     r, v, b = 6, 1000, 1000
     logits = torch.randn(r, v, generator=gen) * spread

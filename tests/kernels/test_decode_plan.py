@@ -1,4 +1,4 @@
-"""The decode plan (kernels/decode_plan.py): built once per step from host lists and reused by
+"""The decode plan (rrm_kernels/decode_plan.py): built once per step from host lists and reused by
 every layer (issue 13 D1); work items split any group into programs of block_m / g members
 (D2: groups larger than one tile); the static plan CUDA graphs read keeps split-K sized to the
 step's real context and the cascade, and its reused buffers never leak one step into the next
@@ -8,11 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.decode_plan import (HostLevel, StaticDecodePlan, choose_num_splits, decode_tile, plan_decode,
+from rrm_kernels.decode_plan import (HostLevel, StaticDecodePlan, choose_num_splits, decode_tile, plan_decode,
                                  split_len_for)
-from kernels.paged_decode import paged_decode_attention_ref
-from kernels.paged_tile import TileConfig
-from kernels.shared_prefix_decode import decode_attention
+from rrm_kernels.paged_decode import paged_decode_attention_ref
+from rrm_kernels.paged_tile import TileConfig
+from rrm_kernels.shared_prefix_decode import decode_attention
 
 PAGE, HKV, G, D = 8, 2, 2, 16
 

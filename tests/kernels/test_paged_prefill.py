@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kernels.paged_prefill import paged_prefill_attention, paged_prefill_attention_ref
+from rrm_kernels.paged_prefill import paged_prefill_attention, paged_prefill_attention_ref
 from paged_data import make_cache, scattered_tables
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=3e-3, rtol=3e-3)}

@@ -1,4 +1,4 @@
-"""The shared paged tile step (kernels/paged_tile.py) on its own: a test kernel folds every tile
+"""The shared paged tile step (rrm_kernels/paged_tile.py) on its own: a test kernel folds every tile
 of one paged context into the online-softmax state and returns the raw state (m, l, acc), which
 is compared with the same quantities computed in float64 torch. The attention kernels' own tests
 check the step inside each kernel; this one pins its contract, including rows that see no key
@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.paged_tile import load_kv_tile, online_softmax_update
+from rrm_kernels.paged_tile import load_kv_tile, online_softmax_update
 from paged_data import make_cache, scattered_tables
 
 ROWS, D, PAGE, BLOCK_N, HKV = 16, 16, 8, 16, 2

@@ -1,4 +1,4 @@
-"""The quantised CPU linear (kernels/quant_linear_cpu.py + csrc/quant_linear_cpu.cpp): the quantisers
+"""The quantised CPU linear (rrm_kernels/quant_linear_cpu.py + rrm_kernels/csrc/quant_linear_cpu.cpp): the quantisers
 against gguf's reference bytes, the op on every ISA path this CPU can run (each forced) against its
 torch reference on fresh random inputs, and the clean fallback when the extension cannot build."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from kernels import quant_linear_cpu as ql
+from rrm_kernels import quant_linear_cpu as ql
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kernels.rmsnorm import rms_norm, rms_norm_ref
+from rrm_kernels.rmsnorm import rms_norm, rms_norm_ref
 from rrm_engine.model import RMSNorm
 
 # fp16 outputs are rounded twice (after the norm, after the weight): one fp16 ulp near 4 is 4e-3

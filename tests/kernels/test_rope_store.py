@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kernels.rope_store import rope_and_store, rope_and_store_ref
+from rrm_kernels.rope_store import rope_and_store, rope_and_store_ref
 from rrm_engine.rotary import apply_rotary, rotary_cos_sin
 
 

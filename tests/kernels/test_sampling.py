@@ -14,8 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.rng import row_keys_tl, uniform_tl, uniform_torch
-from kernels.sampling import (filter_mask_ref, gumbel_race_ref, sample, sample_ref, sample_triton,
+from rrm_kernels.rng import row_keys_tl, uniform_tl, uniform_torch
+from rrm_kernels.sampling import (filter_mask_ref, gumbel_race_ref, sample, sample_ref, sample_triton,
                               top_logprobs_ref)
 
 ALPHA = 1e-3  # chi-square significance level; every draw is seeded, so each test is deterministic

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.selective_log_softmax import (IGNORE_INDEX, selective_log_softmax, selective_log_softmax_ref,
+from rrm_kernels.selective_log_softmax import (IGNORE_INDEX, selective_log_softmax, selective_log_softmax_ref,
                                            token_logprobs)
 
 SHAPES = [(1, 5, 3), (7, 33, 13), (37, 101, 19)]  # (N, V, H): odd on purpose

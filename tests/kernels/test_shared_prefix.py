@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from kernels.paged_decode import paged_decode_attention
-from kernels.shared_prefix_decode import shared_prefix_decode_attention, shared_prefix_decode_attention_ref
+from rrm_kernels.paged_decode import paged_decode_attention
+from rrm_kernels.shared_prefix_decode import shared_prefix_decode_attention, shared_prefix_decode_attention_ref
 from rrm_engine.attention import PrefixLevel
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=3e-3, rtol=3e-3)}

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from kernels.paged_decode import paged_decode_attention, paged_decode_attention_ref
-from kernels.paged_prefill import paged_prefill_attention, paged_prefill_attention_ref
-from kernels.paged_tile import TileConfig
-from kernels.shared_prefix_decode import shared_prefix_decode_attention, shared_prefix_decode_attention_ref
+from rrm_kernels.paged_decode import paged_decode_attention, paged_decode_attention_ref
+from rrm_kernels.paged_prefill import paged_prefill_attention, paged_prefill_attention_ref
+from rrm_kernels.paged_tile import TileConfig
+from rrm_kernels.shared_prefix_decode import shared_prefix_decode_attention, shared_prefix_decode_attention_ref
 from paged_data import make_cache, scattered_tables
 from test_shared_prefix import two_level_batch
 

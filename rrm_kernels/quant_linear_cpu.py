@@ -1,7 +1,7 @@
 """Linear layers with GGUF-quantised weights (Q8_0, Q4_1) on the CPU: y = x @ W^T.
 
 The weights stay in their 32-element blocks (Q8_0: fp16 scale + 32 int8, 34 B; Q4_1: fp16 scale and
-min + 32 nibbles, 20 B; against 128 B in fp32) and csrc/quant_linear_cpu.cpp multiplies with them:
+min + 32 nibbles, 20 B; against 128 B in fp32) and rrm_kernels/csrc/quant_linear_cpu.cpp multiplies with them:
 x is quantised per 32-block to int8 as llama.cpp does, block dot products run on int8 (AVX-512 VNNI,
 AVX2 or scalar, chosen at run time), and each block's scales are applied in fp32.
 
@@ -23,7 +23,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "quant_linear_cpu.cpp"
+SOURCE = Path(__file__).resolve().parent / "csrc" / "quant_linear_cpu.cpp"
 FORMATS = ("q8_0", "q4_1")
 ISAS = ("auto", "scalar", "avx2", "avx512")
 QK = 32  # weights per block
@@ -112,7 +112,7 @@ def dequantize(qw: QuantizedWeight) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------ packing
 def pack(qw: QuantizedWeight) -> torch.Tensor:
-    """The kernel's layout (csrc/quant_linear_cpu.cpp): columns padded to a multiple of 16, one
+    """The kernel's layout (rrm_kernels/csrc/quant_linear_cpu.cpp): columns padded to a multiple of 16, one
     record per (group of 16 columns, block of 32 k), group-major so a group streams along k."""
     n, k = qw.shape
     kb, groups = k // QK, -(-n // GROUP)
@@ -177,7 +177,7 @@ def available() -> bool:
         return True
     except Exception as e:  # no compiler, no headers, a failed compile: the caller falls back
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        log.warning("rrm_engine: the quantised CPU linear op (csrc/%s) did not build (%s); "
+        log.warning("rrm_engine: the quantised CPU linear op (rrm_kernels/csrc/%s) did not build (%s); "
                     "falling back to dense weights", SOURCE.name, first[:300])
         return False
 

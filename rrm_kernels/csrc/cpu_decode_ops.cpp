@@ -1,5 +1,5 @@
 // CPU decode ops for rrm_engine's CPU attention backend (rrm_engine/cpu_backend.py), JIT-built by
-// kernels/cpu_ops.py with torch.utils.cpp_extension:
+// rrm_kernels/cpu_ops.py with torch.utils.cpp_extension:
 //   paged_decode   decode attention over the paged KV cache with the shared-prefix (cascade)
 //                  pass: each group's prefix is read once for all its member sequences;
 //   rope_store     half-split rotary on q and k plus the K/V cache store;

@@ -8,14 +8,14 @@ heads of that kv group (the g heads are the rows of a [G_PAD, D] tile, so QK^T i
 Split-K: long contexts are cut into `num_splits` token ranges; each range writes a partial
 (out, log-sum-exp) and a small kernel merges the parts exactly. The same merge serves the
 shared-prefix kernel, whose parts are prefix passes plus a per-sequence suffix. How many splits
-and how long each is come from the step's DecodePlan (kernels/decode_plan.py): the split length
+and how long each is come from the step's DecodePlan (rrm_kernels/decode_plan.py): the split length
 is read from device memory, so a CUDA graph captured once keeps split-K at every context length.
 
 All softmax arithmetic is fp32 in base 2 (exp2/log2; scores pre-multiplied by log2(e)).
 fp32 inputs ask tl.dot for IEEE precision (no silent TF32 on a GPU: fp32 is the exact path);
 fp16/bf16 keep the default, which the tensor cores serve. Page ids are widened to int64 before they scale a
 stride, so large caches cannot overflow the address arithmetic.
-The per-tile gather and online-softmax step are kernels.paged_tile's, shared with prefill and the
+The per-tile gather and online-softmax step are rrm_kernels.paged_tile's, shared with prefill and the
 shared-prefix pass.
 """
 from __future__ import annotations

@@ -24,7 +24,7 @@ Semantics, shared by both implementations:
       min-p: keep p >= min_p * p_max, evaluated as x - max(x) >= log(min_p). It is unchanged by
              renormalisation, so its order relative to the others does not matter.
   * The draw is the exponential race (Gumbel-max): token = argmax over kept tokens of
-    x - log(-log(u)), u = kernels.rng uniform(seed, offset, token index). That is an exact
+    x - log(-log(u)), u = rrm_kernels.rng uniform(seed, offset, token index). That is an exact
     sample of softmax(x) renormalised over the kept set, needs no sort, and depends only on
     (seed, offset), never on the batch around the sample. Two samples with the same seed and
     offset draw the same token: give the n sequences of one request different seeds.
@@ -42,7 +42,7 @@ Implementations:
     probe thresholds at once (~8 passes for 32 bits; top-p starts from a provable lower bracket);
     a last pass runs the race. Greedy rows stop after pass 1. The kept set equals the reference's
     except when the accumulated mass lands within fp32 rounding of top_p (summation order differs).
-  * sample(..., backend="csrc", all_greedy=True): the CUDA C++ greedy kernel in csrc/.
+  * sample(..., backend="csrc", all_greedy=True): the CUDA C++ greedy kernel in rrm_kernels/csrc/.
 Not yet run on a GPU: correctness is tested in Triton's interpreter, and CI compiles the kernel
 for sm_90 (tests/test_csrc_build.py); launch parameters are first guesses.
 """
@@ -208,7 +208,7 @@ def sample(logits: torch.Tensor, row_index: torch.Tensor, temperature: torch.Ten
            return_status: bool = False):
     """The sampler the engine calls. backend: "auto" (Triton on CUDA, torch reference on CPU),
     "triton" (forced; on CPU needs TRITON_INTERPRET=1), "torch", or "csrc" (CUDA C++ greedy
-    path, all_greedy only; JIT-built on first use, see kernels/csrc_ops.py). validate=False skips the value
+    path, all_greedy only; JIT-built on first use, see rrm_kernels/csrc_ops.py). validate=False skips the value
     checks (one host sync), e.g. inside a CUDA graph where the caller has checked its inputs.
     all_greedy=True (the caller knows every temperature is 0) takes the one-pass greedy path.
 

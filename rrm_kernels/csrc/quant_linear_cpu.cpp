@@ -1,4 +1,4 @@
-// y = x @ W^T for W held in GGUF's Q8_0 / Q4_1 blocks, on the CPU (kernels/quant_linear_cpu.py is the
+// y = x @ W^T for W held in GGUF's Q8_0 / Q4_1 blocks, on the CPU (rrm_kernels/quant_linear_cpu.py is the
 // Python side: quantiser, packing, torch reference, build and fallback).
 //
 // Why it exists: at decode the engine multiplies 8-64 rows by ~135M weights per step. In fp32 the

@@ -2,7 +2,7 @@
 
 This package imports nothing from rrm_engine. On a machine without a GPU set
 TRITON_INTERPRET=1 before importing it (the kernels then run in Triton's numpy interpreter).
-See kernels/README.md for the list, references and tested tolerances.
+See rrm_kernels/README.md for the list, references and tested tolerances.
 """
 from .paged_decode import paged_decode_attention, paged_decode_attention_ref
 from .paged_prefill import paged_prefill_attention, paged_prefill_attention_ref

@@ -1,8 +1,8 @@
-"""Loader for the CUDA C++ ops in csrc/: JIT-built with torch.utils.cpp_extension.load the first
+"""Loader for the CUDA C++ ops in rrm_kernels/csrc/: JIT-built with torch.utils.cpp_extension.load the first
 time one is used on a machine with CUDA (about a minute; cached by torch afterwards).
 
-Only op so far: greedy_argmax_lse (csrc/greedy_argmax_lse.cu explains why it is hand-written).
-kernels.sampling.sample(..., backend="csrc", all_greedy=True) selects it, and the engine does for
+Only op so far: greedy_argmax_lse (rrm_kernels/csrc/greedy_argmax_lse.cu explains why it is hand-written).
+rrm_kernels.sampling.sample(..., backend="csrc", all_greedy=True) selects it, and the engine does for
 its all-greedy steps with LLM(..., sampler_backend="csrc").
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-CSRC_DIR = Path(__file__).resolve().parent.parent / "csrc"
+CSRC_DIR = Path(__file__).resolve().parent / "csrc"
 SOURCES = (CSRC_DIR / "greedy_argmax_lse.cpp", CSRC_DIR / "greedy_argmax_lse.cu")
 _THREADS, _MAX_SPLITS = 256, 64
 
@@ -26,7 +26,7 @@ def available() -> bool:
 def load():
     """Build (or reuse torch's cached build of) the extension module."""
     if not available():
-        raise RuntimeError("csrc ops need CUDA and the csrc/ sources next to kernels/ "
+        raise RuntimeError("csrc ops need CUDA and the rrm_kernels/csrc/ sources next to rrm_kernels/ "
                            f"(cuda available: {torch.cuda.is_available()}, sources: {[str(p) for p in SOURCES]})")
     from torch.utils.cpp_extension import load as jit_load
     return jit_load(name="rrm_csrc", sources=[str(p) for p in SOURCES], extra_cflags=["-O3", "-std=c++20"],
@@ -52,7 +52,7 @@ def greedy_argmax_lse(logits: torch.Tensor, row_index: torch.Tensor, splits: int
     """tokens [B] = argmax(logits[row_index]) (first index on ties), logprobs [B] f32 =
     log_softmax(logits[row_index])[tokens]; with_status also status [B] int32, 1 where the row
     holds NaN or +inf (left out of the argmax and the sum) or is entirely -inf. The flag comes
-    from the same pass: checking it is the caller's job (kernels.sampling.sample does)."""
+    from the same pass: checking it is the caller's job (rrm_kernels.sampling.sample does)."""
     mod = load()
     if logits.stride(1) != 1:
         logits = logits.contiguous()

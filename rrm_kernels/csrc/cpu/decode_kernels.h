@@ -307,7 +307,7 @@ void run_tasks(const std::vector<AttnTask>& tasks, const std::vector<int>& membe
   }
 }
 
-// A shared-prefix level (see kernels/shared_prefix_decode.py): group g's segment is the blocks
+// A shared-prefix level (see rrm_kernels/shared_prefix_decode.py): group g's segment is the blocks
 // table[g * stride : ...], lens[g] tokens; seq_group[b] is sequence b's group or -1.
 struct Level {
   const int32_t* table;

@@ -1,4 +1,4 @@
-"""CPU decode ops in C++ (csrc/cpu_decode_ops.cpp): paged decode attention with the shared-prefix
+"""CPU decode ops in C++ (rrm_kernels/csrc/cpu_decode_ops.cpp): paged decode attention with the shared-prefix
 (cascade) pass, rotary + KV store, RMSNorm + residual, silu(gate) * up, a small-M linear, and
 sampling without filters (temperature or greedy).
 
@@ -10,7 +10,7 @@ can do without (the engine's CPU backend) catch it and fall back to torch.
 Each op runs AVX-512, AVX2 or plain C++ code, chosen at run time: the best this CPU supports,
 unless the environment variable RRM_CPU_ISA (avx512 | avx2 | scalar) or the op's `isa=` argument
 asks for one (tests run every path the machine has against the torch references in
-kernels/paged_decode.py, shared_prefix_decode.py, rope_store.py and rmsnorm.py).
+rrm_kernels/paged_decode.py, shared_prefix_decode.py, rope_store.py and rmsnorm.py).
 Signatures follow the Triton ops of the same names.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import torch
 
-CSRC_DIR = Path(__file__).resolve().parent.parent / "csrc"
+CSRC_DIR = Path(__file__).resolve().parent / "csrc"
 SOURCES = (CSRC_DIR / "cpu_decode_ops.cpp",)
 HEADERS = (CSRC_DIR / "cpu" / "vec.h", CSRC_DIR / "cpu" / "decode_kernels.h", CSRC_DIR / "cpu" / "small_gemm.h",
            CSRC_DIR / "cpu" / "sampler.h")
@@ -119,7 +119,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            seq_lens: torch.Tensor, scale: float, levels: Sequence[Any] = (),
                            split_tokens: int = SPLIT_TOKENS, isa: str | None = None) -> torch.Tensor:
     """q [B, Hq, D] (one new token per sequence) -> [B, Hq, D]. With `levels` (PrefixLevel-like,
-    as kernels.shared_prefix_decode) each group's prefix is read once for all its members and each
+    as rrm_kernels.shared_prefix_decode) each group's prefix is read once for all its members and each
     sequence's own keys after it; without, plain paged decode. The levels must describe blocks the
     sequences really share (whole blocks, nested), as the engine's runner builds them."""
     fields = [level_fields(lv) for lv in levels]
@@ -152,17 +152,17 @@ def silu_mul(gate_up: torch.Tensor, isa: str | None = None) -> torch.Tensor:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            isa: str | None = None) -> torch.Tensor:
     """x [..., K] @ weight[N, K].T (+ bias [N]), fp32 accumulation: the weight-streaming GEMM for
-    the few rows of a decode step (see csrc/cpu/small_gemm.h; large M belongs to torch's BLAS)."""
+    the few rows of a decode step (see rrm_kernels/csrc/cpu/small_gemm.h; large M belongs to torch's BLAS)."""
     return load().linear(x, weight, bias, isa_code(isa))
 
 
 def sample_unfiltered(logits: torch.Tensor, row_index: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor,
                       offsets: torch.Tensor, isa: str | None = None, return_status: bool = False):
-    """kernels.sampling.sample_ref with top-k, top-p and min-p off (the caller checks that): the
+    """rrm_kernels.sampling.sample_ref with top-k, top-p and min-p off (the caller checks that): the
     same tokens for the same (seed, offset), logprob = log_softmax(logits / T)[token] (T = 1 when
     greedy). A sampled row that holds NaN or +inf, or is entirely -inf, raises ValueError naming
     it; with return_status=True nothing is raised: (tokens, logprobs, status), status [B] int32
-    nonzero for such a sample (as kernels.sampling.sample's)."""
+    nonzero for such a sample (as rrm_kernels.sampling.sample's)."""
     tokens, logprobs, status = load().sample(logits.float().contiguous(), row_index, temperature, seeds, offsets,
                                              isa_code(isa))
     if return_status:

@@ -12,7 +12,7 @@ members run side by side, so their reads of the same tiles meet in L2:
      all levels in one launch;
   2. each sequence's suffix (tokens after the sum of its levels' lens) is a paged decode pass
      over its own block table;
-  3. all parts merge exactly by log-sum-exp (kernels.paged_decode.merge_parts).
+  3. all parts merge exactly by log-sum-exp (rrm_kernels.paged_decode.merge_parts).
 
 Any number of levels is supported. The engine builds a prefix tree (rrm_engine/runner.py): with
 several queries in flight, level 0 = the system prompt shared by every row, level 1 = one query's
@@ -22,7 +22,7 @@ i+1's segment starts where level i's ends; a sequence may have no group at all (
 plain paged decode). Group segments are whole blocks.
 
 Everything layer-independent (who is in which group, work items, split sizes, partial buffers)
-is the step's DecodePlan (kernels/decode_plan.py), built once per step and passed to every layer.
+is the step's DecodePlan (rrm_kernels/decode_plan.py), built once per step and passed to every layer.
 Each prefix pass is split along the prefix (split-K), so a single large group still fills the GPU.
 """
 from __future__ import annotations

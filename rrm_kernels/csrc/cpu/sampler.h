@@ -1,6 +1,6 @@
 // Sampling without filters (temperature only, or greedy) with the chosen token's log-prob: the
-// semantics of kernels/sampling.py's sample_ref when top-k, top-p and min-p are off, token for
-// token (same counter-based uniforms as kernels/rng.py, same exponential race, same pruning
+// semantics of rrm_kernels/sampling.py's sample_ref when top-k, top-p and min-p are off, token for
+// token (same counter-based uniforms as rrm_kernels/rng.py, same exponential race, same pruning
 // bound). Included once per instruction set like decode_kernels.h.
 //
 // Per sample: x = logits[row] / T in fp32 (T = 1 for greedy); pass 1 finds max(x), its first
@@ -22,7 +22,7 @@ inline uint32_t rng_mix(uint32_t x) {
   return x ^ (x >> 16);
 }
 
-// kernels/rng.py: uniform in (0, 1) of (seed, offset, token index), bit for bit
+// rrm_kernels/rng.py: uniform in (0, 1) of (seed, offset, token index), bit for bit
 inline float rng_uniform(uint32_t h1, uint32_t h2, int64_t idx) {
   uint32_t bits = rng_mix((static_cast<uint32_t>(idx) ^ 0x68E31DA4u) + h2);
   bits = rng_mix(bits ^ h1);

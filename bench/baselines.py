@@ -110,9 +110,9 @@ def random_qwen2_7b(layers: int | None, tokenizer: Any, device: torch.device, dt
     new fused tensors: a second copy of most of the 7B weights on the device."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from rrm_engine.config import ModelConfig
-    from rrm_engine.loader import LoadedModel
-    from rrm_engine.model import Decoder
+    from rrm_engine.model.config import ModelConfig
+    from rrm_engine.model.loader import LoadedModel
+    from rrm_engine.model.decoder import Decoder
 
     kw = dict(QWEN2_7B, num_hidden_layers=layers or QWEN2_7B["num_hidden_layers"])
     eos = tokenizer.eos_token_id if tokenizer is not None else 2

@@ -90,7 +90,7 @@ def weight_bytes(llm: LLM) -> int:
     """Bytes of every weight a decode step reads, as served: the linears and the LM head (a tied
     embedding is read in full as the head) plus the norms; the embedding table itself is only
     indexed (rows per step), so it does not count."""
-    from rrm_engine.weight_formats import served_weight_bytes
+    from rrm_engine.layers.weight_formats import served_weight_bytes
     model = llm.engine.model
     norms = sum(m.weight.numel() * m.weight.element_size() for name, m in model.named_modules()
                 if "norm" in name.rsplit(".", 1)[-1] and getattr(m, "weight", None) is not None)
@@ -145,7 +145,7 @@ def time_steps(llm: LLM, rows: int, context: int, steps: int, warmup: int) -> li
 
 
 # "cpu-modules": the CPU backend stepping the decoder's modules instead of its flat serving loop
-# (rrm_engine/cpu_flat_forward.py), to measure what the loop buys
+# (rrm_engine/model/cpu_flat_forward.py), to measure what the loop buys
 MODULES_SUFFIX = "-modules"
 
 
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     dtype = getattr(torch, a.dtype)
 
     from rrm_engine import threads
-    from rrm_engine.loader import load
+    from rrm_engine.model.loader import load
     loaded = load(a.model, device="cpu", dtype=dtype)
     kv_tokens = 16 * (-(-(max(rows_list) * (a.context + a.steps + a.warmup + 64)) // 16) + 64)
     n_params = sum(t.numel() for t in loaded.model.parameters())  # before a conversion makes them buffers
@@ -283,7 +283,7 @@ def op_breakdown(loaded, backend: str, kv_tokens: int, kv_dtype: str | None, row
     """{op: (seconds, calls)} over a.steps decode steps of a fresh LLM, plus "step" (their total
     wall time). Each wrapped call costs about a microsecond of timer overhead."""
     from rrm_kernels import cpu_ops
-    from rrm_engine import weight_formats
+    from rrm_engine.layers import weight_formats
 
     spent: dict[str, list] = {}
 

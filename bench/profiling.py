@@ -1,4 +1,4 @@
-"""Profiling helpers: a traced run of the engine. Named phases come from rrm_engine.profiling
+"""Profiling helpers: a traced run of the engine. Named phases come from rrm_engine.core.profiling
 (the engine marks engine.schedule / engine.forward / engine.sample itself)."""
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ Three systems in one process, each warmed up once on a small run before it is ti
   (b) rrm_engine without sharing: prefix caching off, each vote its own n=1 request;
   (c) rrm_engine with everything on, driven by the judge: Judge.rank_batch (strict, no order swap,
       so that each comparison is one request with n=k), its linears in --weights (default auto:
-      the checkpoint's own GGUF blocks for the embedded model, see rrm_engine/weight_formats.py);
+      the checkpoint's own GGUF blocks for the embedded model, see rrm_engine/layers/weight_formats.py);
   (d) llama.cpp through llama-cpp-python when it is installed (else one line says it is skipped):
       each prompt decoded once and forked to k sequences with seq_cp, all votes decoded in one
       llama_batch per step, same thread count (llamacpp.py); once per --llamacpp precision, the
@@ -42,7 +42,7 @@ from .baselines import (Shape, SystemResult, embedded_gguf, load_hf_model, rando
                         sync)
 from .llamacpp import PRECISIONS as LLAMACPP_PRECISIONS
 from .llamacpp import run_llamacpp
-from rrm_engine.profiling import phase
+from rrm_engine.core.profiling import phase
 
 from .profiling import profile_run
 from .roofline import copy_bandwidth, decode_roofline, matmul_rate, quant_linear_rate
@@ -265,7 +265,7 @@ def _load_llamacpp(opts: Options, device: torch.device) -> tuple[list[Any], str 
     """One loaded model per requested precision, or the line that says why (d) is skipped."""
     from pathlib import Path
 
-    from rrm_engine.gguf_loader import cache_root
+    from rrm_engine.model.gguf_loader import cache_root
 
     from .llamacpp import LlamaCpp, gguf_file, unavailable_reason
 
@@ -423,7 +423,7 @@ def compare(setup: Setup, votes: int, prompt_len: int, gen_len: int, log=print) 
                 "comparisons_per_s": results["c"].comparisons_per_s / results[base].comparisons_per_s,
             }
     if "c" in results:
-        from rrm_engine.weight_formats import served_weight_bytes
+        from rrm_engine.layers.weight_formats import served_weight_bytes
         rl = decode_roofline(rec.step_log, setup.shape, setup.kv_elem, statistics.mean(lens), gen_len, votes,
                              setup.ceilings[0], setup.ceilings[1], served_weight_bytes(setup.llm_c.loaded.model))
         report["roofline_c"] = rl.as_dict() if rl is not None else None

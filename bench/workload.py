@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from rrm_engine.profiling import phase
+from rrm_engine.core.profiling import phase
 
 PANDALM = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "pandalm_testset_v1.json"
 

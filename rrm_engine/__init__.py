@@ -5,7 +5,7 @@ from .threads import set_wait_policy
 
 set_wait_policy()
 
-from .engine import StepError  # noqa: E402
+from .core.engine import StepError  # noqa: E402
 from .judge import Comparison, Judge, Ranking, parse_verdict  # noqa: E402
 from .llm import LLM  # noqa: E402
 from .outputs import CompletionOutput, RequestOutput  # noqa: E402

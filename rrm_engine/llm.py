@@ -22,8 +22,8 @@ from collections.abc import Sequence as SequenceABC
 
 import torch
 
-from .engine import Engine, StepError
-from .memory_plan import CudaMemoryProbe, MemoryPlan, MemoryProbe
+from .core.engine import Engine, StepError
+from .core.memory_plan import CudaMemoryProbe, MemoryPlan, MemoryProbe
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 from .threads import check_wait_policy
@@ -57,7 +57,7 @@ class LLM:
         CUDA C++ greedy kernel for all-greedy steps, Triton for the rest; CUDA only, JIT-built here).
         weights: the format of the linears' weights on CPU: "fp32" (the exact reference), "bf16",
         "q8_0", "q4_1" (GGUF blocks multiplied in place), or "auto" (the fastest that loses nothing of
-        the checkpoint); None keeps the run dtype. See rrm_engine/weight_formats.py. Converting a
+        the checkpoint); None keeps the run dtype. See rrm_engine/layers/weight_formats.py. Converting a
         LoadedModel changes its decoder in place (it can no longer be trained).
         kv_cache_dtype: the KV cache's dtype; None or "auto" keeps the run dtype. On CPU "bfloat16" or
         "float16" under an fp32 model halves the cache and the bytes attention reads per step (keys
@@ -104,7 +104,7 @@ class LLM:
         """tensor_parallel_size ranks in spawned processes; this process keeps the tokenizer and
         sends every engine call to them (no weights here: self.loaded.model is None)."""
         from .distributed.tp_workers import WorkerEngine
-        from .loader import LoadedModel
+        from .model.loader import LoadedModel
 
         if not isinstance(model, (str, os.PathLike)):
             raise TypeError(f"tensor_parallel_size={tensor_parallel_size} from one process needs a model name or "
@@ -277,7 +277,7 @@ def _spawns_workers(tensor_parallel_size: int) -> bool:
 def _load_for_rank(model, device, dtype, tensor_parallel_size: int):
     """The LoadedModel this process serves: from a name or path, only this rank's shard is read
     (tensor_parallel_size > 1); a LoadedModel passed in whole is sharded in memory."""
-    from .loader import LoadedModel, load
+    from .model.loader import LoadedModel, load
 
     shard = None
     if tensor_parallel_size != 1:
@@ -294,7 +294,7 @@ def _load_for_rank(model, device, dtype, tensor_parallel_size: int):
 
 def _apply_weights(decoder, weights: str | None, loaded, tensor_parallel_size: int) -> str:
     """Convert the decoder's linears to the requested format; returns the format now served."""
-    from . import weight_formats
+    from .layers import weight_formats
 
     if weights is None:  # as loaded (or as an earlier LLM on the same LoadedModel converted it)
         return weight_formats.served_format(decoder)
@@ -313,7 +313,7 @@ def _use_backend(decoder, name: str) -> None:
     """Torch attention and norms; the Triton kernels for both (attention with rotary fused into the
     KV store, residual add fused into RMSNorm); or the C++ CPU ops (the same fusions plus
     silu(gate) * up). "auto": Triton on CUDA, the CPU ops on CPU, torch when they are unavailable."""
-    from .attention import TorchAttention
+    from .layers.attention import TorchAttention
 
     if name not in ("auto", "torch", "triton", "cpu"):
         raise ValueError(f"attention_backend must be 'auto', 'torch', 'triton' or 'cpu', got {name!r}")
@@ -323,7 +323,7 @@ def _use_backend(decoder, name: str) -> None:
     decoder.serving_forward = None
     if name == "triton" or (name == "auto" and device.type == "cuda"):
         try:
-            from .triton_backend import TritonAttention
+            from .layers.attention.triton_backend import TritonAttention
             decoder.backend = TritonAttention()
             decoder.use_fused_norms(True)
         except ImportError as e:
@@ -334,7 +334,7 @@ def _use_backend(decoder, name: str) -> None:
             raise ValueError(f"attention_backend='cpu' needs the model on the CPU, it is on {device}")
         from rrm_kernels import cpu_ops
 
-        from .cpu_backend import CpuAttention, small_m_linear
+        from .layers.attention.cpu_backend import CpuAttention, small_m_linear
         try:
             backend = CpuAttention()
         except RuntimeError as e:
@@ -344,7 +344,7 @@ def _use_backend(decoder, name: str) -> None:
             return
         decoder.backend = backend
         decoder.use_kernels(rms_norm=cpu_ops.rms_norm, silu_mul=cpu_ops.silu_mul, linear=small_m_linear)
-        from .cpu_flat_forward import FlatForward
+        from .model.cpu_flat_forward import FlatForward
         decoder.serving_forward = FlatForward(decoder)
 
 
@@ -352,7 +352,7 @@ def _kv_cache_dtype(spec: torch.dtype | str | None, p: torch.Tensor, backend: ob
     """The KV cache's dtype: the run dtype unless asked; another one only for the CPU and torch
     attention backends on CPU (see LLM)."""
     from .placement import resolve_dtype
-    from .triton_backend import TritonAttention
+    from .layers.attention.triton_backend import TritonAttention
 
     if spec is None or (isinstance(spec, str) and spec.strip().lower() == "auto"):
         return p.dtype
@@ -370,8 +370,8 @@ def _plan_memory(decoder, probe: MemoryProbe | None, *, gpu_memory_utilization: 
     """The KV cache size and where the rest of the memory goes (memory_plan.py). Without a probe
     (CPU) the cache is kv_cache_tokens or the CPU default. Tensor-parallel ranks all take the
     smallest rank's cache, or all fail together, so that their schedules stay in lockstep."""
-    from .memory_plan import InsufficientMemoryError, check_utilization, fixed_plan, kv_bytes_per_token
-    from .memory_profile import measure_and_plan, weights_bytes
+    from .core.memory_plan import InsufficientMemoryError, check_utilization, fixed_plan, kv_bytes_per_token
+    from .core.memory_profile import measure_and_plan, weights_bytes
 
     check_utilization(gpu_memory_utilization)
     p, cfg = next(decoder.parameters()), decoder.cfg
@@ -413,7 +413,7 @@ def _capture_graphs_at_init(engine: Engine) -> None:
     """Capture every decode CUDA graph now, on the real KV cache, so that no capture (and no
     allocation outside the plan) happens mid-run (StaticDecode.capture_all, through the memory
     profiler's helper). Off CUDA there is nothing to capture."""
-    from .memory_profile import capture_decode_graphs
+    from .core.memory_profile import capture_decode_graphs
 
     static = engine.runner.static_decode
     if static is not None and static.capture:

@@ -139,7 +139,7 @@ def rope_and_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
              isa: str | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """norm(x); with residual: (norm(x + residual), x + residual). Same roundings as
-    rrm_engine.model.RMSNorm; weight in x's dtype."""
+    rrm_engine.model.decoder.RMSNorm; weight in x's dtype."""
     out = load().rms_norm(x, weight, float(eps), residual, isa_code(isa))
     return out[0] if residual is None else (out[0], out[1])
 

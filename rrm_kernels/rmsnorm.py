@@ -1,7 +1,7 @@
 """Fused RMSNorm, optionally with the residual add in front of it (one read of x and residual,
 one write of each result instead of a separate add kernel).
 
-Numerics follow the decoder's RMSNorm (rrm_engine/model.py) and transformers: the residual sum
+Numerics follow the decoder's RMSNorm (rrm_engine/model/decoder.py) and transformers: the residual sum
 is rounded to x's dtype (it is the new residual stream), normalised in fp32, rounded back to x's
 dtype, then multiplied by the weight; the output dtype is promote(weight, x) like the torch code.
 """

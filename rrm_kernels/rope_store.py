@@ -1,11 +1,11 @@
 """Rotary embedding on q and k plus the KV-cache store, in one kernel.
 
-Convention: half-split (rotate_half), as rrm_engine.rotary.apply_rotary: with x = [x1, x2] split
+Convention: half-split (rotate_half), as rrm_engine.layers.rotary.apply_rotary: with x = [x1, x2] split
 at D/2, out = [x1*cos1 - x2*sin1, x2*cos2 + x1*sin2] where cos = [cos1, cos2] (both halves are
 read, so any table works; the usual one repeats the frequencies: cat(freqs, freqs)).
 
 cos/sin are tables [max_positions, D] indexed by `positions` (the layout of
-rrm_engine.rotary.rotary_cos_sin over arange(max_positions)); a caller holding per-token rows
+rrm_engine.layers.rotary.rotary_cos_sin over arange(max_positions)); a caller holding per-token rows
 [T, D] passes positions = arange(T). Rows whose slot is negative are rotated but not stored
 (padding). The cache is one layer's [num_blocks, block_size, Hkv, D].
 """

@@ -14,7 +14,7 @@ members run side by side, so their reads of the same tiles meet in L2:
      over its own block table;
   3. all parts merge exactly by log-sum-exp (rrm_kernels.paged_decode.merge_parts).
 
-Any number of levels is supported. The engine builds a prefix tree (rrm_engine/runner.py): with
+Any number of levels is supported. The engine builds a prefix tree (rrm_engine/core/runner.py): with
 several queries in flight, level 0 = the system prompt shared by every row, level 1 = one query's
 prompt shared by all its comparisons, level 2 = one comparison's prompt shared by its k votes.
 Levels are nested: a sequence with a group at level i+1 has one at every level <= i, and level
@@ -117,7 +117,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      out: torch.Tensor | None = None) -> torch.Tensor:
     """One layer of a planned decode step: the prefix pass over every level (if the plan has
     any), the per-row split-K pass over each row's suffix, the merge. No checks, no allocation
-    past the first layer: the engine's hot path (rrm_engine/triton_backend.py)."""
+    past the first layer: the engine's hot path (rrm_engine/layers/attention/triton_backend.py)."""
     out = torch.empty_like(q) if out is None else out
     if plan.has_levels:
         out_parts, lse_parts = plan.parts(q.device)

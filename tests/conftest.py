@@ -30,7 +30,7 @@ import pytest
 import torch
 
 # Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when any rrm_kernels/ module is first
-# imported (rrm_engine.sampler imports rrm_kernels.sampling): set it before any test module loads.
+# imported (rrm_engine.core.sampler imports rrm_kernels.sampling): set it before any test module loads.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -61,8 +61,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def embedded_path() -> Path:
-    from rrm_engine.config import CheckpointError
-    from rrm_engine.loader import embedded_gguf_path
+    from rrm_engine.model.config import CheckpointError
+    from rrm_engine.model.loader import embedded_gguf_path
     try:
         return embedded_gguf_path()
     except CheckpointError as e:
@@ -71,7 +71,7 @@ def embedded_path() -> Path:
 
 @pytest.fixture(scope="session")
 def embedded_dir(embedded_path) -> Path:
-    from rrm_engine.gguf_loader import converted_dir
+    from rrm_engine.model.gguf_loader import converted_dir
     return converted_dir(embedded_path)
 
 
@@ -83,7 +83,7 @@ def smollm2_tokenizer(embedded_dir):
 
 @pytest.fixture(scope="session")
 def embedded_model(embedded_dir):
-    from rrm_engine.loader import load_hf
+    from rrm_engine.model.loader import load_hf
     return load_hf(embedded_dir, device="cpu", dtype=torch.float32, name="embedded")
 
 

@@ -47,7 +47,7 @@ class Chaos:
     def __init__(self, engine, p: "float | dict[str, float]", seed: int):
         import random
 
-        import rrm_engine.engine as engine_mod
+        import rrm_engine.core.engine as engine_mod
         self.engine, self.p, self.rng = engine, p, random.Random(seed)
         self.fired: dict[str, int] = {}
         self._undo = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rrm_engine.attention import AttentionMetadata, KVCache, PrefixLevel, TorchAttention, merge_by_lse, attend_with_lse
+from rrm_engine.layers.attention import AttentionMetadata, KVCache, PrefixLevel, TorchAttention, merge_by_lse, attend_with_lse
 
 
 def _batch(gen: torch.Generator, hkv: int, g: int, two_levels: bool):

@@ -35,7 +35,7 @@ def test_bad_llamacpp_precision_is_refused(capsys):
 @pytest.mark.slow
 @pytest.mark.skipif(not HAVE_LLAMA_CPP, reason="llama-cpp-python is not installed (the bench-llamacpp extra)")
 def test_llamacpp_system_runs_the_same_work(embedded_path, tmp_path):
-    from rrm_engine.gguf_loader import cache_root
+    from rrm_engine.model.gguf_loader import cache_root
     out = tmp_path / "r.json"
     votes, gen = 3, 4
     throughput.main(["--model", "embedded", "--systems", "c,d", "--llamacpp", "q4_1,f32", "--queries", "1",

@@ -92,7 +92,7 @@ def test_decode_step_bound_counts_the_weights_as_served(tiny_qwen2_dir):
 
     from bench import decode_step
     from rrm_engine import LLM
-    from rrm_engine.loader import load
+    from rrm_engine.model.loader import load
 
     def served_bytes(weights: str) -> int:
         return decode_step.weight_bytes(LLM(load(str(tiny_qwen2_dir), device="cpu", dtype=torch.float32),
@@ -135,7 +135,7 @@ def test_decode_step_cpu_modules_variant_steps_the_modules(tiny_qwen2_dir):
     import torch
 
     from bench.decode_step import make_llm
-    from rrm_engine.loader import load
+    from rrm_engine.model.loader import load
     loaded = load(str(tiny_qwen2_dir), device="cpu", dtype=torch.float32)
     assert make_llm(loaded, "cpu-modules", 256).engine.model.serving_forward is None
     assert make_llm(loaded, "cpu", 256).engine.model.serving_forward is not None

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from rrm_engine.block_pool import BlockPool, OutOfBlocks
+from rrm_engine.cache.block_pool import BlockPool, OutOfBlocks
 
 
 def test_allocate_share_and_free():

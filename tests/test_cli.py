@@ -11,8 +11,8 @@ import tomllib
 import pytest
 
 from cli_helpers import LOADING, REPO, cli_env, read_jsonl, run_cli, write_jsonl
-from rrm_engine import cli
-from rrm_engine.cli import build_parser, main
+from rrm_engine.cli import main as cli
+from rrm_engine.cli.main import build_parser, main
 
 PANDALM = REPO.parent / "shared" / "data" / "pandalm_testset_v1.json"
 EXAMPLES = REPO / "docs" / "examples"
@@ -69,7 +69,7 @@ def test_tensor_parallel_size_option():
 def test_tensor_parallel_judge_matches_one_rank(tiny_qwen2_dir):
     """--tensor-parallel-size 2 builds a judge whose engine is two spawned gloo ranks on CPU; its
     greedy votes are those of one process."""
-    from rrm_engine.cli import make_judge
+    from rrm_engine.cli.main import make_judge
     from rrm_engine.distributed.tp_workers import WorkerEngine
     args = ["demo", "--model", str(tiny_qwen2_dir), "--temperature", "0", "--max-tokens", "6", "--votes", "2",
             "--device", "cpu", "--dtype", "float32", "--quiet"]
@@ -233,7 +233,7 @@ def test_eval_pandalm_test_set(tiny_qwen2_dir, capsys):
 
 
 def test_results_file_resume_drops_a_torn_last_line_and_failed_rows(tmp_path):
-    from rrm_engine.results_file import ResultsFile
+    from rrm_engine.cli.results_file import ResultsFile
     f = tmp_path / "r.jsonl"
     f.write_text(json.dumps({"index": 2, "id": "c", "error": None}) + "\n"
                  + json.dumps({"index": 0, "id": "a", "error": "boom"}) + "\n"

@@ -1,4 +1,4 @@
-"""rrm_engine/cpu_flat_forward.py: the CPU backend's decoder forward as one loop without the
+"""rrm_engine/model/cpu_flat_forward.py: the CPU backend's decoder forward as one loop without the
 modules gives, step by step, exactly (torch.equal) the hidden states of the modules' forward, over
 real engine runs: cascade decode steps (votes sharing a prompt, comparisons sharing a head), steps
 mixing prefill and decode rows, every weight format, a KV cache in another dtype, Qwen2's q/k/v
@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from rrm_engine import LLM, SamplingParams
-from rrm_engine.config import ModelConfig
-from rrm_engine.cpu_flat_forward import FlatForward
-from rrm_engine.loader import LoadedModel
-from rrm_engine.model import Decoder
+from rrm_engine.model.config import ModelConfig
+from rrm_engine.model.cpu_flat_forward import FlatForward
+from rrm_engine.model.loader import LoadedModel
+from rrm_engine.model.decoder import Decoder
 
 from tiny_engine_model import rand_ids, small_model
 

@@ -10,9 +10,9 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from rrm_engine import LLM, SamplingParams
-from rrm_engine.config import ModelConfig
-from rrm_engine.loader import LoadedModel, load_hf
-from rrm_engine.model import Decoder
+from rrm_engine.model.config import ModelConfig
+from rrm_engine.model.loader import LoadedModel, load_hf
+from rrm_engine.model.decoder import Decoder
 
 
 

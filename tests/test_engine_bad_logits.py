@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from rrm_engine import LLM, SamplingParams
-from rrm_engine.loader import LoadedModel
+from rrm_engine.model.loader import LoadedModel
 
 from tiny_engine_model import small_model
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from rrm_engine import LLM, SamplingParams
-from rrm_engine.loader import LoadedModel
+from rrm_engine.model.loader import LoadedModel
 
 from tiny_engine_model import small_model
 
@@ -91,7 +91,7 @@ def test_static_decode_on_triton_keeps_split_k_and_cascade():
     the split length follows the step's real context (issue 13 R2: it used to be sized for the
     whole context, one split below 8K), and its levels are the step's prefix tree (the graph path
     used to skip the cascade). The samples equal the eager engine's."""
-    import rrm_engine.triton_backend as tb
+    import rrm_engine.layers.attention.triton_backend as tb
     from rrm_kernels.decode_plan import choose_num_splits, split_len_for
     # two requests of 2 votes sharing system prompt (level 0), each its own query+pair (level 1),
     # and an unrelated ~290-token prompt whose whole context is its suffix

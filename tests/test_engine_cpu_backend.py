@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from rrm_engine import LLM, SamplingParams
-from rrm_engine.attention import TorchAttention
-from rrm_engine.cpu_backend import CpuAttention
+from rrm_engine.layers.attention import TorchAttention
+from rrm_engine.layers.attention.cpu_backend import CpuAttention
 
 from tiny_engine_model import rand_ids, small_model
 

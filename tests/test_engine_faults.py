@@ -14,9 +14,9 @@ import random
 
 import pytest
 
-import rrm_engine.engine as engine_mod
+import rrm_engine.core.engine as engine_mod
 from rrm_engine import LLM, SamplingParams
-from rrm_engine.engine import StepError
+from rrm_engine.core.engine import StepError
 from fault_injection import Chaos, Fault, InjectedFault
 from tiny_engine_model import rand_ids, small_model
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rrm_engine import LLM, SamplingParams
-from rrm_engine.loader import load_hf
+from rrm_engine.model.loader import load_hf
 
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from rrm_engine.attention import KVCache
-from rrm_engine.runner import ModelRunner
+from rrm_engine.layers.attention import KVCache
+from rrm_engine.core.runner import ModelRunner
 from rrm_engine.sampling_params import SamplingParams
-from rrm_engine.scheduler import Schedule, ScheduledSeq
-from rrm_engine.sequence import Request, Sequence
+from rrm_engine.core.scheduler import Schedule, ScheduledSeq
+from rrm_engine.core.sequence import Request, Sequence
 
 BS = 4
 
@@ -110,7 +110,7 @@ def test_prefix_tree_one_query_joins_system_and_query():
 
 
 def test_prefix_tree_depth_is_capped():
-    from rrm_engine.runner import prefix_tree
+    from rrm_engine.core.runner import prefix_tree
     # four nested shared runs: rows 0-3 share [1], 0-2 [2], 0-1 [3]; rows 0-1 then 4 blocks each
     tables = [[1, 2, 3, 7, 9], [1, 2, 3, 7, 8], [1, 2, 4, 5], [1, 6, 0]]
     limits = [4, 4, 3, 2]

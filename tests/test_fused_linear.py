@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rrm_engine.config import ModelConfig
-from rrm_engine.fused_linear import FusedLinear
-from rrm_engine.model import Decoder
+from rrm_engine.model.config import ModelConfig
+from rrm_engine.layers.fused_linear import FusedLinear
+from rrm_engine.model.decoder import Decoder
 
 
 def _decoder(hf) -> Decoder:

@@ -126,7 +126,7 @@ def test_lockstep_engine_judges_as_the_async_engine(llm, tiny_qwen2_dir):
     weights: the same comparisons, adaptive ones and rankings as through the AsyncLLM, from the sync
     API and from another event loop."""
     from rrm_engine.judge.background_loop import background_loop
-    from rrm_engine.judge.lockstep_engine import LockstepEngine
+    from rrm_engine.async_engine.lockstep import LockstepEngine
 
     plain = rrm.LLM(str(tiny_qwen2_dir), device="cpu", dtype=torch.float32, kv_cache_tokens=16384)
     for kw in (JUDGE_KW, {**JUDGE_KW, "votes": 5, "adaptive": True}):

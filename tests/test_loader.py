@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from rrm_engine import gguf_loader, loader
-from rrm_engine.config import CheckpointError
-from rrm_engine.loader import load, load_hf
+from rrm_engine.model import gguf_loader, loader
+from rrm_engine.model.config import CheckpointError
+from rrm_engine.model.loader import load, load_hf
 
 
 def assert_same_weights(ours: torch.nn.Module, ref_state: dict[str, torch.Tensor]) -> None:

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import rrm_engine as rrm
-from rrm_engine.memory_plan import GiB, InsufficientMemoryError, plan_kv_cache
-from rrm_engine.memory_profile import profile_step_shape, weights_bytes
+from rrm_engine.core.memory_plan import GiB, InsufficientMemoryError, plan_kv_cache
+from rrm_engine.core.memory_profile import profile_step_shape, weights_bytes
 
 MiB = 1 << 20
 
@@ -120,8 +120,8 @@ def test_llm_sizes_its_cache_from_the_fake_device(tiny_qwen2_dir, capsys):
 
 def test_profiling_step_is_the_largest_step(tiny_qwen2_dir):
     """The profiled forward carries max_num_batched_tokens tokens and one LM-head row per sequence."""
-    from rrm_engine.loader import load
-    from rrm_engine.memory_profile import profile_activations
+    from rrm_engine.model.loader import load
+    from rrm_engine.core.memory_profile import profile_activations
     model = load(str(tiny_qwen2_dir), device="cpu", dtype=torch.float32).model
     seen: dict[str, int] = {}
     forward, logits = model.forward, model.compute_logits

@@ -1,5 +1,5 @@
 """Our decoder against transformers: logits (dense path, paged prefill / chunked extend / decode
-through rrm_engine.attention) and 64-token greedy decoding, on the tiny random Qwen2 and on the
+through rrm_engine.layers.attention) and 64-token greedy decoding, on the tiny random Qwen2 and on the
 embedded SmolLM2 (ours converted from the GGUF, transformers loading the same GGUF).
 
 The greedy loop here drives the Decoder's paged path directly with a minimal block allocator;
@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rrm_engine.attention import AttentionMetadata, KVCache
-from rrm_engine.loader import load_hf
+from rrm_engine.layers.attention import AttentionMetadata, KVCache
+from rrm_engine.model.loader import load_hf
 
 BLOCK = 16
 # fp32 on both sides. Tiny model: logits are O(1), differences are rounding only.

@@ -9,7 +9,7 @@ import pytest
 
 import rrm_engine as rrm
 from cli_helpers import run_cli, write_jsonl
-from rrm_engine.cli import main
+from rrm_engine.cli.main import main
 
 ITEMS = [("2+2?", "4", "5"), ("Capital of Italy?", "Rome", "Milan"), ("Largest planet?", "Jupiter", "Mars")]
 

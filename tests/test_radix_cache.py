@@ -2,8 +2,8 @@
 in-flight marking, partial tails, LRU eviction of blocks no sequence holds."""
 from __future__ import annotations
 
-from rrm_engine.block_pool import BlockPool
-from rrm_engine.radix_cache import RadixCache
+from rrm_engine.cache.block_pool import BlockPool
+from rrm_engine.cache.radix_cache import RadixCache
 
 BS = 4
 

@@ -19,7 +19,7 @@ from approx_results import approx_fields
 ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'rrm_engine[ray]'")
 
 from rrm_engine import LLM  # noqa: E402
-from rrm_engine.distributed import JudgePool  # noqa: E402
+from rrm_engine.judge.pool import JudgePool  # noqa: E402
 from rrm_engine.judge.judge import Judge  # noqa: E402
 
 LLM_KW = dict(device="cpu", dtype=torch.float32, kv_cache_tokens=2048)
@@ -113,7 +113,7 @@ def test_bad_item_raises_before_any_work(pool):
 
 
 def test_a_second_answer_for_an_item_is_ignored_and_counted(pool, reference):
-    from rrm_engine.distributed.ray_pool import _Call
+    from rrm_engine.judge.pool import _Call
     items = COMPARE_ITEMS[:2]  # one query; the same call sent twice, as a retried task would be
     results: dict = {}
     before = pool.stats.duplicates_ignored

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from cli_helpers import REPO, cli_env
-from rrm_engine.cli import build_parser
+from rrm_engine.cli.main import build_parser
 
 README = REPO / "README.md"
 

@@ -13,7 +13,7 @@ import torch
 
 import rrm_kernels.csrc_ops as csrc_ops
 import rrm_kernels.sampling as ks
-from rrm_engine.sampler import SampleRequest, kernel_backend, sample
+from rrm_engine.core.sampler import SampleRequest, kernel_backend, sample
 from rrm_engine.sampling_params import SamplingParams
 
 

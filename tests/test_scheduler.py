@@ -2,11 +2,11 @@
 a leader computing their prefix, copy-on-write of shared partial blocks, preemption by recompute."""
 from __future__ import annotations
 
-from rrm_engine.block_pool import BlockPool
-from rrm_engine.radix_cache import RadixCache
+from rrm_engine.cache.block_pool import BlockPool
+from rrm_engine.cache.radix_cache import RadixCache
 from rrm_engine.sampling_params import SamplingParams
-from rrm_engine.scheduler import Scheduler
-from rrm_engine.sequence import Request, Sequence, Status
+from rrm_engine.core.scheduler import Scheduler
+from rrm_engine.core.sequence import Request, Sequence, Status
 
 BS = 4
 

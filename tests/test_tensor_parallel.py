@@ -18,8 +18,8 @@ import torch.distributed as dist
 from rrm_engine import LLM, SamplingParams
 from rrm_engine.distributed import shard_decoder, tensor_parallel_launch
 from rrm_engine.distributed.tensor_parallel import RankShard
-from rrm_engine.loader import load_hf
-from rrm_engine.memory_plan import GiB
+from rrm_engine.model.loader import load_hf
+from rrm_engine.core.memory_plan import GiB
 
 ATOL = 1e-5
 MAX_TOKENS = 20
@@ -201,7 +201,7 @@ def test_rank_shard_loading_reads_only_the_ranks_slices(tiny_qwen2_dir, single, 
 
 
 def test_shard_rejects_sizes_that_do_not_divide_heads(tiny_qwen2_dir):
-    from rrm_engine.loader import load
+    from rrm_engine.model.loader import load
     model = load(str(tiny_qwen2_dir), device="cpu", dtype=torch.float32).model
     with pytest.raises(ValueError, match="does not divide num_attention_heads=4"):
         shard_decoder(model, 0, 3)

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from rrm_engine.loader import load_hf
+from rrm_engine.model.loader import load_hf
 from rrm_engine.train.checkpoint import TRAINER_STATE, resume, save_checkpoint, save_model
 from rrm_engine.train.data import PairStream
 from rrm_engine.train.engine_sampler import EngineSampler

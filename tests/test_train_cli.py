@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 
-from rrm_engine.cli import main
+from rrm_engine.cli.main import main
 
 
 
@@ -52,8 +52,8 @@ def test_train_cli_checks_arguments_before_loading(extra, message, tiny_qwen2_di
 
 
 def test_train_cli_checks_data_and_out_before_loading(tiny_qwen2_dir, tmp_path, capsys, monkeypatch):
-    import rrm_engine.loader
-    monkeypatch.setattr(rrm_engine.loader, "load", lambda *a, **k: pytest.fail("loaded before the checks"))
+    import rrm_engine.model.loader
+    monkeypatch.setattr(rrm_engine.model.loader, "load", lambda *a, **k: pytest.fail("loaded before the checks"))
     data = tmp_path / "pairs.jsonl"
     data.write_text(json.dumps({"prompt": "q", "chosen": "yes", "rejected": "no"}) + "\n\n"
                     + json.dumps({"prompt": "q", "chosen": "same", "rejected": "same"}) + "\n")

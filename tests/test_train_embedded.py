@@ -27,7 +27,7 @@ import time
 import pytest
 import torch
 
-from rrm_engine.loader import load_hf
+from rrm_engine.model.loader import load_hf
 from rrm_engine.train.data import PairStream, PreferencePair
 from rrm_engine.train.engine_sampler import EngineSampler
 from rrm_engine.train.logprobs import pack, response_logprobs

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from rrm_engine.loader import load_hf
+from rrm_engine.model.loader import load_hf
 from rrm_engine.train.logprobs import pack, response_logprobs
 
 

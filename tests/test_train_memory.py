@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rrm_engine.loader import load_hf
-from rrm_engine.memory_plan import GiB, InsufficientMemoryError
+from rrm_engine.model.loader import load_hf
+from rrm_engine.core.memory_plan import GiB, InsufficientMemoryError
 from rrm_engine.train.engine_sampler import EngineSampler
 from rrm_engine.train.logprobs import pack, response_logprobs
 from rrm_engine.train.memory import TrainerMemory, estimate_trainer_memory, rollout_memory_utilization
@@ -108,8 +108,8 @@ def test_bf16_rollouts_follow_every_optimizer_step(tiny_qwen2_dir):
 def test_train_cli_reserves_the_trainer_first(tiny_qwen2_dir, tmp_path, capsys):
     """The CLI's GPU path on a fake 1 GiB device: the reserve is the estimate (or --trainer-memory-gb)
     and the engine's utilization what it leaves of --gpu-memory-utilization."""
-    from rrm_engine.cli import build_parser
-    from rrm_engine.train.cli import _rollout_memory
+    from rrm_engine.cli.main import build_parser
+    from rrm_engine.cli.train import _rollout_memory
     from rrm_engine.train.trainer import TrainConfig
     model = load_hf(tiny_qwen2_dir).model
     data = tmp_path / "d.jsonl"  # the parser checks that --data exists

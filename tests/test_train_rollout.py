@@ -4,7 +4,7 @@ import random
 import pytest
 
 from rrm_engine.judge.prompt import SYSTEM
-from rrm_engine.loader import load_hf
+from rrm_engine.model.loader import load_hf
 from rrm_engine.train.data import PreferencePair
 from rrm_engine.train.engine_sampler import EngineSampler
 from rrm_engine.train.rollout import RolloutCollector, RolloutConfig, reward_for, rrm_verdict

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from rrm_engine.config import ModelConfig
-from rrm_engine.loader import load_hf
-from rrm_engine.model import Decoder
+from rrm_engine.model.config import ModelConfig
+from rrm_engine.model.loader import load_hf
+from rrm_engine.model.decoder import Decoder
 from rrm_engine.train.data import PairStream
 from rrm_engine.train.engine_sampler import EngineSampler
 from rrm_engine.train.trainable import apply_trainable, parse_trainable
@@ -72,7 +72,7 @@ def test_grpo_step_moves_only_the_trained_layers(tiny_qwen2_dir, tmp_path):
 
 
 def test_cli_rejects_a_bad_trainable(tmp_path, capsys):
-    from rrm_engine.cli import main
+    from rrm_engine.cli.main import main
     data = tmp_path / "unused.jsonl"
     data.write_text('{"prompt": "q", "chosen": "a", "rejected": "b"}\n')
     with pytest.raises(SystemExit) as e:  # an argument error, before anything loads

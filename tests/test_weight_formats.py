@@ -10,8 +10,8 @@ import torch
 
 import rrm_engine as rrm
 from rrm_kernels import quant_linear_cpu as ql
-from rrm_engine import weight_formats as wf
-from rrm_engine.loader import load_hf
+from rrm_engine.layers import weight_formats as wf
+from rrm_engine.model.loader import load_hf
 
 def _teacher_forced_logits(decoder, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
@@ -39,7 +39,7 @@ def test_embedded_q4_1_serves_the_gguf_blocks_exactly(embedded_path, embedded_di
     file's own blocks (q/k rows un-permuted as the loader does), not a re-rounding of them."""
     from gguf import GGUFReader
 
-    from rrm_engine.gguf_loader import hf_name, unpermute_rows
+    from rrm_engine.model.gguf_loader import hf_name, unpermute_rows
 
     llm = rrm.LLM(str(embedded_path), weights="auto", kv_cache_tokens=64)
     assert llm.weights == "q4_1" and llm.loaded.checkpoint_format == "q4_1"
@@ -177,7 +177,7 @@ def test_resolve_auto_and_refusals(monkeypatch):
 
 @needs_op
 def test_cli_weights_flag_reaches_the_engine(tiny_qwen2_dir):
-    from rrm_engine import cli
+    from rrm_engine.cli import main as cli
     p = cli.build_parser()
     args = p.parse_args(["demo", "--model", str(tiny_qwen2_dir), "--device", "cpu", "--weights", "q8_0", "--quiet"])
     assert cli.make_judge(args).llm.weights == "q8_0"

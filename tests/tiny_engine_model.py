@@ -8,9 +8,9 @@ import random
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from rrm_engine.config import ModelConfig
-from rrm_engine.loader import LoadedModel
-from rrm_engine.model import Decoder
+from rrm_engine.model.config import ModelConfig
+from rrm_engine.model.loader import LoadedModel
+from rrm_engine.model.decoder import Decoder
 
 
 def small_model(vocab: int = 512, max_pos: int = 1024, seed: int = 0, hidden: int = 32,

@@ -58,7 +58,7 @@ from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
 from typing import AsyncIterator
 
-from ..engine import Engine, StepError
+from ..core.engine import Engine, StepError
 from ..llm import LLM
 from ..outputs import CompletionOutput, RequestOutput
 from ..sampling_params import SamplingParams

@@ -28,8 +28,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..fused_linear import FusedLinear
-from ..model import Decoder
+from ..layers.fused_linear import FusedLinear
+from ..model.decoder import Decoder
 
 
 def init_tensor_parallel(backend: str | None = None) -> tuple[int, int]:

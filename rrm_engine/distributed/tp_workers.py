@@ -19,7 +19,7 @@ import weakref
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
-from ..engine import Engine
+from ..core.engine import Engine
 
 _STARTUP_TIMEOUT_S = 1800.0  # loading a large checkpoint and capturing graphs
 _STRAGGLER_S = 60.0  # how long the other ranks may take once one rank has raised

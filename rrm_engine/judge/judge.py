@@ -36,7 +36,7 @@ from typing import Any, Awaitable, Callable, Literal, Sequence
 from ..async_engine import AsyncLLM
 from .background_loop import background_loop, run_sync
 from .defaults import default_max_tokens
-from .lockstep_engine import LockstepEngine
+from ..async_engine.lockstep import LockstepEngine
 from .pair_job import PairJob
 from .prompt import THINK_CLOSE, THINK_OPEN, PromptBuilder, check_text
 from .rank_job import rank_candidates
@@ -390,7 +390,7 @@ def _lockstep_of(llm: Any) -> LockstepEngine:
 
 def _tensor_parallel(llm: Any) -> bool:
     """Spawned worker ranks (the engine is not in this process) or a launched rank (logits gathered)."""
-    from rrm_engine.engine import Engine
+    from rrm_engine.core.engine import Engine
 
     engine = getattr(llm, "engine", None)
     return engine is not None and (not isinstance(engine, Engine)

@@ -1,5 +1,5 @@
 """Training checkpoints: the model as a Hugging Face dir (config.json + model.safetensors + tokenizer
-files, loadable by transformers' AutoModelForCausalLM and by rrm_engine.loader), plus
+files, loadable by transformers' AutoModelForCausalLM and by rrm_engine.model.loader), plus
 trainer_state.pt with what resuming needs (optimizer, step, RNG states, data position). The
 optimizer state is the bulk of a checkpoint; it can be kept in bf16 or left out
 (optimizer_state_for_saving).
@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..config import ModelConfig
-from ..model import Decoder
+from ..model.config import ModelConfig
+from ..model.decoder import Decoder
 
 TRAINER_STATE = "trainer_state.pt"
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..llm import LLM
-from ..model import Decoder
+from ..model.decoder import Decoder
 from ..sampling_params import SamplingParams
 from .rollout import Completion
 

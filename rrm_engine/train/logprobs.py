@@ -13,7 +13,7 @@ import torch
 
 from rrm_kernels.selective_log_softmax import selective_log_softmax
 
-from ..model import Decoder
+from ..model.decoder import Decoder
 
 
 @dataclass

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from ..memory_plan import GiB, InsufficientMemoryError, MemoryProbe, check_utilization
-from ..model import Decoder
+from ..core.memory_plan import GiB, InsufficientMemoryError, MemoryProbe, check_utilization
+from ..model.decoder import Decoder
 
 
 @dataclass(frozen=True)

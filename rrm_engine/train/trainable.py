@@ -8,7 +8,7 @@ gradient back through every layer to the embedding lookup, so under last_n it st
 """
 from __future__ import annotations
 
-from ..model import Decoder
+from ..model.decoder import Decoder
 
 
 def parse_trainable(spec: str) -> int | None:

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from ..judge.prompt import SYSTEM, USER
-from ..model import Decoder
-from ..weight_formats import is_serving_only, served_format
+from ..model.decoder import Decoder
+from ..layers.weight_formats import is_serving_only, served_format
 from .data import PairStream
 from .grpo import LossStats, group_advantages, grpo_loss
 from .logprobs import pack, response_logprobs

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from rrm_kernels.sampling import sample_ref
-from rrm_engine.block_pool import BlockPool
-from rrm_engine.radix_cache import RadixCache
+from rrm_engine.cache.block_pool import BlockPool
+from rrm_engine.cache.radix_cache import RadixCache
 from rrm_engine.sampling_params import SamplingParams
-from rrm_engine.scheduler import Scheduler
-from rrm_engine.sequence import Request, Sequence
+from rrm_engine.core.scheduler import Scheduler
+from rrm_engine.core.sequence import Request, Sequence
 
 BS = 16
 

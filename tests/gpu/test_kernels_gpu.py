@@ -89,7 +89,7 @@ def test_prefill_varlen_and_long_prompt(dtype, hkv, g, d):
 def test_rmsnorm_and_rope_store(dtype):
     from rrm_kernels.rmsnorm import rms_norm, rms_norm_ref
     from rrm_kernels.rope_store import rope_and_store, rope_and_store_ref
-    from rrm_engine.rotary import rotary_cos_sin
+    from rrm_engine.layers.rotary import rotary_cos_sin
     gen = torch.Generator().manual_seed(7)
     hidden, (hkv, g, d) = (3584 if GPU else 96), SHAPES[0]
     x, r = (torch.randn(300, hidden, generator=gen).to(dtype).to(DEVICE) for _ in range(2))
@@ -147,7 +147,7 @@ def test_engine_triton_backend_and_cuda_graphs(tiny_qwen2_dir, dtype):
     """The whole decoder through the Triton kernels (fused rotary/KV store, fused norms, prefix
     cascade) against the torch backend; then CUDA-graph decode against eager decode."""
     import rrm_engine as rrm
-    from rrm_engine.attention import AttentionMetadata
+    from rrm_engine.layers.attention import AttentionMetadata
     prompts = [list(range(100, 140)) + [200 + i] * (3 + 9 * i) for i in range(3)]  # shared head, own tails
     params = rrm.SamplingParams(n=4, temperature=0.8, max_tokens=12, seed=5, ignore_eos=True)
     make = lambda **kw: rrm.LLM(str(tiny_qwen2_dir), device=DEVICE, dtype=dtype, kv_cache_tokens=2048,  # noqa: E731
@@ -251,7 +251,7 @@ def test_engine_graphs_keep_cascade_and_split_k_and_mixed_steps(tiny_qwen2_dir):
     Triton engine and the torch engine; a small token budget makes chunked prefills share steps
     with decodes (mixed steps), with the same samples again."""
     import rrm_engine as rrm
-    import rrm_engine.triton_backend as tb
+    import rrm_engine.layers.attention.triton_backend as tb
     prompts = rrm_like_prompts(queries=2, pairs=2)
     params = rrm.SamplingParams(n=3, temperature=0.8, max_tokens=10, seed=7, ignore_eos=True)
     make = lambda **kw: rrm.LLM(str(tiny_qwen2_dir), device=DEVICE, dtype=torch.float32, kv_cache_tokens=4096,  # noqa: E731
@@ -311,9 +311,9 @@ def test_csrc_sampler_backend_matches_triton_greedy(tiny_qwen2_dir, monkeypatch)
     """Build item 5: sampler_backend="csrc" serves all-greedy steps with the CUDA C++ kernel (JIT
     build at start-up on a GPU) and sampled steps with Triton; greedy tokens equal the Triton
     sampler's. Dry run on CPU: the engine cannot build it, so the dispatch is run through
-    rrm_engine.sampler with the kernel's torch reference standing in."""
+    rrm_engine.core.sampler with the kernel's torch reference standing in."""
     import rrm_engine as rrm
-    from rrm_engine.sampler import SampleRequest, sample
+    from rrm_engine.core.sampler import SampleRequest, sample
     if not GPU:
         import rrm_kernels.csrc_ops as csrc_ops
         seen = []

@@ -49,9 +49,9 @@ class DryRunProbe:
 
 def random_decoder(dtype: torch.dtype):
     """A LoadedModel of random weights with SHAPE, materialised once on the device in dtype."""
-    from rrm_engine.config import ModelConfig
-    from rrm_engine.loader import LoadedModel
-    from rrm_engine.model import Decoder
+    from rrm_engine.model.config import ModelConfig
+    from rrm_engine.model.loader import LoadedModel
+    from rrm_engine.model.decoder import Decoder
     cfg = ModelConfig.from_hf(dict(SHAPE, architectures=["Qwen2ForCausalLM"], max_position_embeddings=32768,
                                    rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False))
     with torch.device("meta"):
@@ -103,7 +103,7 @@ def test_memory_plan_holds_for_a_full_step_and_graphs():
 def test_trainer_reserve_covers_a_real_training_step(tiny_qwen2_dir):
     """The estimate for one micro-batch (gradients, AdamW state, activations) against the allocator's
     peak over a bf16-autocast forward/backward and an AdamW step at the same shapes."""
-    from rrm_engine.loader import load_hf
+    from rrm_engine.model.loader import load_hf
     from rrm_engine.train.logprobs import pack, response_logprobs
     from rrm_engine.train.memory import estimate_trainer_memory
     model = load_hf(tiny_qwen2_dir, device=DEVICE, dtype=torch.float32).model.train()

@@ -20,7 +20,7 @@ from rrm_kernels.paged_decode import paged_decode_attention_ref
 from rrm_kernels.rmsnorm import rms_norm_ref
 from rrm_kernels.rope_store import rope_and_store_ref
 from rrm_kernels.shared_prefix_decode import shared_prefix_decode_attention_ref
-from rrm_engine.attention import PrefixLevel
+from rrm_engine.layers.attention import PrefixLevel
 
 if shutil.which("c++") is None and shutil.which("g++") is None:
     pytest.skip("no C++ compiler: the CPU ops cannot be built here", allow_module_level=True)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from rrm_kernels.rmsnorm import rms_norm, rms_norm_ref
-from rrm_engine.model import RMSNorm
+from rrm_engine.model.decoder import RMSNorm
 
 # fp16 outputs are rounded twice (after the norm, after the weight): one fp16 ulp near 4 is 4e-3
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=4e-3, rtol=2e-3)}

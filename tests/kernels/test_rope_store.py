@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from rrm_kernels.rope_store import rope_and_store, rope_and_store_ref
-from rrm_engine.rotary import apply_rotary, rotary_cos_sin
+from rrm_engine.layers.rotary import apply_rotary, rotary_cos_sin
 
 
 def random_step(t, hq, hkv, d, dtype, gen):

@@ -3,7 +3,7 @@ import torch
 
 from rrm_kernels.paged_decode import paged_decode_attention
 from rrm_kernels.shared_prefix_decode import shared_prefix_decode_attention, shared_prefix_decode_attention_ref
-from rrm_engine.attention import PrefixLevel
+from rrm_engine.layers.attention import PrefixLevel
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=3e-3, rtol=3e-3)}
 

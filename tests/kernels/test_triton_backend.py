@@ -4,10 +4,10 @@ with a fresh prompt, a plain decode step and a shared-prefix decode step."""
 import pytest
 import torch
 
-from rrm_engine.attention import AttentionMetadata, KVCache, PrefixLevel, TorchAttention
-from rrm_engine.config import ModelConfig
-from rrm_engine.model import Decoder
-from rrm_engine.triton_backend import TritonAttention
+from rrm_engine.layers.attention import AttentionMetadata, KVCache, PrefixLevel, TorchAttention
+from rrm_engine.model.config import ModelConfig
+from rrm_engine.model.decoder import Decoder
+from rrm_engine.layers.attention.triton_backend import TritonAttention
 
 PAGE = 8
 
@@ -107,7 +107,7 @@ def test_mixed_step_routes_decode_rows_to_decode_kernels(monkeypatch):
     """Issue 13 R3: a step mixing decode rows (packed first) with a chunked prefill sends the
     decode rows through the planned decode kernels (with the cascade level over them) and only
     the prefill rows through the prefill kernel; its logits equal the torch backend's."""
-    import rrm_engine.triton_backend as tb
+    import rrm_engine.layers.attention.triton_backend as tb
     model = tiny_decoder(4, 2)
     cfg = model.cfg
     caches = {name: KVCache.allocate(cfg.num_layers, 16, PAGE, cfg.num_kv_heads, cfg.head_dim, torch.float32, "cpu")

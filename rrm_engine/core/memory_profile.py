@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import torch
 
-from .attention import AttentionMetadata, KVCache
-from .decode_graphs import StaticDecode
+from ..layers.attention import AttentionMetadata, KVCache
+from .cuda_graphs import StaticDecode
 from .memory_plan import MemoryPlan, MemoryProbe, check_utilization, kv_bytes_per_token, plan_kv_cache
-from .model import Decoder
+from ..model.decoder import Decoder
 from .sampler import SampleRequest, sample
-from .sampling_params import SamplingParams
+from ..sampling_params import SamplingParams
 
 
 def provisional_cache(model: Decoder, num_blocks: int, block_size: int) -> KVCache:

@@ -4,8 +4,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from .radix_cache import Node
-from .sampling_params import SamplingParams
+from ..cache.radix_cache import Node
+from ..sampling_params import SamplingParams
 
 
 class Status(enum.Enum):

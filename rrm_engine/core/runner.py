@@ -23,9 +23,9 @@ import torch
 
 from rrm_kernels.decode_plan import MAX_LEVELS, HostLevel
 
-from .attention import AttentionMetadata, KVCache, PrefixLevel
-from .decode_graphs import StaticDecode
-from .model import Decoder
+from ..layers.attention import AttentionMetadata, KVCache, PrefixLevel
+from .cuda_graphs import StaticDecode
+from ..model.decoder import Decoder
 from .scheduler import Schedule
 
 

@@ -4,8 +4,8 @@
   rank  --input in.jsonl --out out.jsonl     rows {query, candidates: [...][, id]} -> order + scores
   eval  --pandalm FILE | --rewardbench FILE  accuracy vs human labels (ties reported separately)
   demo                                       the embedded model: two comparisons and a small ranking
-  train ...                                  GRPO (rrm_engine/train/cli.py, a plugin: see PLUGINS)
-  serve --port 8000                          HTTP server (rrm_engine/serving/serve_cli.py, a plugin)
+  train ...                                  GRPO (rrm_engine/cli/train.py, a plugin: see PLUGINS)
+  serve --port 8000                          HTTP server (rrm_engine/cli/serve.py, a plugin)
 
 What a user can count on:
   * every argument is checked before the model loads: numbers by their argparse type, the input
@@ -39,8 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from .config import CheckpointError
-from .judge.judge import Comparison, Judge, Ranking
+from ..model.config import CheckpointError
+from ..judge.judge import Comparison, Judge, Ranking
 from .results_file import ResultsFile, check_output
 
 PROG = "rrm-engine"
@@ -103,18 +103,18 @@ def accepted_by(check: Callable[[str], object], text: str) -> str:
 
 
 def device_arg(text: str) -> str:
-    from .placement import resolve_device
+    from ..placement import resolve_device
     return accepted_by(resolve_device, text)
 
 
 def dtype_arg(text: str) -> str:
-    from .placement import resolve_dtype
+    from ..placement import resolve_dtype
     return accepted_by(lambda t: resolve_dtype(t, "cpu"), text)
 
 
 def model_arg(text: str) -> str:
     """"embedded"/"smollm2-135m", an existing model dir or an existing .gguf file."""
-    from .loader import EMBEDDED_NAMES
+    from ..model.loader import EMBEDDED_NAMES
     if text in EMBEDDED_NAMES:
         return text
     path = Path(text).expanduser()
@@ -410,7 +410,7 @@ def _judge_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_judge(args: argparse.Namespace) -> int:
-    from .judge.datasets import read_pairs
+    from ..judge.datasets import read_pairs
 
     rows = read_pairs(args.pairs)
     items = [Item(n, r.id, r.where, (r.query, r.a, r.b), {"label": r.label if r.label in (1, 2) else None})
@@ -432,7 +432,7 @@ def _rank_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_rank(args: argparse.Namespace) -> int:
-    from .judge.datasets import read_rank_rows
+    from ..judge.datasets import read_rank_rows
 
     items = [Item(n, r.id, r.where, (r.query, r.candidates)) for n, r in enumerate(read_rank_rows(args.input))]
     check_items(items, Judge.validate_rank)
@@ -455,7 +455,7 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from .judge.datasets import read_pandalm, read_rewardbench, section_scores
+    from ..judge.datasets import read_pandalm, read_rewardbench, section_scores
 
     data = read_pandalm(args.pandalm) if args.pandalm else read_rewardbench(args.rewardbench)
     if args.limit is not None:
@@ -530,7 +530,7 @@ COMMANDS: list[Command] = [
     Command("demo", "two comparisons and a small ranking on the embedded model", _demo_arguments, run_demo),
 ]
 # modules with add_parser(subparsers) -> ArgumentParser (setting func=); skipped when not installed
-PLUGINS: tuple[str, ...] = ("rrm_engine.train.cli", "rrm_engine.serving.serve_cli")
+PLUGINS: tuple[str, ...] = ("rrm_engine.cli.train", "rrm_engine.cli.serve")
 
 # errors that are the user's to fix: one line, exit code 2
 USER_ERRORS = (ValueError, CheckpointError, OSError)

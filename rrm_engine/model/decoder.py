@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import AttentionBackend, AttentionMetadata, KVCache, TorchAttention, dense_causal_attention
+from ..layers.attention import AttentionBackend, AttentionMetadata, KVCache, TorchAttention, dense_causal_attention
 from .config import ModelConfig
-from .fused_linear import FusedLinear, Linear, save_and_load_as_parts
-from .rotary import Rotary, rotary_cos_sin
+from ..layers.fused_linear import FusedLinear, Linear, save_and_load_as_parts
+from ..layers.rotary import Rotary, rotary_cos_sin
 
 
 class RMSNorm(nn.Module):

@@ -17,7 +17,7 @@ from rrm_kernels import cpu_ops
 from rrm_kernels.sampling import SAMPLING_BACKENDS
 from rrm_kernels.sampling import sample as fused_sample
 
-from .sampling_params import SamplingParams
+from ..sampling_params import SamplingParams
 
 _MASK63 = (1 << 63) - 1
 

@@ -21,8 +21,8 @@ from __future__ import annotations
 import bisect
 from dataclasses import dataclass, field
 
-from .block_pool import BlockPool, OutOfBlocks
-from .radix_cache import RadixCache
+from ..cache.block_pool import BlockPool, OutOfBlocks
+from ..cache.radix_cache import RadixCache
 from .sequence import Sequence, Status
 
 

@@ -38,18 +38,18 @@ import time
 
 import torch
 
-from .attention import KVCache
-from .block_pool import BlockPool
-from .decode_graphs import StaticDecode
+from ..layers.attention import KVCache
+from ..cache.block_pool import BlockPool
+from .cuda_graphs import StaticDecode
 from .detokenizer import IncrementalDetokenizer
 from .metrics import Metrics
 from .profiling import phase
-from .model import Decoder
-from .outputs import CompletionOutput, RequestOutput
-from .radix_cache import RadixCache
+from ..model.decoder import Decoder
+from ..outputs import CompletionOutput, RequestOutput
+from ..cache.radix_cache import RadixCache
 from .runner import ModelRunner
 from .sampler import SampleRequest, check_backend, sample, sample_seed
-from .sampling_params import SamplingParams
+from ..sampling_params import SamplingParams
 from .scheduler import Schedule, Scheduler
 from .sequence import Request, Sequence, Status
 

@@ -1,5 +1,5 @@
 """`python -m rrm_engine serve`: load the model once and serve it over HTTP (see server.py for the routes).
-A CLI plugin (rrm_engine/cli.py, PLUGINS): the model and judge options are the judging commands' own.
+A CLI plugin (rrm_engine/cli/main.py, PLUGINS): the model and judge options are the judging commands' own.
 
   python -m rrm_engine serve --model embedded --port 8000 --votes 4 --max-tokens 2048
 """
@@ -11,7 +11,7 @@ from typing import Any
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    from ..cli import JUDGE_OPTIONS, _add, add_llm_options, positive_int
+    from .main import JUDGE_OPTIONS, _add, add_llm_options, positive_int
 
     p = subparsers.add_parser(
         "serve", help="serve the model over HTTP: OpenAI routes, judge routes, OpenRLHF reward",
@@ -39,12 +39,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        from .server import build_app, run_server
+        from ..serving.server import build_app, run_server
     except ImportError as e:
         raise ValueError(f"serve needs the serve extra: pip install 'rrm_engine[serve]' ({e})") from None
-    from ..cli import JUDGE_OPTIONS, _kwargs, llm_kwargs
+    from .main import JUDGE_OPTIONS, _kwargs, llm_kwargs
     from ..judge.judge import Judge
-    from .openrlhf import OpenRLHFConfig
+    from ..serving.openrlhf import OpenRLHFConfig
 
     kw = llm_kwargs(args)
     model = kw.pop("model")

@@ -28,10 +28,10 @@ from torch.nn.modules import module as torch_module
 
 from rrm_kernels import cpu_ops
 
-from .attention import AttentionMetadata, KVCache
-from .cpu_backend import SMALL_M, small_m_linear
-from .rotary import Rotary
-from .weight_formats import QuantizedLinear
+from ..layers.attention import AttentionMetadata, KVCache
+from ..layers.attention.cpu_backend import SMALL_M, small_m_linear
+from ..layers.rotary import Rotary
+from ..layers.weight_formats import QuantizedLinear
 
 # a projection of [T, K] rows, given the ops' resolved instruction set
 Projection = Callable[[torch.Tensor, int], torch.Tensor]

@@ -21,8 +21,8 @@ import torch
 
 from rrm_kernels.decode_plan import StaticDecodePlan
 
-from .attention import AttentionMetadata, KVCache
-from .model import Decoder
+from ..layers.attention import AttentionMetadata, KVCache
+from ..model.decoder import Decoder
 
 
 class StaticDecode:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fused_linear import FusedLinear
-from .threads import tune_cpu_ops
+from ..threads import tune_cpu_ops
 
 log = logging.getLogger(__name__)
 

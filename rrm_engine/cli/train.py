@@ -1,7 +1,7 @@
 """`rrm-engine train ...`: GRPO on preference pairs, with a progress bar, a JSONL metrics
 log (one line per step) and checkpoints (a Hugging Face model dir plus trainer state) under --out.
 
-rrm_engine/cli.py calls add_parser(subparsers) when this package is present (cli.PLUGINS). Every
+rrm_engine/cli/main.py calls add_parser(subparsers) when this package is present (cli.PLUGINS). Every
 argument, the data file (each record) and --out are checked before the model loads; a run that
 fails before its first step leaves no run directory behind.
 """
@@ -21,7 +21,7 @@ OPTIMIZER_STATES = ("full", "bf16", "none")
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    from ..cli import device_arg, existing_file, model_arg, nonneg_float, positive_float, positive_int, unit_interval
+    from .main import device_arg, existing_file, model_arg, nonneg_float, positive_float, positive_int, unit_interval
 
     t = subparsers.add_parser("train", help="GRPO training of a reward reasoning model on preference pairs",
                               description="GRPO training of a reward reasoning model on preference pairs")
@@ -73,23 +73,23 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _group_size(text: str) -> int:
-    from ..cli import number_arg
+    from .main import number_arg
     return number_arg(text, int, lambda v: v >= 2, "an integer >= 2 (GRPO compares the rollouts of a group)")
 
 
 def _trainable(text: str) -> str:
-    from ..cli import accepted_by
-    from .trainable import parse_trainable
+    from .main import accepted_by
+    from ..train.trainable import parse_trainable
     return accepted_by(parse_trainable, text)
 
 
 def _nonneg_int(text: str) -> int:
-    from ..cli import number_arg
+    from .main import number_arg
     return number_arg(text, int, lambda v: v >= 0, "an integer >= 0")
 
 
 def _checkpoint_dir(text: str) -> Path:
-    from .checkpoint import TRAINER_STATE
+    from ..train.checkpoint import TRAINER_STATE
     path = Path(text).expanduser()
     if not (path / TRAINER_STATE).is_file():
         raise argparse.ArgumentTypeError(f"{text} is not a checkpoint written by `train` (no {TRAINER_STATE} in it)")
@@ -114,11 +114,11 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from ..loader import load
-    from .checkpoint import resume, save_checkpoint
-    from .data import PairStream
-    from .engine_sampler import EngineSampler
-    from .trainer import GRPOTrainer, TrainConfig
+    from ..model.loader import load
+    from ..train.checkpoint import resume, save_checkpoint
+    from ..train.data import PairStream
+    from ..train.engine_sampler import EngineSampler
+    from ..train.trainer import GRPOTrainer, TrainConfig
 
     # everything the user can get wrong is checked before the model loads
     cfg = TrainConfig(pairs_per_step=args.pairs_per_step, group_size=args.group_size, lr=args.lr,
@@ -187,9 +187,9 @@ def _rollout_memory(args: argparse.Namespace, model: Any, cfg: Any, probe: Any =
     engine's gpu_memory_utilization (printed with the reserve); nothing to do on CPU."""
     import sys
 
-    from ..memory_plan import CudaMemoryProbe, GiB
-    from .memory import TrainerMemory, estimate_trainer_memory, rollout_memory_utilization
-    from .trainable import apply_trainable
+    from ..core.memory_plan import CudaMemoryProbe, GiB
+    from ..train.memory import TrainerMemory, estimate_trainer_memory, rollout_memory_utilization
+    from ..train.trainable import apply_trainable
 
     device = model.lm_head_weight.device
     if probe is None and device.type != "cuda":

@@ -23,7 +23,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Sequence
 
-from ..judge.judge import Comparison, Judge, Ranking
+from .judge import Judge
+from .results import Comparison, Ranking
 
 
 def _import_ray() -> Any:

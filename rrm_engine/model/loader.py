@@ -20,11 +20,11 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from . import placement
+from .. import placement
 from .config import CheckpointError, ModelConfig
-from .fused_linear import FusedLinear
-from .model import Decoder
-from .placement import resolve_device, resolve_dtype
+from ..layers.fused_linear import FusedLinear
+from .decoder import Decoder
+from ..placement import resolve_device, resolve_dtype
 
 default_device, default_dtype = placement.default_device, placement.default_dtype  # their old home
 

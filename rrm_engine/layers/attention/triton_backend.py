@@ -1,5 +1,5 @@
 """Attention backend over the Triton kernels in rrm_kernels/ (the AttentionBackend protocol of
-rrm_engine.attention): rotary on q/k fused with this step's K/V store (rope_and_store), then
+rrm_engine.layers.attention): rotary on q/k fused with this step's K/V store (rope_and_store), then
 decode rows through the planned decode kernels (split-K, and the shared-prefix cascade when the
 step carries prefix levels) and prefill rows through paged prefill; a mixed step runs both, each
 on its own rows (the runner puts the decode rows first).
@@ -17,8 +17,9 @@ from rrm_kernels.paged_prefill import paged_prefill_attention
 from rrm_kernels.rope_store import rope_and_store
 from rrm_kernels.shared_prefix_decode import decode_attention
 
-from .attention import AttentionMetadata, KVCache
-from .rotary import Rotary
+from ...cache.kv_cache import KVCache
+from .metadata import AttentionMetadata
+from ..rotary import Rotary
 
 
 class TritonAttention:

@@ -1,11 +1,11 @@
 """Attention backend over the C++ CPU ops (rrm_kernels/cpu_ops.py, rrm_kernels/csrc/cpu_decode_ops.cpp): the
-AttentionBackend protocol of rrm_engine.attention, for the CPU.
+AttentionBackend protocol of rrm_engine.layers.attention, for the CPU.
 
 Each layer is two calls: rotary on q/k fused with this step's K/V store (rope_and_store), then,
 for the decode rows, paged decode attention that reads the cache pages in place and passes over
 each shared prefix once for all the sequences of its group (the step's prefix levels); prefill and
 extend rows (a mixed step puts them after the decode rows) use torch SDPA per sequence
-(rrm_engine.attention.prefill_attention: they are bound by their matmuls, not by per-op overhead). The engine also hands the decoder the ops' fused
+(rrm_engine.layers.attention.prefill_attention: they are bound by their matmuls, not by per-op overhead). The engine also hands the decoder the ops' fused
 RMSNorm + residual, silu(gate) * up, and (small_m_linear) the weight-streaming GEMM for the
 projections and the LM head of steps with few rows.
 
@@ -19,9 +19,11 @@ import torch.nn.functional as F
 
 from rrm_kernels import cpu_ops
 
-from .attention import AttentionMetadata, KVCache, prefill_attention
-from .rotary import Rotary
-from .threads import tune_cpu_ops
+from ...cache.kv_cache import KVCache
+from .metadata import AttentionMetadata
+from .torch_backend import prefill_attention
+from ..rotary import Rotary
+from ...threads import tune_cpu_ops
 
 
 def load_cpu_ops() -> None:

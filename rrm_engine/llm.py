@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import sys
 import threading
 import time
 from collections.abc import Sequence as SequenceABC
@@ -23,15 +22,12 @@ from collections.abc import Sequence as SequenceABC
 import torch
 
 from .core.engine import Engine, StepError
-from .core.memory_plan import CudaMemoryProbe, MemoryPlan, MemoryProbe
+from .core.builder import build_engine
+from .core.memory_plan import MemoryProbe
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
-from .threads import check_wait_policy
 
 log = logging.getLogger(__name__)
-
-_CPU_DEFAULT_KV_TOKENS = 16384  # 0.75 GB of fp32 KV for SmolLM2-135M
-
 
 class LLM:
     def __init__(self, model="embedded", device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
@@ -63,9 +59,6 @@ class LLM:
         "float16" under an fp32 model halves the cache and the bytes attention reads per step (keys
         and values rounded as llama.cpp's default f16 cache does; lossy, so opt-in). On CUDA only the
         run dtype for now (the Triton kernels read the cache in the model's dtype)."""
-        if kv_cache_dtype is not None:  # a bad name fails now, not after the model has loaded
-            from .placement import resolve_dtype
-            resolve_dtype(kv_cache_dtype, "cpu")
         if tensor_parallel_size != 1 and weights not in (None, "auto"):
             raise ValueError(f"weights={weights!r} converts the weights in one process; tensor parallelism shards "
                              "the dense weights (leave weights unset)")
@@ -73,29 +66,15 @@ class LLM:
             args = {k: v for k, v in locals().items() if k not in ("self", "model", "tensor_parallel_size", "__class__")}
             self._start_workers(model, tensor_parallel_size, args)
             return
-        loaded = _load_for_rank(model, device, dtype, tensor_parallel_size)  # sharded: model.cfg names the shard's heads
-        self.loaded = loaded
-        self.tokenizer = loaded.tokenizer
-        decoder = loaded.model
-        decoder.eval()
-        check_wait_policy(next(decoder.parameters()).device.type)  # threads.py: torch imported before us
-        self.weights = _apply_weights(decoder, weights, loaded, tensor_parallel_size)
-        _use_backend(decoder, attention_backend)
-        kv_dtype = _kv_cache_dtype(kv_cache_dtype, next(decoder.parameters()), decoder.backend)
-        if kv_cache_tokens is not None and (not isinstance(kv_cache_tokens, int) or kv_cache_tokens < block_size):
-            raise ValueError(f"kv_cache_tokens must be an integer >= block_size ({block_size}), got {kv_cache_tokens!r}")
-        self._memory_plan = _plan_memory(decoder, memory_probe, gpu_memory_utilization=gpu_memory_utilization,
-                                         kv_cache_tokens=kv_cache_tokens, block_size=block_size,
-                                         max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
-                                         cuda_graphs=cuda_graphs, tensor_parallel=tensor_parallel_size != 1,
-                                         kv_dtype=kv_dtype)
-        self.engine = Engine(decoder, loaded.tokenizer, tuple(loaded.eos_token_ids),
-                             num_blocks=self._memory_plan.num_blocks, block_size=block_size,
-                             enable_prefix_caching=enable_prefix_caching,
-                             max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs, seed=seed,
-                             cuda_graphs=cuda_graphs, sampler_backend=sampler_backend, kv_cache_dtype=kv_dtype)
-        if cuda_graphs:
-            _capture_graphs_at_init(self.engine)
+        built = build_engine(model, device=device, dtype=dtype, kv_cache_tokens=kv_cache_tokens,
+                             enable_prefix_caching=enable_prefix_caching, block_size=block_size,
+                             max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
+                             attention_backend=attention_backend, seed=seed, cuda_graphs=cuda_graphs,
+                             tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
+                             memory_probe=memory_probe, sampler_backend=sampler_backend, weights=weights,
+                             kv_cache_dtype=kv_cache_dtype)
+        self.loaded, self.tokenizer, self.engine = built.loaded, built.loaded.tokenizer, built.engine
+        self.weights, self._memory_plan = built.weights, built.memory_plan
         self._pending: list[RequestOutput] = []  # outputs of caller-driven requests seen inside generate()
         self._async_llm = None  # the AsyncLLM driving self.engine, if any (set and cleared by it)
         self._lock = threading.RLock()  # one caller-driven call at a time; an AsyncLLM attaches under it
@@ -230,6 +209,13 @@ class LLM:
     def has_unfinished(self) -> bool:
         return self.engine.has_unfinished() or bool(self._pending)
 
+    @property
+    def tensor_parallel(self) -> bool:
+        """True when this LLM's engine is tensor parallel: spawned worker ranks (no engine in this
+        process) or this process is one rank (its decoder gathers the logits of every rank)."""
+        engine = self.engine
+        return not isinstance(engine, Engine) or getattr(engine.model, "gather_logits", None) is not None
+
     def metrics(self) -> dict:
         return self.engine.metrics()
 
@@ -272,152 +258,6 @@ def _spawns_workers(tensor_parallel_size: int) -> bool:
     from .distributed.tensor_parallel import check_tensor_parallel_size, launched_by_torchrun
     check_tensor_parallel_size(tensor_parallel_size)
     return not (dist.is_available() and dist.is_initialized()) and not launched_by_torchrun()
-
-
-def _load_for_rank(model, device, dtype, tensor_parallel_size: int):
-    """The LoadedModel this process serves: from a name or path, only this rank's shard is read
-    (tensor_parallel_size > 1); a LoadedModel passed in whole is sharded in memory."""
-    from .model.loader import LoadedModel, load
-
-    shard = None
-    if tensor_parallel_size != 1:
-        from .distributed.tensor_parallel import rank_shard, shard_for_engine
-        shard = rank_shard(tensor_parallel_size)
-    if isinstance(model, (str, os.PathLike)):
-        return load(model, device=device, dtype=dtype, shard=shard)
-    if not (isinstance(model, LoadedModel) or hasattr(model, "model") and hasattr(model, "eos_token_ids")):
-        raise TypeError(f"model must be a name, a path or a LoadedModel, got {type(model).__name__}")
-    if shard is not None:
-        shard_for_engine(model.model, tensor_parallel_size)
-    return model
-
-
-def _apply_weights(decoder, weights: str | None, loaded, tensor_parallel_size: int) -> str:
-    """Convert the decoder's linears to the requested format; returns the format now served."""
-    from .layers import weight_formats
-
-    if weights is None:  # as loaded (or as an earlier LLM on the same LoadedModel converted it)
-        return weight_formats.served_format(decoder)
-    p = next(decoder.parameters())
-    fmt = weight_formats.resolve(weights, p.device, loaded.checkpoint_format, p.dtype)
-    if fmt == weight_formats.served_format(decoder):
-        return fmt
-    if tensor_parallel_size != 1:
-        raise ValueError(f"weights={weights!r} ({fmt}) runs in one process; tensor parallelism shards dense weights")
-    summary = weight_formats.apply(decoder, fmt)
-    log.info("rrm_engine: %s", summary)
-    return weight_formats.served_format(decoder)
-
-
-def _use_backend(decoder, name: str) -> None:
-    """Torch attention and norms; the Triton kernels for both (attention with rotary fused into the
-    KV store, residual add fused into RMSNorm); or the C++ CPU ops (the same fusions plus
-    silu(gate) * up). "auto": Triton on CUDA, the CPU ops on CPU, torch when they are unavailable."""
-    from .layers.attention import TorchAttention
-
-    if name not in ("auto", "torch", "triton", "cpu"):
-        raise ValueError(f"attention_backend must be 'auto', 'torch', 'triton' or 'cpu', got {name!r}")
-    device = next(decoder.parameters()).device
-    decoder.backend = TorchAttention()
-    decoder.use_kernels()
-    decoder.serving_forward = None
-    if name == "triton" or (name == "auto" and device.type == "cuda"):
-        try:
-            from .layers.attention.triton_backend import TritonAttention
-            decoder.backend = TritonAttention()
-            decoder.use_fused_norms(True)
-        except ImportError as e:
-            if name == "triton":
-                raise ValueError(f"attention_backend='triton' is not available: {e}") from e
-    elif name == "cpu" or (name == "auto" and device.type == "cpu"):
-        if device.type != "cpu":
-            raise ValueError(f"attention_backend='cpu' needs the model on the CPU, it is on {device}")
-        from rrm_kernels import cpu_ops
-
-        from .layers.attention.cpu_backend import CpuAttention, small_m_linear
-        try:
-            backend = CpuAttention()
-        except RuntimeError as e:
-            if name == "cpu":
-                raise ValueError(f"attention_backend='cpu' is not available: {e}") from e
-            logging.getLogger("rrm_engine").warning("CPU C++ ops unavailable, using the torch attention backend: %s", e)
-            return
-        decoder.backend = backend
-        decoder.use_kernels(rms_norm=cpu_ops.rms_norm, silu_mul=cpu_ops.silu_mul, linear=small_m_linear)
-        from .model.cpu_flat_forward import FlatForward
-        decoder.serving_forward = FlatForward(decoder)
-
-
-def _kv_cache_dtype(spec: torch.dtype | str | None, p: torch.Tensor, backend: object = None) -> torch.dtype:
-    """The KV cache's dtype: the run dtype unless asked; another one only for the CPU and torch
-    attention backends on CPU (see LLM)."""
-    from .placement import resolve_dtype
-    from .layers.attention.triton_backend import TritonAttention
-
-    if spec is None or (isinstance(spec, str) and spec.strip().lower() == "auto"):
-        return p.dtype
-    dt = resolve_dtype(spec, p.device)
-    if dt != p.dtype and (p.device.type != "cpu" or isinstance(backend, TritonAttention)):
-        raise ValueError(f"kv_cache_dtype={spec!r} differs from the run dtype {p.dtype}: only a CPU engine on the cpu "
-                         "or torch attention backend keeps its KV cache in another dtype (the Triton kernels read it "
-                         "in the model's)")
-    return dt
-
-
-def _plan_memory(decoder, probe: MemoryProbe | None, *, gpu_memory_utilization: float, kv_cache_tokens: int | None,
-                 block_size: int, max_num_batched_tokens: int, max_num_seqs: int, cuda_graphs: bool,
-                 tensor_parallel: bool, kv_dtype: torch.dtype) -> MemoryPlan:
-    """The KV cache size and where the rest of the memory goes (memory_plan.py). Without a probe
-    (CPU) the cache is kv_cache_tokens or the CPU default. Tensor-parallel ranks all take the
-    smallest rank's cache, or all fail together, so that their schedules stay in lockstep."""
-    from .core.memory_plan import InsufficientMemoryError, check_utilization, fixed_plan, kv_bytes_per_token
-    from .core.memory_profile import measure_and_plan, weights_bytes
-
-    check_utilization(gpu_memory_utilization)
-    p, cfg = next(decoder.parameters()), decoder.cfg
-    if probe is None and p.device.type == "cuda":
-        probe = CudaMemoryProbe(p.device)
-    if probe is None:
-        return fixed_plan(device=str(p.device), weights=weights_bytes(decoder),
-                          kv_bytes_per_token=kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, kv_dtype),
-                          block_size=block_size, kv_cache_tokens=kv_cache_tokens or _CPU_DEFAULT_KV_TOKENS,
-                          how="kv_cache_tokens" if kv_cache_tokens else "cpu default")
-    plan, error = None, None
-    try:
-        plan = measure_and_plan(decoder, probe, gpu_memory_utilization=gpu_memory_utilization, block_size=block_size,
-                                max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
-                                cuda_graphs=cuda_graphs, kv_cache_tokens=kv_cache_tokens)
-    except InsufficientMemoryError as e:
-        if not tensor_parallel:
-            raise
-        error = e  # the other ranks must hear of it before anyone raises
-    rank = 0
-    if tensor_parallel:
-        import torch.distributed as dist
-
-        from .distributed.tensor_parallel import agree_min
-        rank = dist.get_rank()
-        tokens = agree_min(plan.kv_cache_tokens if plan is not None else 0, p.device)
-        if error is not None:
-            raise error
-        if tokens == 0:
-            raise InsufficientMemoryError("another tensor-parallel rank has too little memory for its KV cache "
-                                          "(its own error names how much it needs)")
-        plan = plan.shrunk_to(tokens)
-    if rank == 0:
-        print(plan.summary(), file=sys.stderr)
-    return plan
-
-
-def _capture_graphs_at_init(engine: Engine) -> None:
-    """Capture every decode CUDA graph now, on the real KV cache, so that no capture (and no
-    allocation outside the plan) happens mid-run (StaticDecode.capture_all, through the memory
-    profiler's helper). Off CUDA there is nothing to capture."""
-    from .core.memory_profile import capture_decode_graphs
-
-    static = engine.runner.static_decode
-    if static is not None and static.capture:
-        capture_decode_graphs(static)
 
 
 class _GenerateProgress:

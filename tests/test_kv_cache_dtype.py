@@ -9,7 +9,7 @@ import torch
 from rrm_engine import LLM, SamplingParams
 from rrm_engine.layers.attention import TorchAttention
 from rrm_engine.layers.attention.cpu_backend import CpuAttention
-from rrm_engine.llm import _kv_cache_dtype
+from rrm_engine.core.builder import _kv_cache_dtype
 
 from tiny_engine_model import small_model
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from rrm_engine.model import gguf_loader, loader
+from rrm_engine import placement
+from rrm_engine.model import gguf_loader, hf_loader, loader
 from rrm_engine.model.config import CheckpointError
 from rrm_engine.model.loader import load, load_hf
 
@@ -104,7 +105,7 @@ def test_streams_one_tensor_at_a_time_onto_meta_model(tiny_qwen2_dir, monkeypatc
     time, each a tensor of its own (not a view into some whole-checkpoint buffer). Together with
     safe_open's memory map, the host holds the model plus at most one tensor in flight."""
     seen = []
-    real_assign = loader._assign
+    real_assign = hf_loader._assign
 
     def spy(model, name, tensor):
         params = dict(model.named_parameters())
@@ -112,7 +113,7 @@ def test_streams_one_tensor_at_a_time_onto_meta_model(tiny_qwen2_dir, monkeypatc
         seen.append((name, meta_left, len(params), tensor.untyped_storage().nbytes(), tensor.nbytes))
         real_assign(model, name, tensor)
 
-    monkeypatch.setattr(loader, "_assign", spy)
+    monkeypatch.setattr(hf_loader, "_assign", spy)
     load_hf(tiny_qwen2_dir)
     total = seen[0][2]
     assert seen[0][1] == total, "the model must start with every parameter on meta"
@@ -420,8 +421,8 @@ def test_load_embedded_by_name(embedded_dir):
 
 
 def test_device_and_dtype_defaults(tiny_qwen2_dir):
-    assert loader.default_dtype("cuda") == torch.bfloat16 and loader.default_dtype("cpu") == torch.float32
+    assert placement.default_dtype("cuda") == torch.bfloat16 and placement.default_dtype("cpu") == torch.float32
     lm = load(tiny_qwen2_dir)  # no GPU here: cpu, fp32
-    expected = loader.default_device()
+    expected = placement.default_device()
     p = lm.model.lm_head_weight
-    assert p.device.type == expected.type and p.dtype == loader.default_dtype(expected)
+    assert p.device.type == expected.type and p.dtype == placement.default_dtype(expected)

@@ -187,8 +187,8 @@ def _rollout_memory(args: argparse.Namespace, model: Any, cfg: Any, probe: Any =
     engine's gpu_memory_utilization (printed with the reserve); nothing to do on CPU."""
     import sys
 
-    from ..core.memory_plan import CudaMemoryProbe, GiB
-    from ..train.memory import TrainerMemory, estimate_trainer_memory, rollout_memory_utilization
+    from ..train.memory import (CudaMemoryProbe, GiB, TrainerMemory, estimate_trainer_memory,
+                                rollout_memory_utilization)
     from ..train.trainable import apply_trainable
 
     device = model.lm_head_weight.device

@@ -1,6 +1,6 @@
 """`LLM(path, tensor_parallel_size=N)` called from ONE process: it spawns N worker processes (as
 vLLM's multiprocessing executor does), each joins one torch.distributed group (NCCL on GPU, one
-GPU per rank; gloo on CPU) and builds the rank's LLM, loading only its shard. The calling
+GPU per rank; gloo on CPU) and builds the rank's engine (core/builder.py), loading only its shard. The calling
 process keeps no weights: its LLM's `engine` is a WorkerEngine that sends every engine call to
 all ranks (they run the same SPMD engine in lockstep, see tensor_parallel.py) and returns rank
 0's answer. LLM's own methods (generate, add_request, step, ...) therefore run unchanged.
@@ -46,18 +46,18 @@ def _worker(rank: int, world: int, port: int, model: Any, llm_kwargs: dict, conn
     import torch
     import torch.distributed as dist
 
-    from ..llm import LLM
+    from ..core.builder import build_engine
     from .tensor_parallel import init_tensor_parallel
 
     if not torch.cuda.is_available():  # the ranks share the host's cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     try:
         init_tensor_parallel()
-        llm = LLM(model, tensor_parallel_size=world, **llm_kwargs)
-        loaded = llm.loaded
+        built = build_engine(model, tensor_parallel_size=world, **llm_kwargs)
+        loaded = built.loaded
         info = dict(tokenizer=loaded.tokenizer, config=loaded.config, eos_token_ids=loaded.eos_token_ids,
                     generation=loaded.generation, name=loaded.name, bytes_read=loaded.bytes_read,
-                    memory_plan=llm._memory_plan)
+                    memory_plan=built.memory_plan)
         _send(conn, "ok", info if rank == 0 else None)
     except BaseException as e:
         _send(conn, "error", e)
@@ -72,7 +72,7 @@ def _worker(rank: int, world: int, port: int, model: Any, llm_kwargs: dict, conn
                 _send(conn, "ok", None)
                 return
             try:
-                result = getattr(llm.engine, method)(*args, **kwargs)
+                result = getattr(built.engine, method)(*args, **kwargs)
                 _send(conn, "ok", result if rank == 0 else None)
             except Exception as e:
                 _send(conn, "error", e)

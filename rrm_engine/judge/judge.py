@@ -140,7 +140,7 @@ class Judge:
                 try:
                     self._engine = AsyncLLM.of(self.llm)
                 except ValueError:
-                    if not _tensor_parallel(self.llm):
+                    if not getattr(self.llm, "tensor_parallel", False):
                         raise
                     self._engine = _lockstep_of(self.llm)
             return self._engine
@@ -386,15 +386,6 @@ def _lockstep_of(llm: Any) -> LockstepEngine:
         engine = LockstepEngine(llm, background_loop())
         llm._rrm_lockstep = engine
     return engine
-
-
-def _tensor_parallel(llm: Any) -> bool:
-    """Spawned worker ranks (the engine is not in this process) or a launched rank (logits gathered)."""
-    from rrm_engine.core.engine import Engine
-
-    engine = getattr(llm, "engine", None)
-    return engine is not None and (not isinstance(engine, Engine)
-                                   or getattr(getattr(engine, "model", None), "gather_logits", None) is not None)
 
 
 class _NoBar:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .config import CheckpointError
-from .loader import LoadedModel, load_hf
+from .hf_loader import LoadedModel, load_hf
 
 # Bump when the converted layout changes, so stale caches are not reused.
 CONVERTER_VERSION = 1

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from ..core.memory_plan import GiB, InsufficientMemoryError, MemoryProbe, check_utilization
+from ..core.memory_plan import CudaMemoryProbe, GiB, InsufficientMemoryError, MemoryProbe, check_utilization
 from ..model.decoder import Decoder
 
 

@@ -3,8 +3,9 @@
 Also the caller-driven interface used by judges and trainers: add_request / step / abort /
 has_unfinished, and metrics() / reset_metrics() / invalidate_prefix_cache().
 
-When an AsyncLLM (async_engine/async_llm.py) drives this LLM's engine from its background thread,
-generate() goes through it (submit + wait; its errors are the AsyncLLM's), abort() is forwarded to
+A driver (an AsyncLLM, async_engine/async_llm.py) can take over stepping this LLM's engine from its
+background thread: it attaches with attach_driver() and leaves with detach_driver(). While one is
+attached, generate() goes through it (submit + wait; its errors are the AsyncLLM's), abort() is forwarded to
 it, add_request()/step() raise (the background loop owns stepping), and reset_metrics() /
 invalidate_prefix_cache() run under its engine lock. Without one, everything runs in the caller's
 thread as before, one call at a time: calls from several threads wait for each other instead of
@@ -75,9 +76,13 @@ class LLM:
                              kv_cache_dtype=kv_cache_dtype)
         self.loaded, self.tokenizer, self.engine = built.loaded, built.loaded.tokenizer, built.engine
         self.weights, self._memory_plan = built.weights, built.memory_plan
+        self._init_driving()
+
+    def _init_driving(self) -> None:
         self._pending: list[RequestOutput] = []  # outputs of caller-driven requests seen inside generate()
-        self._async_llm = None  # the AsyncLLM driving self.engine, if any (set and cleared by it)
-        self._lock = threading.RLock()  # one caller-driven call at a time; an AsyncLLM attaches under it
+        self._driver = None  # what steps self.engine from another thread (an AsyncLLM), if any
+        self._lock = threading.RLock()  # one caller-driven call at a time; a driver attaches under it
+        self._encode_lock = threading.Lock()  # HF tokenizers have raised "Already borrowed" under concurrent use
 
     def _start_workers(self, model, tensor_parallel_size: int, llm_kwargs: dict) -> None:
         """tensor_parallel_size ranks in spawned processes; this process keeps the tokenizer and
@@ -96,9 +101,7 @@ class LLM:
         self.tokenizer = info["tokenizer"]
         self._memory_plan = info["memory_plan"]
         self.weights = None  # the workers serve their dense shards
-        self._pending = []
-        self._async_llm = None
-        self._lock = threading.RLock()
+        self._init_driving()
 
     # ------------------------------------------------------------------------- generation
     def generate(self, prompts: str | list[str] | list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
@@ -121,11 +124,11 @@ class LLM:
         plist = params if isinstance(params, list) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"{len(plist)} SamplingParams for {len(prompts)} prompts")
-        encoded = [self._encode(p) for p in prompts]
+        encoded = [self.encode(p) for p in prompts]
         for (ids, _), sp in zip(encoded, plist):
-            self.engine.validate(ids, sp)
+            self.engine.validate(ids, sp)  # every prompt before any is queued: the one validation
         with self._lock:
-            driver = self._async_llm
+            driver = self._driver
             if driver is None:
                 return self._generate_here(encoded, plist, use_tqdm)
         return driver.generate_encoded(encoded, plist)
@@ -138,7 +141,7 @@ class LLM:
         bar = _GenerateProgress(len(encoded), self.engine) if use_tqdm else None
         try:
             for (ids, text), sp in zip(encoded, plist):
-                ids_in_order.append(self.engine.add_request(ids, sp, prompt=text))
+                ids_in_order.append(self.engine.add_request(ids, sp, prompt=text, validated=True))
             wanted = set(ids_in_order)
             while len(done) < len(wanted):
                 try:
@@ -170,18 +173,21 @@ class LLM:
                 bar.close()
         return [done[r] for r in ids_in_order]
 
-    def _encode(self, prompt) -> tuple[list[int], str | None]:
+    def encode(self, prompt: str | list[int]) -> tuple[list[int], str | None]:
+        """(token ids, text or None) of a prompt as generate() takes it: a str is tokenised as it is
+        (no chat template), a list of ids passes through. Thread-safe."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("text prompts need a tokenizer; this model has none: pass token ids")
-            return list(self.tokenizer.encode(prompt)), prompt
+            with self._encode_lock:
+                return list(self.tokenizer.encode(prompt)), prompt
         if isinstance(prompt, SequenceABC) and not isinstance(prompt, (bytes, bytearray)):
             return list(prompt), None
         raise TypeError(f"a prompt must be a str or a list of token ids, got {type(prompt).__name__}")
 
     # -------------------------------------------------------------------- caller-driven API
     def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> str:
-        ids, text = self._encode(prompt)
+        ids, text = self.encode(prompt)
         with self._lock:
             self._refuse_if_driven("add_request")
             return self.engine.add_request(ids, params, request_id=request_id, prompt=text)
@@ -200,7 +206,7 @@ class LLM:
         """Returns the request's final output; None if it is unknown or done. With an AsyncLLM
         attached the abort is forwarded to it and its waiter gets the output (returns None)."""
         with self._lock:
-            driver = self._async_llm
+            driver = self._driver
             if driver is None:
                 return self.engine.abort(request_id)
         driver.abort(request_id)
@@ -231,9 +237,38 @@ class LLM:
         with self._engine_lock():
             self.engine.invalidate_prefix_cache()
 
-    # ----------------------------------------------------- when an AsyncLLM drives the engine
+    # ------------------------------------------------- when a driver (AsyncLLM) steps the engine
+    @property
+    def driver(self):
+        """The driver stepping this LLM's engine from its own thread (an AsyncLLM), or None."""
+        return self._driver
+
+    def attach_driver(self, driver) -> None:
+        """Hand the stepping of this engine to `driver`, which must offer generate_encoded(encoded,
+        params), abort(request_id) and engine_lock (held around everything it does to the engine).
+        Waits for a caller-driven call in progress; refuses a second driver and unfinished
+        caller-driven requests."""
+        with self._lock:
+            if self._driver is not None:
+                raise ValueError("this LLM is already driven by an AsyncLLM: share it with AsyncLLM.of(llm)")
+            if self.has_unfinished():
+                raise ValueError("this LLM has unfinished caller-driven requests: finish or abort them before "
+                                 "an AsyncLLM takes over its engine")
+            self._driver = driver
+
+    def detach_driver(self, driver) -> None:
+        """The driver leaves (shut down); the LLM steps its engine itself again."""
+        with self._lock:
+            if self._driver is driver:
+                self._driver = None
+
+    def driver_or_attach(self, make):
+        """The attached driver, or make() (which attaches itself) when there is none, atomically."""
+        with self._lock:
+            return self._driver if self._driver is not None else make()
+
     def _refuse_if_driven(self, what: str) -> None:
-        if self._async_llm is not None:
+        if self._driver is not None:
             raise RuntimeError(f"LLM.{what}() while an AsyncLLM drives this engine: its background loop does the "
                                "stepping; submit through the AsyncLLM (submit/generate/stream) or call generate()")
 
@@ -242,7 +277,7 @@ class LLM:
         """Exclusive use of the engine: the AsyncLLM's engine lock (its loop steps under it), or
         without one this LLM's own lock."""
         with self._lock:
-            driver = self._async_llm
+            driver = self._driver
             if driver is None:
                 yield
                 return

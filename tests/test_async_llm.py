@@ -266,7 +266,7 @@ def test_the_sync_llm_api_while_an_async_llm_drives_the_engine(model):
     finally:
         a.shutdown()
     # detached: the caller-driven API is back, on the same engine
-    assert llm._async_llm is None and llm.step() == []
+    assert llm.driver is None and llm.step() == []
     assert [tokens(o) for o in llm.generate(prompts, params)] == ref
     b = AsyncLLM.of(llm)
     assert b is not a
@@ -379,7 +379,7 @@ def test_tensor_parallel_ranks_are_refused():
     llm.engine.model.gather_logits = lambda x: x  # what shard_for_engine leaves on a sharded decoder
     with pytest.raises(ValueError, match="tensor-parallel"):
         AsyncLLM(llm)
-    assert llm._async_llm is None
+    assert llm.driver is None
 
 
 def test_a_plain_llm_called_from_many_threads_serialises_its_calls(model):

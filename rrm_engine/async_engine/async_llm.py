@@ -37,8 +37,10 @@ Semantics (the contract the serving layer codes against)
   * Futures are resolved on the loop thread: done-callbacks run there, so keep them short
     (asyncio.wrap_future, used by generate(), only schedules a call on the waiting loop).
 
-The LLM stays usable while attached: llm.generate() goes through this loop (submit + wait),
-llm.abort() is forwarded here, llm.add_request()/step() raise (the loop owns stepping).
+The LLM stays usable while attached (LLM.attach_driver: the only thing the two know of each other
+is that public protocol): llm.generate() goes through this loop (submit + wait), llm.abort() is
+forwarded here, llm.add_request()/step() raise (the loop owns stepping). Each request is
+validated once, at the front door its caller entered (submit here, or LLM.generate).
 AsyncLLM.of(llm) gives the one AsyncLLM of an LLM (creating it once): share it between every
 judge, adapter and server route over that engine.
 """
@@ -89,44 +91,36 @@ class AsyncLLM:
     def __init__(self, llm: LLM):
         if not isinstance(llm, LLM):
             raise TypeError(f"AsyncLLM wraps an rrm_engine.LLM, got {type(llm).__name__}")
-        with llm._lock:  # attaching waits for a caller-driven call in progress
-            if llm._async_llm is not None:
-                raise ValueError("this LLM is already driven by an AsyncLLM: share it with AsyncLLM.of(llm)")
-            if not isinstance(llm.engine, Engine):
-                raise ValueError(f"AsyncLLM drives an in-process Engine, not a {type(llm.engine).__name__} "
-                                 "(tensor_parallel_size > 1 from one process is not served by AsyncLLM yet)")
-            if getattr(llm.engine.model, "gather_logits", None) is not None:
-                raise ValueError("AsyncLLM needs a single-process engine: tensor-parallel ranks must run identical "
-                                 "steps, and one loop per rank fed by its own callers cannot guarantee that")
-            if llm.has_unfinished():
-                raise ValueError("this LLM has unfinished caller-driven requests: finish or abort them before "
-                                 "an AsyncLLM takes over its engine")
-            self._llm = llm
-            self._engine = llm.engine
-            self.engine_lock = threading.Lock()  # held by the loop around everything it does to the engine
-            self._cv = threading.Condition(threading.Lock())  # guards inbox, live, closing
-            self._inbox: list[_Pending] = []
-            self._aborts: deque[tuple[str, _Pending | None]] = deque()  # appended lock-free (from __del__ too)
-            self._live: dict[str, _Pending] = {}  # submitted, not yet resolved
-            self._deadlines: list[tuple[float, int, _Pending]] = []
-            self._ids = itertools.count()
-            self._tie = itertools.count()
-            self._closing = False
-            self._dead: EngineDeadError | None = None
-            self._encode_lock = threading.Lock()  # HF tokenizers have raised "Already borrowed" under concurrent use
-            self._stats = dict.fromkeys(("requests_submitted", "requests_finished", "requests_aborted",
-                                         "requests_timed_out", "requests_failed"), 0)
-            self._thread = threading.Thread(target=self._run, name="rrm-async-llm", daemon=True)
-            llm._async_llm = self
-            _live_instances.add(self)
-            self._thread.start()
+        if not isinstance(llm.engine, Engine):
+            raise ValueError(f"AsyncLLM drives an in-process Engine, not a {type(llm.engine).__name__} "
+                             "(tensor_parallel_size > 1 from one process is not served by AsyncLLM yet)")
+        if getattr(llm.engine.model, "gather_logits", None) is not None:
+            raise ValueError("AsyncLLM needs a single-process engine: tensor-parallel ranks must run identical "
+                             "steps, and one loop per rank fed by its own callers cannot guarantee that")
+        self._llm = llm
+        self._engine = llm.engine
+        self.engine_lock = threading.Lock()  # held by the loop around everything it does to the engine
+        self._cv = threading.Condition(threading.Lock())  # guards inbox, live, closing
+        self._inbox: list[_Pending] = []
+        self._aborts: deque[tuple[str, _Pending | None]] = deque()  # appended lock-free (from __del__ too)
+        self._live: dict[str, _Pending] = {}  # submitted, not yet resolved
+        self._deadlines: list[tuple[float, int, _Pending]] = []
+        self._ids = itertools.count()
+        self._tie = itertools.count()
+        self._closing = False
+        self._dead: EngineDeadError | None = None
+        self._stats = dict.fromkeys(("requests_submitted", "requests_finished", "requests_aborted",
+                                     "requests_timed_out", "requests_failed"), 0)
+        self._thread = threading.Thread(target=self._run, name="rrm-async-llm", daemon=True)
+        llm.attach_driver(self)  # waits for a caller-driven call in progress; refuses a second driver
+        _live_instances.add(self)
+        self._thread.start()
 
     @classmethod
     def of(cls, llm: LLM) -> "AsyncLLM":
         """The AsyncLLM that drives llm's engine, created on first use (thread-safe). A dead one
         (its loop crashed) is returned as it is: its calls raise EngineDeadError naming the cause."""
-        with llm._lock:
-            return llm._async_llm if llm._async_llm is not None else cls(llm)
+        return llm.driver_or_attach(lambda: cls(llm))
 
     @classmethod
     def from_pretrained(cls, model="embedded", **llm_kwargs) -> "AsyncLLM":
@@ -192,9 +186,8 @@ class AsyncLLM:
 
     def _submit(self, prompt, params, request_id, timeout, stream: bool, delta: bool = True) -> _Pending:
         self._check_open()
-        with self._encode_lock:
-            ids, text = self._llm._encode(prompt)
-        self._engine.validate(ids, params)  # reads only the engine's fixed limits: safe from any thread
+        ids, text = self._llm.encode(prompt)
+        self._engine.validate(ids, params)  # the one validation; reads only the engine's fixed limits
         return self._enqueue(ids, text, params, request_id, timeout, stream, delta)
 
     def _enqueue(self, ids, text, params, request_id, timeout, stream: bool, delta: bool = True) -> _Pending:
@@ -265,7 +258,7 @@ class AsyncLLM:
             return
         try:
             self._engine.add_request(p.prompt_ids, p.params, request_id=p.request_id, prompt=p.prompt,
-                                     stream=p.stream is not None)
+                                     stream=p.stream is not None, validated=True)
         except Exception as e:  # validated at submit; anything here is the engine's to explain
             p.resolved = True
             results.append((p, e))
@@ -360,9 +353,7 @@ class AsyncLLM:
             err.__cause__ = error.__cause__
             _settle(p.future, exception=err)
         if detach:
-            with self._llm._lock:
-                if self._llm._async_llm is self:
-                    self._llm._async_llm = None
+            self._llm.detach_driver(self)
         _live_instances.discard(self)
 
     # -------------------------------------------------------------------------- control

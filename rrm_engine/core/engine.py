@@ -140,10 +140,12 @@ class Engine:
             raise ValueError(f"request id {request_id!r} is already in use")
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                    prompt: str | None = None, stream: bool = False) -> str:
+                    prompt: str | None = None, stream: bool = False, validated: bool = False) -> str:
         """stream=True: step() returns an output for this request after every step that gave it
-        new tokens (text decoded incrementally), not only when a sample finishes."""
-        self.validate(prompt_token_ids, params, request_id)
+        new tokens (text decoded incrementally), not only when a sample finishes. validated=True:
+        the front door the caller entered (LLM.generate, AsyncLLM.submit) already ran validate()."""
+        if not validated:
+            self.validate(prompt_token_ids, params, request_id)
         arrival = next(self._arrival)
         rid = request_id if request_id is not None else f"req-{arrival}"
         if rid in self.requests:

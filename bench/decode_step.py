@@ -154,7 +154,7 @@ def make_llm(loaded, backend: str, kv_tokens: int, weights: str | None = None, k
     llm = LLM(loaded, attention_backend=backend.removesuffix(MODULES_SUFFIX), kv_cache_tokens=kv_tokens,
               weights=weights, kv_cache_dtype=kv_dtype)
     if modules:
-        llm.engine.model.serving_forward = None
+        llm.engine.model.serve_with(llm.engine.model.serving.replace(flat_forward=None))
     return llm
 
 

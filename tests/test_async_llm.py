@@ -376,7 +376,8 @@ def test_the_idle_loop_sleeps_on_its_condition(alm):
 def test_tensor_parallel_ranks_are_refused():
     """Ranks of a tensor-parallel engine must step in lockstep; independent loops would not."""
     llm = make_llm(small_model())
-    llm.engine.model.gather_logits = lambda x: x  # what shard_for_engine leaves on a sharded decoder
+    model = llm.engine.model  # what shard_for_engine leaves on a sharded decoder:
+    model.serve_with(model.serving.replace(gather_logits=lambda x: x))
     with pytest.raises(ValueError, match="tensor-parallel"):
         AsyncLLM(llm)
     assert llm.driver is None

@@ -40,16 +40,16 @@ def compare_each_step(decoder: Decoder) -> list[tuple[int, int, bool]]:
 
     def both(input_ids, positions, cache, meta):
         out = flat(input_ids, positions, cache, meta)
-        decoder.serving_forward = None
+        decoder.serve_with(decoder.serving.replace(flat_forward=None))
         try:
             ref = decoder(input_ids, positions, cache, meta)
         finally:
-            decoder.serving_forward = both
+            decoder.serve_with(decoder.serving.replace(flat_forward=both))
         seen.append((meta.num_decode, len(meta.query_lens_host), torch.equal(out, ref)))
         return out
 
     both.hooks_registered = flat.hooks_registered
-    decoder.serving_forward = both
+    decoder.serve_with(decoder.serving.replace(flat_forward=both))
     return seen
 
 
@@ -97,7 +97,7 @@ def test_same_tokens_with_and_without_the_flat_forward():
     def votes(flat: bool):
         llm = LLM(small_model(), attention_backend="cpu", weights="q8_0", kv_cache_tokens=1024)
         if not flat:
-            llm.engine.model.serving_forward = None
+            llm.engine.model.serve_with(llm.engine.model.serving.replace(flat_forward=None))
         rng = random.Random(3)
         head = rand_ids(rng, 30)
         outs = llm.generate([head + rand_ids(rng, 20) for _ in range(2)],

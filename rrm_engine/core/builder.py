@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..layers import weight_formats
-from ..layers.attention.choose import use_backend
+from ..layers.attention.choose import choose_backend
 from ..model.cpu_flat_forward import FlatForward
 from ..model.loader import LoadedModel, load
 from ..placement import resolve_dtype
@@ -55,9 +55,11 @@ def build_engine(model: Any = "embedded", *, device: str | torch.device | None =
     decoder.eval()
     check_wait_policy(next(decoder.parameters()).device.type)  # threads.py: torch imported before us
     served = _apply_weights(decoder, weights, loaded, tensor_parallel_size)
-    if use_backend(decoder, attention_backend) == "cpu":
+    chosen, fields = choose_backend(attention_backend, next(decoder.parameters()).device)
+    decoder.serve_with(decoder.serving.replace(**fields, flat_forward=None))  # keeps the head format and TP gather
+    if chosen == "cpu":
         # serving steps run the decoder as one loop over the layers that calls the C++ ops directly
-        decoder.serving_forward = FlatForward(decoder)
+        decoder.serve_with(decoder.serving.replace(flat_forward=FlatForward(decoder)))
     kv_dtype = _kv_cache_dtype(kv_cache_dtype, next(decoder.parameters()), decoder.backend)
     plan = _plan_memory(decoder, memory_probe, gpu_memory_utilization=gpu_memory_utilization,
                         kv_cache_tokens=kv_cache_tokens, block_size=block_size,

@@ -159,7 +159,7 @@ def shard_decoder(model: Decoder, rank: int, world: int, group: Any = None) -> D
         dist.all_gather(parts, local.contiguous(), group=group)
         return torch.cat(parts, dim=-1)[..., :vocab]
 
-    model.gather_logits = gather_logits
+    model.serve_with(model.serving.replace(gather_logits=gather_logits))
     model.cfg = dataclasses.replace(cfg, num_heads=cfg.num_heads // world, num_kv_heads=cfg.num_kv_heads // world,
                                     intermediate_size=cfg.intermediate_size // world)
     return model

@@ -161,7 +161,7 @@ def apply(decoder: nn.Module, fmt: str) -> str:
     made += _nbytes(head)
     if not decoder.cfg.tie_word_embeddings:
         decoder.lm_head = head  # the dense head's only copy is now the converted one
-    decoder.head = head
+    decoder.serve_with(decoder.serving.replace(head=head))
     return (f"weights {fmt}" + (f" (LM head {head_fmt})" if head_fmt != fmt else "") +
             f": linears {dense / 2**20:.0f} MB dense -> {made / 2**20:.0f} MB")
 

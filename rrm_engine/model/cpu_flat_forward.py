@@ -84,7 +84,7 @@ class FlatForward:
         for layer in decoder.model.layers:
             a, mlp = layer.self_attn, layer.mlp
             if mlp.silu_mul is None or layer.input_layernorm.kernel is None:
-                raise ValueError("FlatForward serves a decoder set up for the CPU backend (use_kernels with the CPU ops)")
+                raise ValueError("FlatForward serves a decoder set up for the CPU backend (a ServingSetup with the CPU ops' kernels)")
             self.layers.append(_Layer(
                 layer.input_layernorm.weight, layer.input_layernorm.eps, _projection(a.qkv_proj),
                 list(a.qkv_proj.part_sizes), a.q_norm.forward if a.cfg.qk_norm else None,

@@ -3,9 +3,15 @@
 Two ways in, same parameters:
   * serving: packed tokens [T] + paged KV cache + AttentionMetadata, attention via a backend;
   * training: a dense [B, L] batch (right-padded), causal SDPA with autograd, no cache.
+
+How it serves is one explicit object, ServingSetup (attention backend, fused kernels, the LM head's
+serving format, the tensor-parallel logits gather, the CPU flat forward), given at construction or
+replaced as a whole with serve_with(); nothing else sets serving state on a Decoder.
 """
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -69,7 +75,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, serving: ServingSetup | None = None):
         super().__init__()
         # gate and up in one GEMM; checkpoints still hold gate_proj, up_proj
         self.gate_up_proj = FusedLinear(cfg.hidden_size, (("gate_proj", cfg.intermediate_size),
@@ -108,12 +114,33 @@ class DecoderLayer(nn.Module):
         return self.mlp(x), residual
 
 
+@dataclass(frozen=True)
+class ServingSetup:
+    """Everything that decides how a Decoder serves (never under autograd; training ignores it).
+    backend: the attention backend (layers/attention/); rms_norm(x, weight, eps, residual),
+    silu_mul(gate_up) and linear(x, weight, bias): fused kernels for every RMSNorm, MLP activation
+    and projection (None: torch); head: the LM head in a serving weight format
+    (layers/weight_formats.apply); gather_logits: turns a tensor-parallel rank's vocab slice into
+    full logits; flat_forward: the CPU backend's one-loop forward (model/cpu_flat_forward.py), used
+    while no forward hook is registered."""
+    backend: Any = field(default_factory=TorchAttention)
+    rms_norm: Callable | None = None
+    silu_mul: Callable | None = None
+    linear: Callable | None = None
+    head: nn.Module | None = None
+    gather_logits: Callable[[torch.Tensor], torch.Tensor] | None = None
+    flat_forward: Any = None
+
+    def replace(self, **changes: Any) -> "ServingSetup":
+        return dataclasses.replace(self, **changes)
+
+
 class Decoder(nn.Module):
     """state_dict() names follow the Hugging Face layout (model.layers.N.self_attn.q_proj.weight ...)
     so checkpoints load and save without renaming; the fused q/k/v and gate/up parameters
     (qkv_proj, gate_up_proj) appear there as their separate parts."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, serving: ServingSetup | None = None):
         super().__init__()
         self.cfg = cfg
         self.model = nn.Module()
@@ -122,18 +149,39 @@ class Decoder(nn.Module):
         self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         if not cfg.tie_word_embeddings:
             self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.backend: AttentionBackend = TorchAttention()
-        # set by weight_formats.apply when serving with converted weights: the LM head in that format
-        self.head: nn.Module | None = None
         self.gradient_checkpointing = False
         self._rotary_tables: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
-        # set by tensor parallelism: turns this rank's vocab slice of the logits into full logits
-        self.gather_logits: Callable[[torch.Tensor], torch.Tensor] | None = None
-        self.linear_kernel: Callable | None = None  # the LM head's, see use_kernels
-        # set when the CPU backend serves: the same forward as one loop without the modules
-        # (rrm_engine/cpu_flat_forward.FlatForward), for serving calls made without autograd
-        # while no forward hook is registered
-        self.serving_forward: Any = None
+        self.serving = ServingSetup()
+        self.serve_with(serving or ServingSetup())
+
+    def serve_with(self, setup: ServingSetup) -> None:
+        """Serve from now on as `setup` says (kernels are handed to every module here). To change
+        one thing, pass decoder.serving.replace(thing=...)."""
+        object.__setattr__(self, "serving", setup)  # not an nn.Module attribute: the head stays where weight_formats put it
+        for m in self.modules():
+            if isinstance(m, RMSNorm):
+                m.kernel = setup.rms_norm
+            elif isinstance(m, MLP):
+                m.silu_mul = setup.silu_mul
+            elif isinstance(m, Linear):
+                m.kernel = setup.linear
+
+    # read-only views of the setup
+    @property
+    def backend(self) -> AttentionBackend:
+        return self.serving.backend
+
+    @property
+    def head(self) -> nn.Module | None:
+        return self.serving.head
+
+    @property
+    def gather_logits(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        return self.serving.gather_logits
+
+    @property
+    def serving_forward(self) -> Any:
+        return self.serving.flat_forward
 
     @property
     def lm_head_weight(self) -> torch.Tensor:
@@ -167,32 +215,11 @@ class Decoder(nn.Module):
             self._rotary_tables[key] = rotary_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, dtype)
         return self._rotary_tables[key]
 
-    def use_fused_norms(self, on: bool) -> None:
-        """Serve the RMSNorms (and their residual adds) with the Triton kernel, or with torch."""
-        kernel = None
-        if on:
-            from rrm_kernels.rmsnorm import rms_norm
-            kernel = rms_norm
-        self.use_kernels(rms_norm=kernel)
-
-    def use_kernels(self, rms_norm: Callable | None = None, silu_mul: Callable | None = None,
-                    linear: Callable | None = None) -> None:
-        """Serve (never under autograd) every RMSNorm with rms_norm(x, weight, eps, residual), every
-        MLP's activation with silu_mul(gate_up) and every projection and the LM head with
-        linear(x, weight, bias); None: the torch code."""
-        for m in self.modules():
-            if isinstance(m, RMSNorm):
-                m.kernel = rms_norm
-            elif isinstance(m, MLP):
-                m.silu_mul = silu_mul
-            elif isinstance(m, Linear):
-                m.kernel = linear
-        self.linear_kernel = linear
-
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.head is not None:  # a serving format's own LM head (weight_formats.apply)
-            logits = self.head(hidden)
+        setup = self.serving
+        if setup.head is not None:  # a serving format's own LM head (weight_formats.apply)
+            logits = setup.head(hidden)
         else:
-            linear = self.linear_kernel if self.linear_kernel is not None and not torch.is_grad_enabled() else F.linear
+            linear = setup.linear if setup.linear is not None and not torch.is_grad_enabled() else F.linear
             logits = linear(hidden, self.lm_head_weight, None)
-        return self.gather_logits(logits) if self.gather_logits is not None else logits
+        return setup.gather_logits(logits) if setup.gather_logits is not None else logits

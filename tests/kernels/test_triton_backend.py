@@ -8,6 +8,7 @@ from rrm_engine.layers.attention import AttentionMetadata, KVCache, PrefixLevel,
 from rrm_engine.model.config import ModelConfig
 from rrm_engine.model.decoder import Decoder
 from rrm_engine.layers.attention.triton_backend import TritonAttention
+from rrm_kernels.rmsnorm import rms_norm
 
 PAGE = 8
 
@@ -57,8 +58,8 @@ def test_triton_backend_matches_torch_backend(num_heads, num_kv_heads):
     def step(tokens: list[int], meta: AttentionMetadata) -> torch.Tensor:
         logits = {}
         for name in backends:
-            model.backend = backends[name]
-            model.use_fused_norms(name == "triton")  # as LLM does: Triton serves the norms too
+            # as LLM does: Triton serves the norms too
+            model.serve_with(model.serving.replace(backend=backends[name], rms_norm=rms_norm if name == "triton" else None))
             with torch.no_grad():
                 hidden = model(torch.tensor(tokens), meta.positions, caches[name], meta)
             logits[name] = model.compute_logits(hidden)
@@ -130,8 +131,7 @@ def test_mixed_step_routes_decode_rows_to_decode_kernels(monkeypatch):
     def step(tokens, meta):
         logits = {}
         for name in backends:
-            model.backend = backends[name]
-            model.use_fused_norms(name == "triton")
+            model.serve_with(model.serving.replace(backend=backends[name], rms_norm=rms_norm if name == "triton" else None))
             with torch.no_grad():
                 logits[name] = model.compute_logits(model(torch.tensor(tokens), meta.positions, caches[name], meta))
         torch.testing.assert_close(logits["triton"], logits["torch"], atol=1e-4, rtol=1e-4)

@@ -51,7 +51,8 @@ def srv(tiny_qwen2_dir, smollm2_tokenizer):
     llm = rrm.LLM(str(tiny_qwen2_dir), device="cpu", dtype=torch.float32, kv_cache_tokens=16384)
     judge = Judge(llm, votes=2, max_tokens=400, temperature=0.6, seed=3)  # random weights: votes run to 400
     port = free_port()
-    app = build_app(judge, "tiny", judgments=Judgments(ttl=60.0, grace=GRACE))
+    judgments = Judgments(ttl=60.0, grace=GRACE)
+    app = build_app(judge, "tiny", judgments=judgments)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -60,7 +61,7 @@ def srv(tiny_qwen2_dir, smollm2_tokenizer):
         time.sleep(0.05)
     assert server.started, "server did not start"
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
-    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", http=client, llm=llm, judge=judge)
+    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", http=client, llm=llm, judge=judge, judgments=judgments)
     client.close()
     server.should_exit = True
     thread.join(timeout=30)
@@ -143,7 +144,8 @@ def test_judge_client_retries_shorter_than_the_judgment(srv, mode):
     else:
         got = asyncio.run(client.acompare_batch(items))
     d = delta(metrics(srv), m0)
-    assert client.attempts > 1 and d["started"] == 1 and d["joined"] + d["replayed"] == client.attempts - 1
+    assert client.attempts > 1 and d["started"] == 1
+    assert 1 <= d["joined"] + d["replayed"] <= client.attempts - 1  # (an attempt may time out before it arrives)
     assert approx([comparison_to_dict(c) for c in got]) == [comparison_to_dict(c) for c in
                                                                         srv.judge.compare_batch(items)]
     client.close()
@@ -169,20 +171,23 @@ def test_replay_conflict_and_failures(srv):
     assert r.status_code == 400 and r.json()["error"]["param"] == "idempotency_key"
 
 
-def test_a_judgment_nobody_comes_back_for_is_cancelled_after_the_grace(srv):
-    b = body((Q, "Madrid.", "Paris."))
+def test_a_judgment_nobody_comes_back_for_is_cancelled_after_the_grace(srv, monkeypatch):
+    grace = 1.0  # well inside the judgment (4 votes of 400 tokens: several seconds)
+    monkeypatch.setattr(srv.judgments, "grace", grace)
+    b = body((Q, "Madrid.", "Paris."), votes=4)
     m0 = metrics(srv)
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{srv.url}/v1/judge/compare", json=b, headers={"Idempotency-Key": "gone-1"},
                    timeout=httpx.Timeout(60, read=0.3))
     t0 = time.monotonic()
-    assert wait_for(lambda: metrics(srv)["abandoned"] - m0["abandoned"] == 1, GRACE + 20)
-    assert time.monotonic() - t0 >= GRACE - 0.5  # not before the grace period
+    assert wait_for(lambda: metrics(srv)["running"] == 1, 1.0)  # still running right after its client went
+    assert wait_for(lambda: metrics(srv)["abandoned"] - m0["abandoned"] == 1, grace + 20)
+    assert time.monotonic() - t0 >= grace - 0.3  # not before the grace period (the drop is seen within 0.2 s)
     assert wait_for(lambda: metrics(srv)["queue"] == 0)
     settled = metrics(srv)["generated"]
     time.sleep(0.3)
     assert metrics(srv)["generated"] == settled  # aborted: nothing still generating
-    assert settled - m0["generated"] < 2 * 400  # stopped early, not run to the end
+    assert settled - m0["generated"] < 4 * 400  # stopped early, not run to the end
     assert metrics(srv)["running"] == 0 and not srv.llm.has_unfinished()
     m1 = metrics(srv)  # the key is free again: the same request starts a new judgment
     assert srv.http.post("/v1/judge/compare", json=b, headers={"Idempotency-Key": "gone-1"}).status_code == 200

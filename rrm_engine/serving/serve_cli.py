@@ -28,7 +28,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--invalid-reward", type=float, default=0.0, help="OpenRLHF reward of an unjudgeable response")
     g.add_argument("--rm-timeout", type=float, default=170.0,
                    help="OpenRLHF reward: seconds a /get_reward judgment may run; what is not judged by then gets "
-                        "--invalid-reward (default 170, under OpenRLHF's 180 s client timeout)")
+                        "--invalid-reward (default 170, under OpenRLHF's 180 s client timeout; 0: none)")
     s = p.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every interface)")
     s.add_argument("--port", type=positive_int, default=8000)

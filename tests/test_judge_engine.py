@@ -173,11 +173,16 @@ def test_trl_verl_and_async_adapters(llm):
     assert 0.0 < s["score"] < 1.0 and s["rrm_invalid"] is False and s["rrm_votes"] == 1
     assert len(score.batch(data_sources=["d", "d"], solution_strs=["a", "b"], ground_truths=["c", "c"],
                            extra_infos=[{"question": Q}] * 2)) == 2
-    # no query to judge: never None, never an exception, a flagged invalid score
+    # no query to judge: a configuration error by default (verl_reward.py), else never None, a flagged invalid score
+    from rrm_engine.judge.verl_reward import VerlConfigError
+    lenient = make_verl_compute_score(judge, missing_query="invalid")
     for info in (None, {}, {"other": 1}):
-        assert score(data_source="d", solution_str="a", ground_truth="b", extra_info=info,
-                     reward_router_address=None) == {"score": 0.0, "rrm_invalid": True, "rrm_votes": 0,
-                                                     "rrm_forced": 0, "rrm_invalid_votes": 0}
+        with pytest.raises(VerlConfigError, match="rrm_query_key"):
+            score(data_source="d", solution_str="a", ground_truth="b", extra_info=info)
+        assert lenient(data_source="d", solution_str="a", ground_truth="b", extra_info=info,
+                       reward_router_address=None) == {
+            "score": 0.0, "rrm_invalid": True, "rrm_votes": 0, "rrm_forced": 0, "rrm_invalid_votes": 0,
+            "rrm_error": "no query: extra_info['question'] is missing or empty"}
     out = asyncio.run(AsyncJudge(judge).compare_batch([(Q, A, B)]))
     assert out[0].error is None and len(out[0].votes) == 1
     ar = asyncio.run(make_async_trl_reward(judge)(prompts=[Q, Q], completions=[A, B]))

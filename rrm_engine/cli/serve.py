@@ -26,6 +26,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     g.add_argument("--rm-method", choices=("knockout", "elo"), default="knockout",
                    help="OpenRLHF reward: how responses to one prompt are ranked when there is no label")
     g.add_argument("--invalid-reward", type=float, default=0.0, help="OpenRLHF reward of an unjudgeable response")
+    g.add_argument("--rm-timeout", type=float, default=170.0,
+                   help="OpenRLHF reward: seconds a /get_reward judgment may run; what is not judged by then gets "
+                        "--invalid-reward (default 170, under OpenRLHF's 180 s client timeout; 0: none)")
     s = p.add_argument_group("server")
     s.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0: every interface)")
     s.add_argument("--port", type=positive_int, default=8000)
@@ -51,7 +54,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"loading {model} ...", file=sys.stderr, flush=True)
     judge = Judge.from_pretrained(model, **_kwargs(args, JUDGE_OPTIONS), force=args.force, **kw)
     app = build_app(judge, args.served_model_name or str(model), args.default_max_tokens,
-                    OpenRLHFConfig(method=args.rm_method, invalid_reward=args.invalid_reward))
+                    OpenRLHFConfig(method=args.rm_method, invalid_reward=args.invalid_reward,
+                                   timeout=args.rm_timeout if args.rm_timeout > 0 else None))
     try:
         run_server(app, args.host, args.port, args.log_level)
     finally:

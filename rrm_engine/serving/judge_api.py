@@ -20,6 +20,8 @@ class _JudgeBody(BaseModel):
     # "return": it comes back with its `error` set and the other items still run
     errors: Literal["raise", "return"] = "raise"
     texts: bool = True  # include each vote's text and token ids
+    # a retry with the same key (or the Idempotency-Key header) joins the judgment instead of rerunning it
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=255)
 
 
 def _item(n: int, x: Any, keys: tuple[str, ...]) -> tuple:
@@ -53,8 +55,10 @@ class RankBody(_JudgeBody):
 class OpenRLHFBody(BaseModel):
     """OpenRLHF's remote reward model request (openrlhf/utils/agent.py, SingleTurnAgentExecutor):
     query[i] is the decoded prompt + response (special tokens kept), prompts[i] the prompt, labels[i]
-    the dataset label (may be absent or null)."""
+    the dataset label: any JSON value (OpenRLHF sends the dataset's --label_key column as it is; ""
+    without one), read by openrlhf.label_text."""
     model_config = ConfigDict(extra="ignore")
     query: list[str] = Field(min_length=1)
     prompts: list[str] | None = None
-    labels: list[str | None] | None = None
+    labels: list[Any] | None = None
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=255)

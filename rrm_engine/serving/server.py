@@ -15,7 +15,9 @@ Bad input is answered before anything runs: 400 with OpenAI's error shape, whose
 field (a body that does not parse, a setting out of range, a prompt longer than the context or than
 the KV pool holds). A failed engine step answers 500, a dead engine 503, both in the same shape. A
 client that disconnects has its requests aborted: a plain request is watched while it runs, a
-stream is cancelled by the server when its client goes.
+stream is cancelled by the server when its client goes. A judgment with an idempotency key (the
+`Idempotency-Key` header, the body's `idempotency_key`; /get_reward: its body's hash) is the exception:
+a retry joins it, and it outlives its client for a grace period (idempotency.py).
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ from .openai_api import (BadField, ChatRequest, CompletionRequest, chat_logprobs
                          completion_logprobs, completion_response, new_id)
 from ..async_engine import EngineDeadError, RequestFailedError
 from .openrlhf import OpenRLHFConfig, openrlhf_rewards
+from .idempotency import Judgments, KeyConflict
 
 
 class ClientGone(Exception):
@@ -82,12 +85,13 @@ def _consume(task: asyncio.Future) -> None:
 
 
 def build_app(judge: Judge, model_name: str, default_max_tokens: int = 256,
-              openrlhf: OpenRLHFConfig | None = None) -> FastAPI:
+              openrlhf: OpenRLHFConfig | None = None, judgments: Judgments | None = None) -> FastAPI:
     engine = judge.engine
     tok = engine.tokenizer
     rlhf = openrlhf or OpenRLHFConfig()
     served = {"valid": 0, "forced": 0, "invalid": 0, "comparisons": 0}
     app = FastAPI(title="rrm_engine", description="Reward Reasoning Model runtime")
+    keyed = judgments if judgments is not None else Judgments()  # idempotency keys of the judge routes
 
     # ------------------------------------------------------------------------------ errors
     @app.exception_handler(RequestValidationError)
@@ -107,6 +111,10 @@ def build_app(judge: Judge, model_name: str, default_max_tokens: int = 256,
     @app.exception_handler(ValueError)
     async def _bad_value(_: Request, exc: ValueError) -> JSONResponse:
         return _error(400, str(exc), _field_of(str(exc)))
+
+    @app.exception_handler(KeyConflict)
+    async def _key_conflict(_: Request, exc: KeyConflict) -> JSONResponse:
+        return _error(409, str(exc), "idempotency_key")
 
     @app.exception_handler(EngineDeadError)
     async def _dead(_: Request, exc: EngineDeadError) -> JSONResponse:
@@ -131,7 +139,8 @@ def build_app(judge: Judge, model_name: str, default_max_tokens: int = 256,
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
-        return PlainTextResponse(prometheus.render(engine.metrics(), served), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(prometheus.render(engine.metrics(), served) + keyed.prometheus(),
+                                 media_type="text/plain; version=0.0.4")
 
     # ------------------------------------------------------------------------ generation
     def encode(prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
@@ -246,19 +255,26 @@ def build_app(judge: Judge, model_name: str, default_max_tokens: int = 256,
 
     @app.post("/v1/judge/compare")
     async def judge_compare(body: CompareBody, request: Request) -> dict:
-        out = await watch(request, judge.acompare_batch(body.triples(), votes=body.votes, errors=body.errors,
-                                                        timeout=body.timeout))
+        triples = body.triples()
+        out = await watch(request, keyed.work(
+            request.headers, "compare", body.model_dump(),
+            lambda: judge.acompare_batch(triples, votes=body.votes, errors=body.errors, timeout=body.timeout)))
         return {"results": [comparison_to_dict(c, body.texts) for c in out], "stats": count(out)}
 
     @app.post("/v1/judge/rank")
     async def judge_rank(body: RankBody, request: Request) -> dict:
-        out = await watch(request, judge.arank_batch(body.pairs(), method=body.method, votes=body.votes,
-                                                     errors=body.errors, timeout=body.timeout))
+        pairs = body.pairs()
+        out = await watch(request, keyed.work(
+            request.headers, "rank", body.model_dump(),
+            lambda: judge.arank_batch(pairs, method=body.method, votes=body.votes, errors=body.errors,
+                                      timeout=body.timeout)))
         return {"results": [ranking_to_dict(r, body.texts) for r in out],
                 "stats": count([m.comparison for r in out for m in r.matches])}
 
     async def openrlhf_route(body: OpenRLHFBody, request: Request) -> dict:
-        return await watch(request, openrlhf_rewards(judge, body.query, body.prompts, body.labels, rlhf))
+        return await watch(request, keyed.work(
+            request.headers, "get_reward", body.model_dump(),
+            lambda: openrlhf_rewards(judge, body.query, body.prompts, body.labels, rlhf), by_hash=rlhf.idempotent))
 
     app.post("/get_reward")(openrlhf_route)
     app.post("/reward")(openrlhf_route)

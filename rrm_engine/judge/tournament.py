@@ -14,7 +14,6 @@ Matches without a winner contribute nothing to the ratings.
 """
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -196,7 +195,3 @@ def run_tournament(t: Tournament, compare: Comparator) -> Tournament:
         for m in batch:
             t.report(m.id, compare(m.i, m.j))
     return t
-
-
-def expected_rounds(n: int) -> int:
-    return math.ceil(math.log2(n)) if n > 1 else 0

@@ -228,9 +228,6 @@ class JudgeClient:
     def models(self) -> dict:
         return self._get("/v1/models").json()
 
-    def metrics_text(self) -> str:
-        return self._get("/metrics").text
-
     def close(self) -> None:
         c = getattr(self._local, "client", None)
         if c is not None:

@@ -11,6 +11,7 @@ httpx.Client per thread); the async ones open a client per call, so they work fr
 """
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any, Literal, Sequence
 
@@ -20,16 +21,20 @@ from ..judge.results import Comparison, Ranking, comparison_from_dict, ranking_f
 
 
 class JudgeClient:
-    def __init__(self, base_url: str = "http://127.0.0.1:8000", timeout: float | None = 600.0):
+    def __init__(self, base_url: str = "http://127.0.0.1:8000", timeout: float | None = 600.0,
+                 api_key: str | None = None):
+        """api_key: sent as `Authorization: Bearer <key>` (serve --api-key); default $RRM_API_KEY."""
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
+        key = api_key if api_key is not None else os.environ.get("RRM_API_KEY")
+        self._headers = {"Authorization": f"Bearer {key}"} if key else {}
         self._local = threading.local()
 
     # --------------------------------------------------------------------------- transport
     def _client(self) -> httpx.Client:
         c = getattr(self._local, "client", None)
         if c is None:
-            c = self._local.client = httpx.Client(base_url=self.base_url, timeout=self.timeout)
+            c = self._local.client = httpx.Client(base_url=self.base_url, timeout=self.timeout, headers=self._headers)
         return c
 
     @staticmethod
@@ -49,7 +54,7 @@ class JudgeClient:
         return self._check(self._client().post(path, json=body))
 
     async def _apost(self, path: str, body: dict) -> Any:
-        async with httpx.AsyncClient(base_url=self.base_url, timeout=self.timeout) as c:
+        async with httpx.AsyncClient(base_url=self.base_url, timeout=self.timeout, headers=self._headers) as c:
             return self._check(await c.post(path, json=body))
 
     def _get(self, path: str) -> httpx.Response:

@@ -9,9 +9,11 @@ stall or starve another:
   * work in flight (samples x max_tokens of every admitted request, and their number) is bounded:
     past the bound a request gets 429 with Retry-After at once, instead of a queue whose latency
     grows without end. A single request larger than the whole bound gets 413 (it could never run).
+Plain Python (no fastapi, no pydantic): the CLI reads the defaults without the serve extra.
 """
 from __future__ import annotations
 
+import base64
 import hmac
 import ipaddress
 import math
@@ -19,8 +21,6 @@ import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
-
-from .openai_api import BadField
 
 # sampling values the sampler computes with in float32: a finite float64 can still overflow there
 # (temperature 1e300 -> inf) or vanish (top_p 1e-300 -> 0) and fail the whole engine step
@@ -50,6 +50,14 @@ class Limits:
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"Limits.{name} must be an int >= 1, got {value!r}")
+
+
+class BadField(ValueError):
+    """A request field the server refuses: answered 400 with the field's name."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
 
 
 class Overloaded(Exception):
@@ -224,8 +232,8 @@ Receive = Callable[[], Awaitable[dict]]
 
 
 class Gate:
-    """ASGI middleware in front of every route: the API key (Authorization: Bearer, compared in
-    constant time), the body size (413 before anything is parsed: from Content-Length, or counted
+    """ASGI middleware in front of every route: the API key (Authorization: Bearer, or Basic with the
+    key as password; compared in constant time; every path but /health), the body size (413 before anything is parsed: from Content-Length, or counted
     as a chunked body arrives), and the requests counter by route and status (on_done)."""
 
     def __init__(self, app: Any, api_key: str | None, max_body_bytes: int,
@@ -294,10 +302,21 @@ class Gate:
                 f"{self.max_body_bytes} (serve --max-body-bytes)")
 
     def _authorized(self, scope: dict) -> bool:
+        """Bearer <key> (OpenAI / vLLM clients), or Basic auth whose password is the key: what a
+        client that only takes a URL sends for http://user:<key>@host/ (OpenRLHF's remote reward
+        client posts with `requests`, which turns the URL's credentials into that header)."""
         given = _header(scope, b"authorization") or b""
-        scheme, _, token = given.partition(b" ")
+        scheme, _, token = given.strip().partition(b" ")
+        token = token.strip()
+        if scheme.lower() == b"basic":
+            try:
+                token = base64.b64decode(token, validate=True).partition(b":")[2]
+            except ValueError:
+                return False
+        elif scheme.lower() != b"bearer":
+            return False
         # compare_digest over bytes: its time does not depend on where the key and the token differ
-        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self._key)
+        return hmac.compare_digest(token, self._key)
 
 
 def _header(scope: dict, name: bytes) -> bytes | None:

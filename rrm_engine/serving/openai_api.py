@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams
+from .limits import BadField
 
 
 class _Sampling(BaseModel):
@@ -118,14 +119,6 @@ class ChatRequest(_Sampling):
 
     def chat(self) -> list[dict[str, str]]:
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
-
-
-class BadField(ValueError):
-    """A request field the server refuses: answered 400 with the field's name."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(message)
-        self.field = field
 
 
 def new_id(prefix: str) -> str:

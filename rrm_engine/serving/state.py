@@ -10,6 +10,7 @@ from typing import Any, Awaitable, Callable, Coroutine, Iterable, TypeVar
 
 from fastapi import Request
 
+from ..async_engine import EngineDeadError
 from ..judge.background_loop import background_loop
 from ..judge.judge import Judge
 from .limits import Admission, Limits, max_token_chars
@@ -83,6 +84,12 @@ class ServerState:
         if thread is not None and not thread.is_alive():
             return "the engine's loop thread has ended"
         return None
+
+    def check_alive(self) -> None:
+        """EngineDeadError (503) before a request is admitted, rather than items failed one by one."""
+        problem = self.engine_problem()
+        if problem is not None:
+            raise EngineDeadError(problem)
 
     async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`, computed in a worker thread: a long text never blocks the event loop."""

@@ -59,6 +59,7 @@ def count(st: ServerState, comparisons: list[Any]) -> dict:
 @router.post("/v1/judge/compare")
 async def judge_compare(body: CompareBody, request: Request) -> dict:
     st = state_of(request)
+    st.check_alive()
     cap("items", len(body.items), st.limits.max_items, "--max-items")
     votes = st.judge.votes if body.votes is None else body.votes
     cap("votes", votes, st.limits.max_votes, "--max-votes")
@@ -76,6 +77,7 @@ async def judge_compare(body: CompareBody, request: Request) -> dict:
 @router.post("/v1/judge/rank")
 async def judge_rank(body: RankBody, request: Request) -> dict:
     st = state_of(request)
+    st.check_alive()
     cap("items", len(body.items), st.limits.max_items, "--max-items")
     votes = st.judge.votes if body.votes is None else body.votes
     cap("votes", votes, st.limits.max_votes, "--max-votes")

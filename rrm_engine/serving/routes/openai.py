@@ -32,6 +32,7 @@ def _admit(st: ServerState, ids: list[int], params: SamplingParams) -> None:
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request) -> Any:
     st = state_of(request)
+    st.check_alive()
     params = body.params()
     check_sampling(body, st.limits, st.vocab_size, st.max_model_len)
     raw = body.prompts()
@@ -74,6 +75,7 @@ async def _completion_chunks(st: ServerState, request: Request, rid: str, stream
 @router.post("/v1/chat/completions")
 async def chat(body: ChatRequest, request: Request) -> Any:
     st = state_of(request)
+    st.check_alive()
     params = body.params(st.default_max_tokens)
     check_sampling(body, st.limits, st.vocab_size, st.max_model_len)
     messages = body.chat()

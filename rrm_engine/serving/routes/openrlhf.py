@@ -18,6 +18,7 @@ router = APIRouter(tags=["openrlhf"])
 @router.post("/reward")
 async def openrlhf_route(body: OpenRLHFBody, request: Request) -> dict:
     st = state_of(request)
+    st.check_alive()
     cap("query", len(body.query), st.limits.max_items, "--max-items")
     cfg = st.rlhf
     votes = cfg.votes or st.judge.votes

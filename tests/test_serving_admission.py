@@ -343,7 +343,6 @@ def test_a_failed_prompt_cancels_its_siblings(local):
     before = engine.metrics()["generated_tokens"]
     engine._fail_bad_logits = fail_prompt_1
     try:
-        t0 = time.perf_counter()
         r = local.http.post("/v1/completions", json={"prompt": [[1, 2, 3], [4, 5, 6]], "max_tokens": 1500,
                                                     "ignore_eos": True})
         assert r.status_code == 500 and "NaN" in r.json()["error"]["message"], r.text

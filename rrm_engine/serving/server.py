@@ -33,7 +33,7 @@ from .limits import Gate, Limits, Overloaded, TooLarge
 from .openai_api import BadField
 from .openrlhf import OpenRLHFConfig
 from .routes import ROUTERS
-from .state import ClientGone, ServerState, watch  # noqa: F401  (watch: re-exported for callers of the old module)
+from .state import ClientGone, ServerState
 
 
 def _error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",

@@ -16,7 +16,7 @@ from typing import Any, AsyncIterator
 from fastapi import APIRouter, Request
 
 from ...sampling_params import SamplingParams
-from ..limits import Ticket, cap, check_chars, check_sampling, fit_budget
+from ..limits import BadField, Ticket, cap, check_chars, check_sampling, fit_budget
 from ..openai_api import (ChatRequest, CompletionRequest, chat_logprobs, chat_response, completion_logprobs,
                           completion_response, new_id)
 from ..state import ServerState, all_or_none, arrival, state_of, watch
@@ -38,8 +38,12 @@ async def completions(body: CompletionRequest, request: Request) -> Any:
     raw = body.prompts()
     cap("prompt", len(raw), st.limits.max_prompts, "--max-prompts")
     for i, p in enumerate(raw):
+        field = "prompt" if len(raw) == 1 else f"prompt.{i}"
         if isinstance(p, str):
-            check_chars("prompt" if len(raw) == 1 else f"prompt.{i}", len(p), st.chars_per_token, st.max_model_len)
+            check_chars(field, len(p), st.chars_per_token, st.max_model_len)
+        elif st.max_model_len is not None and len(p) >= st.max_model_len:  # before the engine reads every id
+            raise BadField(field, f"{field} of {len(p)} token ids does not fit the model's context of "
+                                  f"{st.max_model_len} tokens (it must leave room for one generated token)")
     ticket = st.admission.reserve(len(raw) * params.n * params.max_tokens, "completion request")
     try:
         prompts = [await st.encode(p) if isinstance(p, str) else list(p) for p in raw]

@@ -347,9 +347,9 @@ def test_a_failed_prompt_cancels_its_siblings(local):
                                                     "ignore_eos": True})
         assert r.status_code == 500 and "NaN" in r.json()["error"]["message"], r.text
         deadline = time.monotonic() + 10
-        while local.llm._async_llm.has_unfinished() and time.monotonic() < deadline:
+        while local.judge.engine.has_unfinished() and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not local.llm._async_llm.has_unfinished()
+        assert not local.judge.engine.has_unfinished()
     finally:
         engine._fail_bad_logits = real
     assert engine.metrics()["generated_tokens"] - before < 1500  # prompt 0 stopped early

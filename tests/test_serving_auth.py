@@ -95,8 +95,8 @@ def args(**kw) -> argparse.Namespace:
 
 
 def test_serve_refuses_to_listen_beyond_loopback_without_a_key(monkeypatch, tiny_qwen2_dir, capsys):
-    from rrm_engine.cli import main
-    from rrm_engine.serving.serve_cli import api_key_of
+    from rrm_engine.cli.main import main
+    from rrm_engine.cli.serve import api_key_of
 
     monkeypatch.delenv("RRM_API_KEY", raising=False)
     for host in ("0.0.0.0", "::", "10.1.2.3", "judge-host"):

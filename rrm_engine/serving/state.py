@@ -37,7 +37,7 @@ class ServerState:
     vocab_size: int | None
     chars_per_token: int  # the most characters one token stands for (limits.check_chars)
     # the server's tokenizer calls run in worker threads; HF tokenizers have raised "Already borrowed"
-    # under concurrent use, so they take turns (the engine's own lock where it has one)
+    # under concurrent use, so they take turns
     encode_lock: Any = field(default_factory=threading.Lock)
 
     @classmethod
@@ -61,7 +61,9 @@ class ServerState:
         tok = engine.tokenizer
         return cls(judge, model_name, default_max_tokens, rlhf or OpenRLHFConfig(), limits, admission, metrics,
                    max_model_len, vocab_size, max_token_chars(tok) if tok is not None else 0,
-                   getattr(engine, "_encode_lock", None) or threading.Lock())
+                   # the LLM's own (LLM.encode takes it), so that the server and the engine's callers
+                   # take turns on the one tokenizer
+                   getattr(judge.llm, "_encode_lock", None) or threading.Lock())
 
     @property
     def engine(self) -> Any:

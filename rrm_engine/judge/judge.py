@@ -31,6 +31,7 @@ import asyncio
 import inspect
 import random
 import threading
+from collections import deque
 from typing import Any, Awaitable, Callable, Literal, Sequence
 
 from ..async_engine import AsyncLLM
@@ -44,6 +45,7 @@ from .results import Comparison, RankedMatch, Ranking, failed_comparison, failed
 from .voting import FORCE_POLICIES, SWAP_MODES, ForcePolicy, SwapMode
 
 Method = Literal["knockout", "elo"]
+ERROR_HISTORY = 1000  # failures Judge.errors keeps
 
 __all__ = ["Judge", "Comparison", "Ranking", "RankedMatch", "Method"]
 
@@ -113,7 +115,8 @@ class Judge:
         eos = getattr(self.llm.tokenizer, "eos_token_id", None)
         self.eos_ids = {eos} if isinstance(eos, int) else set(eos or [])
         self._forced: dict[bool, tuple[list[int], int, int]] = {}
-        self.errors: list[str] = []
+        # the latest ERROR_HISTORY failures (oldest dropped): a long-running server must not grow without end
+        self.errors: deque[str] = deque(maxlen=ERROR_HISTORY)
         if force != "never":
             self.forced_ids(True)  # fail now, not mid-batch, if the tokenizer cannot express it
 

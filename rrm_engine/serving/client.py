@@ -22,6 +22,7 @@ the async ones open a client per call, so they work from any event loop.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import threading
 import time
@@ -43,7 +44,9 @@ RETRY_STATUS_UNKEYED = frozenset({429, 502, 503, 504})
 
 class JudgeClient:
     def __init__(self, base_url: str = "http://127.0.0.1:8000", timeout: float | None = 600.0, retries: int = 5,
-                 backoff: float = 0.5, max_backoff: float = 30.0, deadline: float | None = None):
+                 backoff: float = 0.5, max_backoff: float = 30.0, deadline: float | None = None,
+                 api_key: str | None = None):
+        """api_key: sent as `Authorization: Bearer <key>` (serve --api-key); default $RRM_API_KEY."""
         for name, v in (("retries", retries), ("backoff", backoff), ("max_backoff", max_backoff)):
             if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
                 raise ValueError(f"{name} must be a number >= 0, got {v!r}")
@@ -53,13 +56,15 @@ class JudgeClient:
         self.timeout = timeout
         self.retries, self.backoff, self.max_backoff, self.deadline = int(retries), backoff, max_backoff, deadline
         self.attempts = 0  # HTTP attempts made (retries included), for logs and tests
+        key = api_key if api_key is not None else os.environ.get("RRM_API_KEY")
+        self._auth = {"Authorization": f"Bearer {key}"} if key else {}
         self._local = threading.local()
 
     # --------------------------------------------------------------------------- transport
     def _client(self) -> httpx.Client:
         c = getattr(self._local, "client", None)
         if c is None:
-            c = self._local.client = httpx.Client(base_url=self.base_url, timeout=self.timeout)
+            c = self._local.client = httpx.Client(base_url=self.base_url, timeout=self.timeout, headers=self._auth)
         return c
 
     @staticmethod
@@ -132,7 +137,7 @@ class JudgeClient:
     async def _apost(self, path: str, body: dict, key: str | None = None) -> Any:
         end = None if self.deadline is None else time.monotonic() + self.deadline
         attempt = 0
-        async with httpx.AsyncClient(base_url=self.base_url, timeout=self.timeout) as c:
+        async with httpx.AsyncClient(base_url=self.base_url, timeout=self.timeout, headers=self._auth) as c:
             while True:
                 self.attempts += 1
                 r = error = None

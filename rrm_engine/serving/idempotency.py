@@ -150,19 +150,20 @@ class Judgments:
                 e.timer = None
 
     # ------------------------------------------------------------------------------ metrics
-    def prometheus(self) -> str:
-        """The counters in Prometheus text (appended to /metrics)."""
+    # a prometheus_client collector (registered by serving/prometheus.py's ServerMetrics)
+    def describe(self) -> list:
+        return []
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         helps = {"started": "Judgments run by the judge routes (each once, however often it was retried).",
                  "joined": "Requests that joined a judgment already running under the same idempotency key.",
                  "replayed": "Requests answered from a finished judgment kept under the same idempotency key.",
                  "abandoned": "Keyed judgments cancelled after their client went away and no retry joined."}
-        lines = []
         for k, h in helps.items():
-            name = f"rrm_judgments_{k}_total"
-            lines += [f"# HELP {name} {h}", f"# TYPE {name} counter", f"{name} {float(self.counts[k])!r}"]
-        lines += ["# HELP rrm_judgments_running Keyed judgments running now.", "# TYPE rrm_judgments_running gauge",
-                  f"rrm_judgments_running {float(self.running())!r}"]
-        return "\n".join(lines) + "\n"
+            yield CounterMetricFamily(f"rrm_judgments_{k}", h, value=float(self.counts[k]))
+        yield GaugeMetricFamily("rrm_judgments_running", "Keyed judgments running now.", value=float(self.running()))
 
 
 def _consume(task: asyncio.Future) -> None:

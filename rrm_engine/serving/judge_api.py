@@ -12,7 +12,7 @@ from .openai_api import BadField
 
 
 class _JudgeBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # timeout: 1e999 parses as inf
     items: list[Any] = Field(min_length=1)
     votes: int | None = Field(default=None, ge=1)
     timeout: float | None = Field(default=None, ge=0)

@@ -1,7 +1,8 @@
 """The OpenAI-compatible request bodies (/v1/completions, /v1/chat/completions) and the responses
 built from the engine's RequestOutputs: plain JSON, and the chunks of a stream (server-sent events).
 
-Fields the engine has (n, temperature, top_p, top_k, min_p, max_tokens, stop, seed, logprobs,
+Every number must be finite (400 naming the field otherwise); ranges and per-request caps are
+checked by the server (limits.py). Fields the engine has (n, temperature, top_p, top_k, min_p, max_tokens, stop, seed, logprobs,
 ignore_eos, stop_token_ids) map onto SamplingParams. Fields it does not implement are refused when
 set to anything but their neutral value (presence/frequency penalties, logit_bias, echo, best_of,
 suffix), so a request never runs with a setting silently dropped; other unknown fields are ignored,
@@ -17,10 +18,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams
+from .limits import BadField
 
 
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # allow_inf_nan=False: JSON's 1e999 parses as inf and Python's json reads NaN / Infinity; none of
+    # them is a setting, and one of them in a batch would fail the engine step of every request in it
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
     model: str | None = None
     n: int = 1
     temperature: float = 1.0
@@ -46,7 +50,8 @@ class _Sampling(BaseModel):
     def _params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         self._refuse_unsupported()
         try:
-            return SamplingParams(n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+            return SamplingParams(n=self.n, temperature=self.temperature, top_p=self.top_p,
+                                  top_k=0 if self.top_k == -1 else self.top_k,  # -1: off, as vLLM takes it
                                   min_p=self.min_p, max_tokens=max_tokens, stop=self.stop,
                                   stop_token_ids=self.stop_token_ids, seed=self.seed, logprobs=logprobs,
                                   ignore_eos=self.ignore_eos)
@@ -114,14 +119,6 @@ class ChatRequest(_Sampling):
 
     def chat(self) -> list[dict[str, str]]:
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
-
-
-class BadField(ValueError):
-    """A request field the server refuses: answered 400 with the field's name."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(message)
-        self.field = field
 
 
 def new_id(prefix: str) -> str:

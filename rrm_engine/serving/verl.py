@@ -7,6 +7,7 @@ path and name, and passes the config's reward_kwargs on every call):
         name: compute_score_async        # or compute_score (sync, run in the reward loop's thread pool)
         reward_kwargs:
           rrm_url: http://judge-host:8000   # a shared `python -m rrm_engine serve` ...
+          # rrm_api_key: <key>              # its --api-key (default: $RRM_API_KEY of the reward process)
           # rrm_model: /models/RRM-7B       # ... or a judge in each reward process
           rrm_votes: 4
           rrm_invalid_score: 0.0
@@ -38,19 +39,20 @@ _scorers: dict[tuple, Any] = {}
 _functions: dict[tuple, tuple[Any, Any]] = {}
 
 
-def _scorer(url: str | None, model: str | None, judge_kwargs: dict | None) -> Any:
+def _scorer(url: str | None, model: str | None, judge_kwargs: dict | None, api_key: str | None = None) -> Any:
     url = url or os.environ.get("RRM_JUDGE_URL")
     model = model or os.environ.get("RRM_JUDGE_MODEL")
     if not url and not model:
         raise ValueError("no judge: set reward_kwargs.rrm_url (a `python -m rrm_engine serve` server) or "
                          "reward_kwargs.rrm_model, or the environment variable RRM_JUDGE_URL / RRM_JUDGE_MODEL")
-    key = ("url", url) if url else ("model", model, tuple(sorted((judge_kwargs or {}).items())))
+    key = ("url", url, api_key) if url else ("model", model, tuple(sorted((judge_kwargs or {}).items())))
     with _lock:
         if key not in _scorers:
             if url:
                 from .client import JudgeClient
 
-                _scorers[key] = JudgeClient(url)  # retries with backoff; each judgment keyed (joins on retry)
+                # retries with backoff; each judgment keyed (a retry joins the one running)
+                _scorers[key] = JudgeClient(url, api_key=api_key)
             else:
                 from ..judge.judge import Judge
 
@@ -62,15 +64,15 @@ def _functions_for(rrm_url: str | None = None, rrm_model: str | None = None, rrm
                    rrm_query_key: str = "question", rrm_invalid_score: float = 0.0,
                    rrm_timeout: float | None = TIMEOUT, rrm_default_query: str | None = None,
                    rrm_judge_kwargs: dict | None = None, rrm_deadline: float | None = DEADLINE,
-                   rrm_missing_query: str = "raise", **ignored: Any) -> tuple[Any, Any]:
+                   rrm_missing_query: str = "raise", rrm_api_key: str | None = None, **ignored: Any) -> tuple[Any, Any]:
     """(sync, async) compute_score of this configuration, made once."""
     judge_kwargs = dict(rrm_judge_kwargs or {})
-    key = (rrm_url, rrm_model, rrm_votes, rrm_query_key, rrm_invalid_score, rrm_timeout, rrm_default_query,
-           tuple(sorted(judge_kwargs.items())), rrm_deadline, rrm_missing_query)
+    key = (rrm_url, rrm_api_key, rrm_model, rrm_votes, rrm_query_key, rrm_invalid_score, rrm_timeout,
+           rrm_default_query, tuple(sorted(judge_kwargs.items())), rrm_deadline, rrm_missing_query)
     with _lock:
         if key in _functions:
             return _functions[key]
-    scorer = _scorer(rrm_url, rrm_model, judge_kwargs)
+    scorer = _scorer(rrm_url, rrm_model, judge_kwargs, rrm_api_key)
     kw = dict(query_key=rrm_query_key, votes=rrm_votes, invalid_score=rrm_invalid_score, timeout=rrm_timeout,
               default_query=rrm_default_query, deadline=rrm_deadline, missing_query=rrm_missing_query)
     fns = (make_verl_compute_score(scorer, **kw), make_async_verl_compute_score(scorer, **kw))

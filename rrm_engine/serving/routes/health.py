@@ -1,0 +1,31 @@
+"""GET /health, /v1/models, /metrics."""
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from ..state import state_of
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health")
+async def health(request: Request) -> JSONResponse:
+    """200 {"status": "ok"} while the engine serves; 503 {"status": "dead", "error"} once its loop has
+    died or was shut down (a load balancer then takes the replica out). Needs no API key."""
+    problem = state_of(request).engine_problem()
+    if problem is not None:
+        return JSONResponse({"status": "dead", "error": problem}, 503)
+    return JSONResponse({"status": "ok"})
+
+
+@router.get("/v1/models")
+async def models(request: Request) -> dict:
+    name = state_of(request).model_name
+    return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "rrm_engine"}]}
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    body, content_type = state_of(request).metrics.render()
+    return Response(body, media_type=content_type)

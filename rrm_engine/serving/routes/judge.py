@@ -1,0 +1,109 @@
+"""POST /v1/judge/compare and /v1/judge/rank (bodies in judge_api.py).
+
+Before the judge sees a request: items, votes and candidates within the caps (400), every item's
+text short enough that its prompt could fit the context (else it is refused without tokenising it:
+400 with errors="raise", a failed item with errors="return", as the judge itself answers), and
+admission (429 / 413). The judge then runs on its background loop, so that tokenising and reading
+votes never block this server's event loop."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from fastapi import APIRouter, Request
+
+from ...judge.results import (comparison_to_dict, failed_comparison, failed_ranking, ranking_to_dict,
+                              vote_stats)
+from ..judge_api import CompareBody, RankBody
+from ..limits import BadField, cap, check_chars
+from ..state import ServerState, on_judge_loop, state_of, watch
+
+router = APIRouter(tags=["judge"])
+
+
+def matches_of(method: str, candidates: int) -> int:
+    """Comparisons a ranking plays: a knockout n - 1, a round robin (elo) every pair."""
+    return candidates - 1 if method == "knockout" else candidates * (candidates - 1) // 2
+
+
+def comparison_cost(st: ServerState, votes: int) -> int:
+    """Tokens of work one comparison may take: votes x the judge's budget."""
+    return votes * st.judge.max_tokens
+
+
+def _chars(*texts: Any) -> int:
+    return sum(len(t) for t in texts if isinstance(t, str))
+
+
+def screen(st: ServerState, items: list[tuple], chars_of: Callable[[tuple], int], errors: str,
+           ) -> tuple[list[int], dict[int, str]]:
+    """(indices to judge, {index: why refused}) by the length check that needs no tokenising."""
+    keep, refused = [], {}
+    for n, item in enumerate(items):
+        try:
+            check_chars("the judge prompt", chars_of(item), st.chars_per_token, st.max_model_len)
+        except BadField as e:
+            if errors == "raise":
+                raise BadField(f"items.{n}", f"item {n}: {e}") from None
+            refused[n] = f"ValueError: {e}"
+            continue
+        keep.append(n)
+    return keep, refused
+
+
+def count(st: ServerState, comparisons: list[Any]) -> dict:
+    stats = vote_stats(comparisons)
+    st.metrics.judged(stats, [len(c.votes) for c in comparisons if c.votes])
+    return stats
+
+
+@router.post("/v1/judge/compare")
+async def judge_compare(body: CompareBody, request: Request) -> dict:
+    st = state_of(request)
+    st.check_alive()
+    cap("items", len(body.items), st.limits.max_items, "--max-items")
+    votes = st.judge.votes if body.votes is None else body.votes
+    cap("votes", votes, st.limits.max_votes, "--max-votes")
+    items = body.triples()
+    keep, refused = screen(st, items, lambda x: _chars(*x), body.errors)
+    with st.admission.reserve(len(keep) * comparison_cost(st, votes), "judge request"):
+        out = await watch(request, st.judgments.work(
+            request.headers, "compare", body.model_dump(),
+            lambda: on_judge_loop(st.judge.acompare_batch([items[n] for n in keep], votes=body.votes,
+                                                          errors=body.errors, timeout=body.timeout))))
+    results = [failed_comparison(refused[n]) if n in refused else None for n in range(len(items))]
+    for n, c in zip(keep, out):
+        results[n] = c
+    return {"results": [comparison_to_dict(c, body.texts) for c in results], "stats": count(st, results)}
+
+
+@router.post("/v1/judge/rank")
+async def judge_rank(body: RankBody, request: Request) -> dict:
+    st = state_of(request)
+    st.check_alive()
+    cap("items", len(body.items), st.limits.max_items, "--max-items")
+    votes = st.judge.votes if body.votes is None else body.votes
+    cap("votes", votes, st.limits.max_votes, "--max-votes")
+    items = body.pairs()
+    for n, (_, cands) in enumerate(items):
+        if isinstance(cands, (list, tuple)) and len(cands) > st.limits.max_candidates:
+            raise BadField(f"items.{n}", f"item {n}: {len(cands)} candidates is more than this server takes "
+                                         f"({st.limits.max_candidates}; serve --max-candidates)")
+
+    def longest_match(item: tuple) -> int:  # the query and its two longest candidates (a match's prompt)
+        q, cands = item
+        lengths = sorted((_chars(c) for c in cands), reverse=True) if isinstance(cands, (list, tuple)) else []
+        return _chars(q) + sum(lengths[:2])
+
+    keep, refused = screen(st, items, longest_match, body.errors)
+    work = sum(matches_of(body.method, len(items[n][1]) if isinstance(items[n][1], (list, tuple)) else 0)
+               for n in keep) * comparison_cost(st, votes)
+    with st.admission.reserve(work, "judge request"):
+        out = await watch(request, st.judgments.work(
+            request.headers, "rank", body.model_dump(),
+            lambda: on_judge_loop(st.judge.arank_batch([items[n] for n in keep], method=body.method, votes=body.votes,
+                                                       errors=body.errors, timeout=body.timeout))))
+    results = [failed_ranking(body.method, refused[n]) if n in refused else None for n in range(len(items))]
+    for n, r in zip(keep, out):
+        results[n] = r
+    return {"results": [ranking_to_dict(r, body.texts) for r in results],
+            "stats": count(st, [m.comparison for r in results for m in r.matches])}

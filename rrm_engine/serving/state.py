@@ -1,0 +1,164 @@
+"""What every route of one server shares (ServerState, on app.state.rrm), and the helpers the routes
+use to run work without blocking the event loop or outliving their client."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Coroutine, Iterable, TypeVar
+
+from fastapi import Request
+
+from ..async_engine import EngineDeadError
+from ..judge.background_loop import background_loop
+from ..judge.judge import Judge
+from .idempotency import Judgments
+from .limits import Admission, Limits, max_token_chars
+from .openrlhf import OpenRLHFConfig
+from .prometheus import ServerMetrics
+
+T = TypeVar("T")
+
+
+class ClientGone(Exception):
+    """The client disconnected while its request ran; its engine requests were aborted."""
+
+
+@dataclass
+class ServerState:
+    judge: Judge
+    model_name: str
+    default_max_tokens: int
+    rlhf: OpenRLHFConfig
+    limits: Limits
+    admission: Admission
+    metrics: ServerMetrics
+    max_model_len: int | None
+    vocab_size: int | None
+    chars_per_token: int  # the most characters one token stands for (limits.check_chars)
+    judgments: Judgments  # keyed judgments: a retry joins the one running (idempotency.py)
+    # the server's tokenizer calls run in worker threads; HF tokenizers have raised "Already borrowed"
+    # under concurrent use, so they take turns
+    encode_lock: Any = field(default_factory=threading.Lock)
+
+    @classmethod
+    def create(cls, judge: Judge, model_name: str, default_max_tokens: int, rlhf: OpenRLHFConfig | None,
+               limits: Limits | None, judgments: Judgments | None = None) -> "ServerState":
+        limits = limits or Limits()
+        engine = judge.engine
+        core = getattr(judge.llm, "engine", None)
+        max_model_len = getattr(core, "max_model_len", None)
+        vocab_size = getattr(core, "vocab_size", None)
+        pool = getattr(core, "pool", None)
+        pool_tokens = pool.num_blocks * pool.block_size if pool is not None else None
+        bound = limits.max_pending_tokens or 16 * (pool_tokens or 2 ** 20)
+
+        def tokens_per_s() -> float:
+            return float(engine.metrics().get("tokens_per_s", 0.0) or 0.0)
+
+        admission = Admission(limits.max_pending_requests, bound, tokens_per_s)
+        judgments = judgments if judgments is not None else Judgments()
+        metrics = ServerMetrics(engine.metrics, model_name,
+                                lambda: (admission.requests, admission.tokens, admission.max_tokens), judgments)
+        tok = engine.tokenizer
+        return cls(judge, model_name, default_max_tokens, rlhf or OpenRLHFConfig(), limits, admission, metrics,
+                   max_model_len, vocab_size, max_token_chars(tok) if tok is not None else 0, judgments,
+                   # the LLM's own (LLM.encode takes it), so that the server and the engine's callers
+                   # take turns on the one tokenizer
+                   getattr(judge.llm, "_encode_lock", None) or threading.Lock())
+
+    @property
+    def engine(self) -> Any:
+        return self.judge.engine
+
+    @property
+    def tok(self) -> Any:
+        return self.judge.engine.tokenizer
+
+    def engine_problem(self) -> str | None:
+        """Why the engine cannot serve (its loop died or was shut down), or None while it can.
+        Reads the AsyncLLM's own state (a dead loop has set _dead and ended its thread)."""
+        engine = self.judge.engine
+        dead = getattr(engine, "_dead", None)
+        if dead is not None:
+            return str(dead)
+        if getattr(engine, "_closing", False):
+            return "the engine is shutting down"
+        thread = getattr(engine, "_thread", None)
+        if thread is not None and not thread.is_alive():
+            return "the engine's loop thread has ended"
+        return None
+
+    def check_alive(self) -> None:
+        """EngineDeadError (503) before a request is admitted, rather than items failed one by one."""
+        problem = self.engine_problem()
+        if problem is not None:
+            raise EngineDeadError(problem)
+
+    async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`, computed in a worker thread: a long text never blocks the event loop."""
+        def work() -> list[int]:
+            with self.encode_lock:
+                return list(self.tok(text, add_special_tokens=add_special_tokens)["input_ids"])
+        return await asyncio.to_thread(work)
+
+
+def state_of(request: Request) -> ServerState:
+    return request.app.state.rrm
+
+
+def arrival(request: Request) -> float:
+    """When the request arrived (limits.Gate stamps it), as time.perf_counter()."""
+    return request.scope.get("rrm_t0", time.perf_counter())
+
+
+async def on_judge_loop(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a judge coroutine on the judge's background loop: what it does on the CPU (tokenising
+    items, building prompts, reading votes) then never blocks this server's event loop, and /health
+    answers whatever a judge request holds. Cancelling the awaiting task cancels the coroutine there
+    (which aborts its engine requests)."""
+    return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, background_loop()))
+
+
+async def watch(request: Request, work: Awaitable[Any], on_disconnect: Callable[[], None] | None = None) -> Any:
+    """Await `work`; if the client goes away first, cancel it (which aborts its engine requests)."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.2)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                task.cancel()
+                task.add_done_callback(_consume)  # its CancelledError has nobody to go to
+                if on_disconnect is not None:
+                    on_disconnect()
+                raise ClientGone()
+    finally:
+        if not task.done():
+            task.cancel()
+
+
+def _consume(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+async def all_or_none(coros: Iterable[Awaitable[T]]) -> list[T]:
+    """Like asyncio.gather, but the first failure cancels the others (aborting their engine
+    requests) before it is raised: a failed prompt of a list does not leave its siblings running to
+    max_tokens for nobody."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for t in tasks:
+            if t.done() and not t.cancelled() and t.exception() is not None:
+                raise t.exception()
+        return [t.result() for t in tasks]
+    finally:
+        pending = [t for t in tasks if not t.done()]
+        for t in pending:
+            t.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)

@@ -70,6 +70,7 @@ def test_a_refused_request_is_not_read(srv):
 
 
 def test_judge_client_and_verl_carry_the_key(srv, monkeypatch):
+    from rrm_engine.judge.verl_reward import VerlConfigError
     from rrm_engine.serving import verl
 
     want = srv.judge.compare(Q, "Paris.", "Berlin.")
@@ -85,7 +86,7 @@ def test_judge_client_and_verl_carry_the_key(srv, monkeypatch):
     s = verl.compute_score(data_source="d", solution_str="Paris.", ground_truth="Berlin.", extra_info={"question": Q},
                            rrm_url=srv.url, rrm_api_key=KEY)
     assert s["score"] == pytest.approx(want.p_first, abs=1e-5) and s["rrm_invalid"] == 0
-    with pytest.raises(ValueError, match="401"):
+    with pytest.raises(VerlConfigError, match="401"):  # refused (4xx): stops the run, never a 0.0 reward
         verl.compute_score(data_source="d", solution_str="Paris.", ground_truth="Berlin.",
                            extra_info={"question": Q}, rrm_url=srv.url, rrm_api_key="wrong")
 

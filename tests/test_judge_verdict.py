@@ -104,7 +104,7 @@ def test_training_reward_reads_exactly():
 
 
 def test_eval_command_reads_exactly_by_default():
-    from rrm_engine.cli import build_parser
+    from rrm_engine.cli.main import build_parser
 
     p = build_parser()
     assert p.parse_args(["eval", "--pandalm", __file__]).reading == "exact"

@@ -137,3 +137,18 @@ def test_force_policy_is_checked(make_llm):
         judge(llm, force="sometimes")
     with pytest.raises(ValueError, match="strict=True forces nothing"):
         judge(llm, strict=True, force="invalid")
+
+
+def test_reading_exact_or_tolerant(make_llm):
+    """A wrapped box: the default (tolerant) judge reads it, the exact reading (the reference parser's;
+    the default with strict=True) scores it invalid, never as a vote for either side."""
+    llm = make_llm("\\boxed{\\text{Assistant2}}")  # no space: " " is the forced text's scripted token
+    t = judge(llm).compare(Q, A, B)
+    assert (t.valid, t.invalid, t.winner) == (3, 0, 1)
+    e = judge(llm, reading="exact").compare(Q, A, B)
+    assert_consistent(e)
+    assert (e.valid, e.forced, e.invalid, e.winner, e.invalid_reasons) == (0, 0, 3, None, {"unknown_content": 3})
+    assert judge(llm, strict=True).reading == "exact"
+    assert judge(llm, strict=True, reading="tolerant").reading == "tolerant"
+    with pytest.raises(ValueError, match="reading must be one of"):
+        judge(llm, reading="loose")

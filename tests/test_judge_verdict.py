@@ -62,6 +62,56 @@ def test_parse_verdict_is_strict():
         read_verdict(None)  # type: ignore[arg-type]
 
 
+# the reference parser of the RRM release: the stripped box content is "Assistant 1" / "Assistant 2" exactly
+@pytest.mark.parametrize("box, exact, tolerant", [
+    ("Assistant 1", 1, 1),
+    ("Assistant 2", 2, 2),
+    ("  Assistant 2\n", 2, 2),  # surrounding whitespace is stripped by both
+    ("\\text{Assistant 1}", None, 1),
+    ("\\textbf{Assistant 2}", None, 2),
+    ("assistant 1", None, 1),
+    ("ASSISTANT 2", None, 2),
+    ("Assistant1", None, 1),
+    ("Assistant  1", None, 1),
+    ("Assistant 1.", None, 1),
+    ("**Assistant 2**", None, 2),
+    ("Ａｓｓｉｓｔａｎｔ　２", None, 2),  # NFKC folds full-width text
+    ("Assistant 1 and Assistant 2", None, None),
+    ("1", None, None),
+])
+def test_exact_and_tolerant_readings(box, exact, tolerant):
+    text = "thinking</think>\n\n\\boxed{" + box + "}"
+    assert read_verdict(text, "stop", reading="exact") == ((exact, "ok") if exact else (None, "unknown_content"))
+    assert read_verdict(text, "stop", reading="tolerant") == ((tolerant, "ok") if tolerant else (None, "unknown_content"))
+    assert parse_verdict(text) == exact  # the public parser reads exactly by default
+    assert parse_verdict(text, reading="tolerant") == tolerant
+
+
+def test_exact_reading_takes_the_literal_box_opener():
+    assert read_verdict("</think>\\boxed {Assistant 1}", "stop", reading="exact") == (None, "no_box")
+    assert read_verdict("</think>\\boxed {Assistant 1}", "stop", reading="tolerant") == (1, "ok")
+    assert read_verdict("</think>\\fbox{Assistant 2}", "stop", reading="exact") == (2, "ok")  # the spec's fallback
+    with pytest.raises(ValueError, match="reading must be one of"):
+        read_verdict("</think>\\boxed{Assistant 1}", reading="lenient")  # type: ignore[arg-type]
+
+
+def test_training_reward_reads_exactly():
+    from rrm_engine.train.rollout import rrm_verdict
+
+    assert rrm_verdict("t</think>\\boxed{Assistant 1}", "stop", True) == 1
+    assert rrm_verdict("t</think>\\boxed{\\text{Assistant 1}}", "stop", True) is None
+    assert rrm_verdict("\\boxed{assistant 2}", "stop", False) is None
+
+
+def test_eval_command_reads_exactly_by_default():
+    from rrm_engine.cli.main import build_parser
+
+    p = build_parser()
+    assert p.parse_args(["eval", "--pandalm", __file__]).reading == "exact"
+    assert p.parse_args(["eval", "--pandalm", __file__, "--reading", "tolerant"]).reading == "tolerant"
+    assert p.parse_args(["judge", "--pairs", __file__, "--out", "x.jsonl"]).reading is None  # the Judge's default
+
+
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
 from rrm_engine.judge.prompt import USER, fill_template  # noqa: E402

@@ -165,6 +165,10 @@ JUDGE_OPTIONS: list[Option] = [
                                      help="presentation order: random (a coin per vote, default), split (half "
                                           "each way), none")),
     Option(("--strict",), "strict", dict(action="store_true", help="paper-faithful: invalid votes stay invalid")),
+    Option(("--reading",), "reading", dict(
+        choices=("exact", "tolerant"), help="how a box is read: exact (the reference parser: \\boxed{Assistant 1} "
+                                            "or 2 only; default for eval and --strict) or tolerant (wrappers, case, "
+                                            "NFKC; default for judge and rank)")),
     Option(("--adaptive",), "adaptive", dict(action="store_true", help="stop voting once the majority is decided")),
     Option(("--seed",), "seed", dict(type=int, default=0, help="default 0")),
 ]
@@ -452,6 +456,7 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--rewardbench", type=existing_file, help="RewardBench JSONL (prompt, chosen, rejected, subset)")
     p.add_argument("--limit", type=positive_int, default=None, help="first N rows only")
     _add_judge_command_options(p, out_required=False)
+    p.set_defaults(reading="exact")  # accuracy as the RRM release's reference parser scores it
 
 
 def run_eval(args: argparse.Namespace) -> int:

@@ -35,6 +35,7 @@ from collections import deque
 from typing import Any, Awaitable, Callable, Literal, Sequence
 
 from ..async_engine import AsyncLLM
+from .alarm import InvalidRateAlarm
 from .background_loop import background_loop, run_sync
 from .defaults import default_max_tokens
 from ..async_engine.lockstep import LockstepEngine
@@ -42,6 +43,7 @@ from .pair_job import PairJob
 from .prompt import THINK_CLOSE, THINK_OPEN, PromptBuilder, check_text
 from .rank_job import rank_candidates
 from .results import Comparison, RankedMatch, Ranking, failed_comparison, failed_ranking
+from .verdict import Reading, check_reading
 from .voting import FORCE_POLICIES, SWAP_MODES, ForcePolicy, SwapMode
 
 Method = Literal["knockout", "elo"]
@@ -78,11 +80,15 @@ class Judge:
         chat_template: str | None = None,
         think_markers: tuple[str, str] = (THINK_OPEN, THINK_CLOSE),
         force: ForcePolicy | None = None,
+        reading: Reading | None = None,
     ):
         """force: which votes without a verdict get one read from log-probs: "truncated" (default:
         votes that ran out of tokens), "invalid" (opt-in: every vote without a verdict, explicit
-        non-answers included) or "never" (strict=True implies it)."""
+        non-answers included) or "never" (strict=True implies it).
+        reading: how a box's content is read (verdict.py): "exact" (the reference parser: "Assistant 1"
+        or "Assistant 2" only; the default with strict=True) or "tolerant" (the default otherwise)."""
         self._check_votes(votes)
+        self.reading: Reading = check_reading(("exact" if strict else "tolerant") if reading is None else reading)
         if max_tokens is None:  # per model (defaults.py): the paper's 8192, a small budget for the demo model
             max_tokens = default_max_tokens(llm)
         if force is None:
@@ -117,6 +123,7 @@ class Judge:
         self._forced: dict[bool, tuple[list[int], int, int]] = {}
         # the latest ERROR_HISTORY failures (oldest dropped): a long-running server must not grow without end
         self.errors: deque[str] = deque(maxlen=ERROR_HISTORY)
+        self.invalid_alarm = InvalidRateAlarm()  # alarm.py: metric + one warning when votes are mostly invalid
         if force != "never":
             self.forced_ids(True)  # fail now, not mid-batch, if the tokenizer cannot express it
 

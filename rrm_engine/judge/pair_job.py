@@ -7,6 +7,14 @@ Adaptive voting streams the requests (each item holds what is new per sample), r
 samples finish and, once the majority
 cannot change, cancels the rest: cancelling a request's await aborts it in the engine. Cancelling
 the whole job (a timeout, a disconnected client) aborts everything it still has in flight.
+
+Loud, never silent: a forced continuation that fails (the engine raised, or did not return the
+log-probs of "1" and "2" it was asked for) fails the whole comparison with that error, as a failed
+vote request does. It is not retried: the engine's own failures are not transient in a way a retry
+would fix, and answering from the remaining votes would change the reward without saying so.
+Every finished comparison's votes go to the judge's invalid-rate alarm (alarm.py).
+Verdicts come only from generated text (and forced log-probs), read with the judge's `reading`;
+the prompt itself is never parsed.
 """
 from __future__ import annotations
 
@@ -58,6 +66,7 @@ class PairJob:
         if self.error is not None:
             return failed_comparison(self.error)
         done = [self.votes[v] for v in sorted(self.votes)]
+        self.judge.invalid_alarm.record(done)
         aborted = self.k - len(done)
         t = tally(done)
         used = sum(x.tokens for x in done)
@@ -72,6 +81,11 @@ class PairJob:
         done = list(self.votes.values())
         if len(done) == self.k or (self.judge.adaptive and decided(done, self.k)):
             self.settled.set()
+
+    def _fail(self, err: str) -> None:
+        """The comparison fails with err (the first error wins); whatever still runs is aborted."""
+        self.error = self.error or err
+        self.settled.set()
 
     async def _group(self, swapped: bool, idx: list[int]) -> None:
         """The request of one presentation order: its samples are votes idx[0], idx[1], ..."""
@@ -104,8 +118,7 @@ class PairJob:
                 r.cancel()
             raise
         except Exception as e:  # e.g. a prompt longer than the context, or a failed engine step
-            self.error = self.error or f"{type(e).__name__}: {e}"
-            self.settled.set()
+            self._fail(f"{type(e).__name__}: {e}")
 
     async def _read(self, v: int, comp: Any, swapped: bool) -> None:
         j, prompt = self.judge, self.prompts[swapped]
@@ -114,7 +127,7 @@ class PairJob:
         opened = j.builder.think_open in comp.text
         need_close = j.strict or prompt.opens_think or opened
         verdict, reason = read_verdict(comp.text, comp.finish_reason, require_think_end=need_close,
-                                       think_close=j.builder.think_close)
+                                       think_close=j.builder.think_close, reading=j.reading)
         tokens, gen = len(comp.token_ids), list(comp.token_ids)
         if verdict is not None or not may_force(reason, j.force):
             p = None if verdict is None else float(verdict == 1)
@@ -131,13 +144,14 @@ class PairJob:
             out = await j.engine.generate(prompt.token_ids + body + forced_ids, params)
         except asyncio.CancelledError:
             raise
-        except Exception as e:
+        except Exception as e:  # the comparison fails with the error; never a verdict from fewer votes
             j._log_error(e)
-            self._record(v, Vote(None, "error", comp.text, tokens, None, swapped, token_ids=gen))
+            self._fail(f"forced continuation of vote {v} failed: {type(e).__name__}: {e}")
             return
-        lp = (out.outputs[0].logprobs or [{}])[0]
+        lp = (out.outputs[0].logprobs or [{}])[0] if out.outputs else {}
         if id1 not in lp or id2 not in lp:
-            self._record(v, Vote(None, reason, comp.text, tokens, None, swapped, token_ids=gen))
+            self._fail(f"forced continuation of vote {v}: the engine returned no log-probs for token ids "
+                       f"{id1} and {id2}")
             return
         p1 = 1.0 / (1.0 + math.exp(lp[id2] - lp[id1]))  # P("1") renormalised over {"1", "2"}
         fv = None if p1 == 0.5 else (1 if p1 > 0.5 else 2)

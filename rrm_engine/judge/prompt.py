@@ -4,12 +4,29 @@ The strings are an interoperability fact (see shared/rrm_prompt.md): RRM checkpo
 exactly these bytes, so they are reproduced verbatim. Responses are substituted literally in one pass,
 never with str.format, so a response that contains braces or even "{answer2}" stays as written.
 
+Text the caller supplies cannot steer the prompt. The policy being trained optimises against the judge,
+and rendering the template with the responses in it and tokenising the result with special-token parsing
+on would turn a response's "<|im_end|>\\n<|im_start|>assistant\\n..." into real control tokens (a fake
+end of the user turn and a fake answer). So the template is rendered once, at construction, with
+private-use sentinels in place of the query and the two responses; that rendering is cut into the
+template's own control tokens (any of the tokenizer's added tokens, special or not, found in the
+template's text), plain template text, and slots. Each prompt is then assembled from ids: the
+template's control tokens by id, and every run of plain text between two of them (template text with
+the query and responses inside) tokenised with special-token parsing OFF, added tokens in it broken
+apart, and checked to hold no control id (RRMPrompt.token_ids). For text without control-token strings
+the ids equal the tokenisation of the whole rendered prompt (checked at construction against a neutral
+prompt: a tokenizer for which they would not is refused). The query's and responses' text reaches the
+model as text, whatever it contains (each template's markers, "<think>", an imitation of the system
+prompt); only the template's own turn structure is made of control tokens.
+
 Thinking sections. The R1-distill template ends the generation prompt with "<think>\\n": generation
 starts inside the thinking section and the verdict is read only after "</think>". Templates that do
 not open a thinking section (the embedded SmolLM2) produce a direct answer; for those the judge, unless
 strict, reads the whole generated text as the answer (see `RRMPrompt.opens_think` and judge.py).
-The think markers are the format's text markers, not any model's special tokens: the tokenizer turns
-them into whatever ids the model uses.
+Whether the prompt opens a thinking section is read from the template rendered with the sentinels
+(`PromptBuilder.template_opens_think`), never from the responses: a response containing "<think>"
+changes nothing. The think markers are the format's text markers, not any model's special tokens: the
+tokenizer turns them into whatever ids the model uses.
 """
 from __future__ import annotations
 
@@ -56,6 +73,13 @@ THINK_CLOSE = "</think>"
 
 _PLACEHOLDERS = ("question", "answer1", "answer2")
 _PLACEHOLDER_RE = re.compile(r"\{(question|answer1|answer2)\}")
+# stand-ins for the caller's text while the template is rendered: Unicode private-use code points, which
+# neither a chat template nor the published strings contain (checked: each must come back intact)
+_SLOTS = {name: f"\ue000rrm-slot-{name}\ue001" for name in _PLACEHOLDERS}
+_SLOT_RE = re.compile("|".join(re.escape(s) for s in _SLOTS.values()))
+_SLOT_NAME = {s: name for name, s in _SLOTS.items()}
+# neutral text for the construction-time check of the tokenisation (no control strings, no edge spaces)
+_NEUTRAL = {"question": "Which is better?", "answer1": "The first answer.", "answer2": "The second answer."}
 
 
 def fill_template(template: str, question: str, answer1: str, answer2: str) -> str:
@@ -82,9 +106,38 @@ def check_text(name: str, value: Any, allow_empty: bool = True) -> str:
 
 @dataclass(frozen=True)
 class RRMPrompt:
-    text: str  # the rendered prompt (chat template applied)
+    text: str  # the rendered prompt (chat template applied); what token_ids decode to
     token_ids: list[int]
-    opens_think: bool  # the generation prompt opens a thinking section (R1-style templates)
+    opens_think: bool  # the template's generation prompt opens a thinking section (R1-style templates)
+
+
+def control_tokens(tokenizer: Any) -> dict[str, int]:
+    """Every string the tokenizer turns into one added token (special or not: "<|im_start|>", R1-distill's
+    non-special "<think>"), with its id. These are the strings caller text must never become."""
+    out: dict[str, int] = {}
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    for tid, tok in decoder.items():
+        content = getattr(tok, "content", tok)
+        if isinstance(content, str) and content:
+            out[content] = int(tid)
+    for content, tid in zip(getattr(tokenizer, "all_special_tokens", []) or [],
+                            getattr(tokenizer, "all_special_ids", []) or []):
+        if isinstance(content, str) and content and isinstance(tid, int):
+            out.setdefault(content, tid)
+    return out
+
+
+def _specials(tokenizer: Any) -> set[str]:
+    """The added tokens that `split_special_tokens=True` keeps as text (those marked special)."""
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    return {tok.content for tok in decoder.values() if getattr(tok, "special", False)} | {
+        t for t in (getattr(tokenizer, "all_special_tokens", []) or []) if isinstance(t, str)}
+
+
+def _alternation(strings: Any) -> re.Pattern[str] | None:
+    """Leftmost-longest matcher of the strings (longest first: Python takes the first alternative)."""
+    strings = sorted((s for s in strings if s), key=len, reverse=True)
+    return re.compile("|".join(re.escape(s) for s in strings)) if strings else None
 
 
 class PromptBuilder:
@@ -92,6 +145,8 @@ class PromptBuilder:
 
     user_template: a custom user string with {question}, {answer1}, {answer2} (default: the published one).
     chat_template: a custom Jinja chat template passed to the tokenizer (default: the model's own).
+    The system string and the template text outside the placeholders are trusted configuration; only
+    the query and the responses are treated as untrusted text (module docstring).
     """
 
     def __init__(
@@ -117,8 +172,70 @@ class PromptBuilder:
         # callers on several threads (event loops of their own) build prompts at once; an HF tokenizer
         # is not safe to use from two threads at the same time
         self._lock = threading.Lock()
+        self.controls = control_tokens(tokenizer)
+        self._control_re = _alternation(self.controls)
+        specials = _specials(tokenizer)
+        # added tokens that split_special_tokens=True would still match: broken apart by hand
+        self._nonspecial_re = _alternation(c for c in self.controls if c not in specials)
+        self._control_ids = frozenset(self.controls.values()) | frozenset(
+            i for i in (getattr(tokenizer, "all_special_ids", []) or []) if isinstance(i, int))
+        self._parts = self._layout()
+        skeleton = "".join(v for kind, v in self._parts if kind == "text")
+        self.template_opens_think: bool = skeleton.rfind(think_open) > skeleton.rfind(think_close)
+        self._check_tokenisation()
 
+    # -- the template, rendered once with sentinels ------------------------------------------------
+    def _layout(self) -> list[tuple[str, Any]]:
+        """The sentinel rendering as ("text", str) and ("slot", name) parts, in order."""
+        user = fill_template(self.user_template, *(_SLOTS[p] for p in _PLACEHOLDERS))
+        msgs = [] if self.system is None else [{"role": "system", "content": self.system}]
+        msgs.append({"role": "user", "content": user})
+        rendered = self.render(msgs)
+        want = [_SLOT_NAME[m.group(0)] for m in _SLOT_RE.finditer(user)]
+        got = [_SLOT_NAME[m.group(0)] for m in _SLOT_RE.finditer(rendered)]
+        if got != want:
+            raise ValueError(
+                "the chat template does not reproduce the user message verbatim (it drops, repeats, reorders "
+                "or rewrites it), so the query and responses cannot be placed as plain text; pass a "
+                "chat_template= that writes message['content'] as it is")
+        parts: list[tuple[str, Any]] = []
+        pos = 0
+        for m in _SLOT_RE.finditer(rendered):
+            parts.append(("text", rendered[pos:m.start()]))
+            parts.append(("slot", _SLOT_NAME[m.group(0)]))
+            pos = m.end()
+        parts.append(("text", rendered[pos:]))
+        return parts
+
+    def _segments(self, values: dict[str, str], suffix: str = "") -> list[tuple[str, Any]]:
+        """("control", (text, id)) for the template's own control tokens and ("plain", [(text, untrusted)])
+        for each run of text between two of them."""
+        out: list[tuple[str, Any]] = []
+        run: list[tuple[str, bool]] = []
+
+        def template_text(s: str) -> None:
+            pos = 0
+            for m in (self._control_re.finditer(s) if self._control_re is not None else ()):
+                run.append((s[pos:m.start()], False))
+                out.append(("plain", list(run)))
+                run.clear()
+                out.append(("control", (m.group(0), self.controls[m.group(0)])))
+                pos = m.end()
+            run.append((s[pos:], False))
+
+        for kind, v in self._parts:
+            if kind == "text":
+                template_text(v)
+            else:
+                run.append((values[v], True))
+        template_text(suffix)
+        out.append(("plain", run))
+        return out
+
+    # -- public API -------------------------------------------------------------------------------
     def messages(self, query: str, a: str, b: str) -> list[dict[str, str]]:
+        """The two messages of the published format (for display and for other engines; the prompt
+        this builder encodes is assembled from the sentinel rendering, see build)."""
         check_text("query", query, allow_empty=False)
         check_text("response a", a)
         check_text("response b", b)
@@ -127,6 +244,8 @@ class PromptBuilder:
         return msgs
 
     def render(self, messages: Sequence[dict[str, str]]) -> str:
+        """The chat template applied to messages, as text. Never tokenise this with special-token
+        parsing on when it holds untrusted text: use build()."""
         kwargs = {} if self.chat_template is None else {"chat_template": self.chat_template}
         with self._lock:
             text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False,
@@ -136,14 +255,94 @@ class PromptBuilder:
         return text
 
     def encode(self, text: str) -> list[int]:
+        """Ids of TRUSTED text (the engine's own strings, e.g. the forced answer): control-token strings
+        in it become control tokens. For the query and responses use encode_text / build."""
         # the template already holds BOS (or deliberately not): never add special tokens twice
         with self._lock:
             return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def build(self, query: str, a: str, b: str) -> RRMPrompt:
-        text = self.render(self.messages(query, a, b))
-        return RRMPrompt(text=text, token_ids=self.encode(text), opens_think=self.opens_think(text))
+    def encode_text(self, text: str, name: str = "text") -> list[int]:
+        """Ids of untrusted text, as plain text: no id in the result is a control token."""
+        with self._lock:
+            return self._plain(text, name)
 
-    def opens_think(self, rendered: str) -> bool:
-        """True when the rendered prompt leaves the model inside an open thinking section."""
-        return rendered.rfind(self.think_open) > rendered.rfind(self.think_close)
+    def build(self, query: str, a: str, b: str, suffix: str = "") -> RRMPrompt:
+        """The prompt for (query, a, b). suffix: trusted text appended after the generation prompt
+        (training uses it to force the verdict format); its markers count for opens_think."""
+        check_text("query", query, allow_empty=False)
+        check_text("response a", a)
+        check_text("response b", b)
+        if not isinstance(suffix, str):
+            raise ValueError(f"suffix must be a str, got {type(suffix).__name__}")
+        return self._assemble({"question": query, "answer1": a, "answer2": b}, suffix)
+
+    def opens_think_with(self, suffix: str = "") -> bool:
+        """Whether the template's generation prompt, followed by the trusted suffix, leaves the model
+        inside a thinking section. Never looks at the query or the responses."""
+        if not suffix:
+            return self.template_opens_think
+        skeleton = "".join(v for kind, v in self._parts if kind == "text") + suffix
+        return skeleton.rfind(self.think_open) > skeleton.rfind(self.think_close)
+
+    # -- internals --------------------------------------------------------------------------------
+    def _assemble(self, values: dict[str, str], suffix: str) -> RRMPrompt:
+        ids: list[int] = []
+        texts: list[str] = []
+        with self._lock:
+            for kind, seg in self._segments(values, suffix):
+                if kind == "control":
+                    texts.append(seg[0])
+                    ids.append(seg[1])
+                    continue
+                run = "".join(t for t, _ in seg)
+                if run:
+                    texts.append(run)
+                    untrusted = [t for t, u in seg if u]
+                    ids.extend(self._plain(run, "the query or a response" if untrusted else "template text"))
+        return RRMPrompt(text="".join(texts), token_ids=ids, opens_think=self.opens_think_with(suffix))
+
+    def _tok(self, text: str) -> list[int]:
+        if not text:
+            return []
+        return list(self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"])
+
+    def _plain(self, text: str, name: str) -> list[int]:
+        """Tokenise text with no control token in the result (caller holds the lock).
+
+        Special tokens are kept as text by split_special_tokens=True (their exact BPE pieces); added
+        tokens not marked special would still match, so each occurrence is cut after its first
+        character (the two sides are tokenised apart, as the tokenizer itself splits text at an added
+        token). If a control id still comes out (a tokenizer that ignores split_special_tokens), every
+        added token is cut that way; if even that fails, the text is refused, never passed through."""
+        for pattern in (self._nonspecial_re, self._control_re):
+            ids = self._cut_at(text, pattern)
+            if not self._control_ids.intersection(ids):
+                return ids
+        bad = sorted(self._control_ids.intersection(ids))
+        raise ValueError(f"{name}: the tokenizer turns this text into control token(s) {bad} even as plain text")
+
+    def _cut_at(self, text: str, pattern: re.Pattern[str] | None) -> list[int]:
+        if pattern is None:
+            return self._tok(text)
+        ids: list[int] = []
+        start = 0
+        while (m := pattern.search(text, start)) is not None:
+            ids.extend(self._tok(text[start:m.start() + 1]))
+            start = m.start() + 1
+        ids.extend(self._tok(text[start:]))
+        return ids
+
+    def _check_tokenisation(self) -> None:
+        """With neutral text, the assembled ids must equal the tokenizer's own tokenisation of the whole
+        rendered prompt: otherwise this tokenizer joins pieces differently (e.g. a SentencePiece prefix
+        space per call) and prompts would silently differ from what the model was trained on."""
+        p = self._assemble(dict(_NEUTRAL), "")
+        msgs = [] if self.system is None else [{"role": "system", "content": self.system}]
+        msgs.append({"role": "user", "content": fill_template(self.user_template, *(_NEUTRAL[k] for k in _PLACEHOLDERS))})
+        whole = self.render(msgs)
+        if p.text != whole:
+            raise ValueError("the chat template rewrites the user message (the sentinel rendering differs from the "
+                             "plain one); pass a chat_template= that writes message['content'] as it is")
+        if p.token_ids != self.encode(whole):
+            raise ValueError("this tokenizer does not tokenise a prompt assembled piece by piece as it tokenises the "
+                             "whole text, so injection-safe prompts cannot be built for it")

@@ -4,7 +4,11 @@ by the rule-based reward.
 Each rollout of a group draws its own order (chosen shown first or second, probability 1/2), so
 the policy cannot earn reward from a position bias; the verdict is mapped back through that order.
 Reward: +1 when the verdict picks the ground-truth preferred response, -1 otherwise (an invalid
-or missing verdict included).
+or missing verdict included). The verdict is read exactly as the RRM release's reference parser reads
+it (the box holds "Assistant 1" or "Assistant 2", nothing else; judge/verdict.py): a tolerant reader
+would reward \\boxed{\\text{assistant 1}} and teach the judge a format its evaluation scores invalid.
+The prompts are built by PromptBuilder.build, so the responses' text never becomes control tokens and
+never decides whether the prompt opens a thinking section (judge/prompt.py).
 """
 from __future__ import annotations
 
@@ -73,8 +77,9 @@ VerdictFn = Callable[[str, str | None, bool], "int | None"]
 
 def rrm_verdict(text: str, finish_reason: str | None, opens_think: bool) -> int | None:
     """The judge's rule: the last \\boxed{} after the last </think>; when the prompt did not open a
-    thinking section (templates without one), the whole text is the answer, as the judge reads it."""
-    return read_verdict(text, finish_reason, require_think_end=opens_think)[0]
+    thinking section (templates without one), the whole text is the answer, as the judge reads it.
+    The box content is read exactly (reading="exact"), as the reference parser does."""
+    return read_verdict(text, finish_reason, require_think_end=opens_think, reading="exact")[0]
 
 
 def reward_for(verdict: int | None, swapped: bool) -> float:
@@ -93,8 +98,9 @@ class RolloutCollector:
 
     def prompt_ids(self, pair: PreferencePair, swapped: bool) -> tuple[list[int], bool]:
         a, b = (pair.rejected, pair.chosen) if swapped else (pair.chosen, pair.rejected)
-        text = self.builder.render(self.builder.messages(pair.prompt, a, b)) + self.cfg.prompt_suffix
-        return self.builder.encode(text), self.builder.opens_think(text)
+        # the suffix is trusted (configuration) and counts for opens_think; the pair's text does not
+        p = self.builder.build(pair.prompt, a, b, suffix=self.cfg.prompt_suffix)
+        return p.token_ids, p.opens_think
 
     def collect(self, sampler: Sampler, pairs: list[PreferencePair], rng: random.Random) -> list[Rollout]:
         """G rollouts per pair, in pair order; all sampled in one engine call."""

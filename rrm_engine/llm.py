@@ -57,8 +57,11 @@ class LLM:
         CUDA C++ greedy kernel for all-greedy steps, Triton for the rest; CUDA only, JIT-built here).
         weights: the format of the linears' weights on CPU: "fp32" (the exact reference), "bf16",
         "q8_0", "q4_1" (GGUF blocks multiplied in place), or "auto" (the fastest that loses nothing of
-        the checkpoint); None keeps the run dtype. See rrm_engine/weight_formats.py. Converting a
-        LoadedModel changes its decoder in place (it can no longer be trained).
+        the checkpoint). None (default): "auto" when this LLM loads a Q8_0/Q4_1 .gguf itself (a name or
+        a path, e.g. "embedded": the file's own blocks, nothing lost against the checkpoint, served
+        faster than their fp32 dequantisation); otherwise the run dtype, and a LoadedModel passed in
+        is served as it is (a trainer's decoder keeps its parameters). See rrm_engine/weight_formats.py.
+        Converting a LoadedModel changes its decoder in place (it can no longer be trained).
         kv_cache_dtype: the KV cache's dtype; None or "auto" keeps the run dtype. On CPU "bfloat16" or
         "float16" under an fp32 model halves the cache and the bytes attention reads per step (keys
         and values rounded as llama.cpp's default f16 cache does; lossy, so opt-in). On CUDA only the
@@ -79,6 +82,8 @@ class LLM:
         decoder = loaded.model
         decoder.eval()
         check_wait_policy(next(decoder.parameters()).device.type)  # threads.py: torch imported before us
+        if weights is None and isinstance(model, (str, os.PathLike)):
+            weights = _default_weights(loaded, tensor_parallel_size)
         self.weights = _apply_weights(decoder, weights, loaded, tensor_parallel_size)
         _use_backend(decoder, attention_backend)
         kv_dtype = _kv_cache_dtype(kv_cache_dtype, next(decoder.parameters()), decoder.backend)
@@ -290,6 +295,18 @@ def _load_for_rank(model, device, dtype, tensor_parallel_size: int):
     if shard is not None:
         shard_for_engine(model.model, tensor_parallel_size)
     return model
+
+
+def _default_weights(loaded, tensor_parallel_size: int) -> str | None:
+    """weights=None for a checkpoint this LLM loaded itself: the GGUF's own blocks ("auto") for a
+    Q8_0/Q4_1 .gguf served by one CPU process (they lose nothing of the checkpoint), else None (the
+    run dtype). Only GGUF blocks: "auto"'s bf16 for a bf16 checkpoint stays opt-in."""
+    from . import weight_formats
+
+    on_cpu = next(loaded.model.parameters()).device.type == "cpu"
+    if tensor_parallel_size == 1 and on_cpu and loaded.checkpoint_format in weight_formats.BLOCK_FORMATS:
+        return "auto"
+    return None
 
 
 def _apply_weights(decoder, weights: str | None, loaded, tensor_parallel_size: int) -> str:

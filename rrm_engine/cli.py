@@ -283,31 +283,30 @@ def make_judge(args: argparse.Namespace) -> Judge:
     return judge
 
 
-# what a slow load is doing, by the functions on the loading thread's stack (innermost first)
+# what a slow load is doing, by the code on the loading thread's stack (innermost frame first; the
+# first entry that matches a frame names the step)
 LOADING_STEPS: tuple[tuple[str, str, str], ...] = (
-    # (file name contains, function name or "", what to print)
-    ("cpp_extension", "", "building the C++ CPU ops (first use on this machine; cached afterwards)"),
-    ("gguf_loader", "convert_gguf", "converting the .gguf into fp32 safetensors (first load only; cached afterwards)"),
-    ("gguf_loader", "_content_hash", "hashing the .gguf (to find its converted copy)"),
-    ("weight_formats", "", "packing the weights into GGUF blocks"),
-    ("tokenization", "", "loading the tokenizer"),
-    ("safetensors", "", "reading the weights"),
-    ("loader", "", "reading the weights"),
-    ("memory_profile", "", "planning memory"),
+    # (part of the file's path, function name or "" for any, what to print)
+    ("/cpp_extension.py", "", "building the C++ CPU ops (first use on this machine; cached afterwards)"),
+    ("/gguf_loader.py", "_content_hash", "hashing the .gguf (to find its converted copy)"),
+    ("/gguf_loader.py", "", "converting the .gguf into fp32 safetensors (first load only; cached afterwards)"),
+    ("/weight_formats.py", "", "packing the weights into GGUF blocks"),
+    ("/tokenization_", "", "loading the tokenizer"),
+    ("/safetensors/", "", "reading the weights"),
+    ("/loader.py", "", "reading the weights"),
+    ("/memory_profile.py", "", "planning memory"),
 )
 
 
 def loading_step(thread_id: int) -> str:
     """The step the thread is in, named by LOADING_STEPS (else "loading")."""
     frame = sys._current_frames().get(thread_id)
-    stack = []
-    while frame is not None:
-        stack.append((frame.f_code.co_filename, frame.f_code.co_name))
-        frame = frame.f_back
-    for filename, function in stack:  # innermost first: a build inside a load is the build
+    while frame is not None:  # innermost first: a build inside a load is the build
+        filename = frame.f_code.co_filename.replace("\\", "/")
         for part, func, what in LOADING_STEPS:
-            if part in filename and (not func or func == function):
+            if part in filename and (not func or func == frame.f_code.co_name):
                 return what
+        frame = frame.f_back
     return "loading"
 
 

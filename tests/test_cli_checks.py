@@ -77,7 +77,9 @@ def test_the_cpp_build_and_the_gguf_conversion_are_named():
     """The two steps of a first run that take a minute each, named by where the thread is (code compiled
     under the file names of torch's JIT builder and of the GGUF converter)."""
     for filename, function, want in [("/x/torch/utils/cpp_extension.py", "load", "building the C++ CPU ops"),
-                                     ("/x/rrm_engine/gguf_loader.py", "convert_gguf", "converting the .gguf")]:
+                                     ("/x/rrm_engine/gguf_loader.py", "_write_tensors", "converting the .gguf"),
+                                     ("/x/rrm_engine/gguf_loader.py", "_content_hash", "hashing the .gguf"),
+                                     ("/x/rrm_engine/loader.py", "load_hf", "reading the weights")]:
         inside, release = threading.Event(), threading.Event()
         code = compile(f"def {function}(inside, release):\n    inside.set()\n    release.wait(10)\n", filename, "exec")
         scope: dict = {}

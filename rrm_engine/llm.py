@@ -54,8 +54,11 @@ class LLM:
         CUDA C++ greedy kernel for all-greedy steps, Triton for the rest; CUDA only, JIT-built here).
         weights: the format of the linears' weights on CPU: "fp32" (the exact reference), "bf16",
         "q8_0", "q4_1" (GGUF blocks multiplied in place), or "auto" (the fastest that loses nothing of
-        the checkpoint); None keeps the run dtype. See rrm_engine/layers/weight_formats.py. Converting a
-        LoadedModel changes its decoder in place (it can no longer be trained).
+        the checkpoint). None (default): "auto" when this LLM loads a Q8_0/Q4_1 .gguf itself (a name or
+        a path, e.g. "embedded": the file's own blocks, nothing lost against the checkpoint, served
+        faster than their fp32 dequantisation); otherwise the run dtype, and a LoadedModel passed in
+        is served as it is (a trainer's decoder keeps its parameters). See rrm_engine/layers/weight_formats.py.
+        Converting a LoadedModel changes its decoder in place (it can no longer be trained).
         kv_cache_dtype: the KV cache's dtype; None or "auto" keeps the run dtype. On CPU "bfloat16" or
         "float16" under an fp32 model halves the cache and the bytes attention reads per step (keys
         and values rounded as llama.cpp's default f16 cache does; lossy, so opt-in). On CUDA only the

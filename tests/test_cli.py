@@ -96,6 +96,7 @@ BAD_ARGUMENTS = [
     (["--batch-size", "0"], "--batch-size: must be an integer >= 1"),
     (["--batch-size", "-1"], "--batch-size"),
     (["--kv-cache-tokens", "0"], "--kv-cache-tokens"),
+    (["--kv-cache-tokens", "1"], "--kv-cache-tokens: must be an integer >= 16 (one KV block)"),  # LLM's own check
     (["--tensor-parallel-size", "0"], "--tensor-parallel-size: must be an integer >= 1"),
     (["--dtype", "int8"], "unknown dtype 'int8'"),
     (["--device", "gpu"], "unknown device 'gpu'"),

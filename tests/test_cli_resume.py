@@ -38,8 +38,8 @@ def _judge(pairs, out, model, *extra):
 
 
 def _interrupt(args: list[str], out, sig: int, after_rows: int = 3, timeout: float = 240) -> tuple[int, str]:
-    """Start the command as a terminal's foreground job, send `sig` once `out` holds `after_rows` rows;
-    (exit code, stderr)."""
+    """Start the command as a terminal's foreground job, send `sig` once the file `out` holds
+    `after_rows` rows; (exit code, stderr)."""
     proc = subprocess.Popen(foreground_cli_command(*args), cwd=REPO, env=cli_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + timeout
@@ -71,8 +71,10 @@ def test_kill_and_resume_equals_an_uninterrupted_run(sig, reference, tmp_path, t
     code, err = _interrupt(_judge(pairs, out, tiny_qwen2_dir), out, sig)
     kept = read_jsonl(out)
     assert 3 <= len(kept) < len(ROWS), f"the run was not interrupted mid-way: {len(kept)} rows, exit {code}: {err}"
-    if sig == signal.SIGINT:
-        assert code == 130 and "run the same command with --resume" in err, err
+    if sig == signal.SIGINT:  # the one-line message and nothing else (no asyncio tracebacks after it)
+        assert code == 130 and [ln for ln in err.splitlines() if ln.strip()] == [
+            f"rrm-engine: interrupted: {len(kept)} of {len(ROWS)} rows are in {out}; run the same command with "
+            "--resume to finish"], err
     else:
         assert code == -signal.SIGKILL
     for row in kept:  # every row written before the kill is complete and final
@@ -89,3 +91,21 @@ def test_resume_refuses_a_changed_input(reference, tmp_path, tiny_qwen2_dir):
     other = write_jsonl(tmp_path / "other.jsonl", [dict(r, id="z" + r["id"]) for r in ROWS])
     res = run_cli(*_judge(other, out, tiny_qwen2_dir, "--resume"), timeout=120)
     assert res.returncode == 2 and "was the input changed?" in res.stderr and "loading" not in res.stderr
+
+
+def test_overwrite_keeps_the_old_file_until_the_run_completes(reference, tmp_path, tiny_qwen2_dir):
+    """--overwrite writes beside --out: a run killed mid-way leaves the old file byte for byte;
+    --resume --overwrite continues the killed run and only its completion replaces the file."""
+    pairs, want = reference
+    out = tmp_path / "verdicts.jsonl"
+    old = '{"index": 0, "id": "results of an earlier run"}\n'
+    out.write_text(old)
+    partial = tmp_path / "verdicts.jsonl.partial"
+    code, err = _interrupt(_judge(pairs, out, tiny_qwen2_dir, "--overwrite"), partial, signal.SIGKILL)
+    kept = read_jsonl(partial)
+    assert code == -signal.SIGKILL and 3 <= len(kept) < len(ROWS), (code, err)
+    assert out.read_text() == old
+    res = run_cli(*_judge(pairs, out, tiny_qwen2_dir, "--overwrite", "--resume"))
+    assert res.returncode == 0, res.stderr
+    assert f"resuming {partial}: {len(kept)} of {len(ROWS)} rows already there" in res.stderr
+    assert same(read_jsonl(out), want) and not partial.exists()

@@ -8,13 +8,28 @@
   serve --port 8000                          HTTP server (rrm_engine/cli/serve.py, a plugin)
 
 What a user can count on:
-  * every argument is checked before the model loads: numbers by their argparse type, the input
-    file parsed and checked in full (the first bad row named by file and line), --out created or
-    found writable, an existing --out never overwritten without --resume or --overwrite;
-  * errors are one line and exit with code 2 (--debug: the traceback instead);
+  * every argument is checked before the model loads: numbers by their argparse type (and
+    --kv-cache-tokens against the engine's block size), a .gguf's header and tensor table, the
+    input file parsed and checked in full (the first bad row named by file and line; an input with
+    nothing to judge is an error), --out created or found writable, an existing --out never
+    overwritten without --resume or --overwrite;
+  * errors are one line and exit with code 2 (--debug: the traceback instead); Ctrl-C prints one
+    line and exits with 130;
   * each finished row is appended to --out at once (results_file.py), so an interrupted run loses
     nothing and `--resume` continues it; a row that failed is printed when it fails, counted in the
     summary, and makes the exit code 1 (--allow-errors: 0);
+  * never lost, never mixed: --overwrite writes beside --out (`<out>.partial`) and replaces it only
+    when the run completes, so a run that fails (a model that does not load, a crash, a kill)
+    leaves the old file as it was; every row records the settings that decide its verdict
+    (RUN_SETTINGS: model, weights, votes, max tokens, temperature, seed, swap, method, ...), and
+    --resume refuses a file written with other settings, naming the differences;
+  * one numbering of the two sides in every judge/eval row: `verdict`, `label` and each vote's
+    `verdict` are 1 (response a) / 2 (response b) / null, so `label == verdict` is a correct
+    verdict (the Python API's Comparison.winner is the 0-based index, Comparison.verdict the same
+    1/2 as the rows); rank rows number candidates by their 0-based position in `candidates`
+    (order, each match's i, j and winner);
+  * a first run says what it is doing while the model loads (converting a .gguf, building the C++
+    CPU ops: a minute or more each, once), a line every few seconds;
   * --max-tokens defaults per model (judge/defaults.py): the RRM paper's 8192 for an RRM checkpoint,
     a small budget for the embedded demo model; the Judge prints which applies.
 
@@ -31,8 +46,10 @@ Uses only the public API (rrm_engine.LLM via Judge.from_pretrained, the judge la
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -41,7 +58,7 @@ from typing import Any, Callable, Sequence
 
 from ..model.config import CheckpointError
 from ..judge.judge import Comparison, Judge, Ranking
-from .results_file import ResultsFile, check_output
+from .results_file import ResultsFile, check_output, partial_path
 
 PROG = "rrm-engine"
 EXIT_ROWS_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
@@ -83,6 +100,15 @@ def unit_interval(text: str) -> float:
     return number_arg(text, float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 
 
+def kv_tokens_arg(text: str) -> int:
+    """At least one KV block (LLM refuses fewer, but only after the model has loaded)."""
+    import inspect
+
+    from ..llm import LLM
+    block = inspect.signature(LLM.__init__).parameters["block_size"].default
+    return number_arg(text, int, lambda v: v >= block, f"an integer >= {block} (one KV block)")
+
+
 def existing_file(text: str) -> Path:
     path = Path(text).expanduser()
     if not path.exists():
@@ -118,7 +144,14 @@ def model_arg(text: str) -> str:
     if text in EMBEDDED_NAMES:
         return text
     path = Path(text).expanduser()
-    if path.is_dir() or (path.is_file() and path.suffix == ".gguf"):
+    if path.is_file() and path.suffix == ".gguf":
+        from ..model.gguf_loader import read_gguf
+        try:  # the header and tensor table only (memory-mapped): a truncated file is refused now, not after
+            read_gguf(path)  # "converting it once" and the start of a load
+        except CheckpointError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return str(path)
+    if path.is_dir():
         return str(path)
     what = "no such file or directory" if not path.exists() else "not a model dir or a .gguf file"
     raise argparse.ArgumentTypeError(f"{text!r}: {what} (use 'embedded', a Hugging Face model dir or a .gguf file)")
@@ -138,7 +171,7 @@ LLM_OPTIONS: list[Option] = [
     Option(("--device",), "device", dict(type=device_arg, help="cpu, cuda, cuda:1 ... (default: cuda if available)")),
     Option(("--dtype",), "dtype", dict(type=dtype_arg, help="float32/fp32, bfloat16/bf16, float16/fp16 "
                                                             "(default: bf16 on cuda, fp32 on cpu)")),
-    Option(("--kv-cache-tokens",), "kv_cache_tokens", dict(type=positive_int, help="KV cache size in tokens")),
+    Option(("--kv-cache-tokens",), "kv_cache_tokens", dict(type=kv_tokens_arg, help="KV cache size in tokens")),
     Option(("--kv-cache-dtype",), "kv_cache_dtype", dict(
         type=dtype_arg, help="KV cache dtype (default: the run dtype); on CPU bfloat16/float16 halve the cache and the "
                              "bytes attention reads, lossy")),
@@ -148,7 +181,7 @@ LLM_OPTIONS: list[Option] = [
         choices=("fp32", "bf16", "q8_0", "q4_1", "auto"),
         help="CPU format of the linear weights: fp32 (the exact reference), bf16, q8_0 / q4_1 (GGUF blocks, int8 "
              "matmuls), auto (fastest without loss for the checkpoint: q4_1 for the embedded model); default: "
-             "the run dtype")),
+             "auto for a Q8_0/Q4_1 .gguf (the embedded model included), else the run dtype")),
 ]
 
 JUDGE_OPTIONS: list[Option] = [
@@ -202,8 +235,10 @@ def _add_judge_command_options(p: argparse.ArgumentParser, out_required: bool) -
     g = p.add_argument_group("run")
     g.add_argument("--out", type=Path, required=out_required, default=None,
                    help="results JSONL: one row per item, appended as each finishes")
-    g.add_argument("--resume", action="store_true", help="continue --out: keep its finished rows, run the rest")
-    g.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    g.add_argument("--resume", action="store_true", help="continue --out: keep its finished rows, run the rest "
+                   "(refused when they were judged with other settings)")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing --out once this run completes "
+                   "(rows go to OUT.partial until then; with --resume: continue that partial run)")
     g.add_argument("--allow-errors", action="store_true", help="exit 0 even when some rows failed")
     g.add_argument("--batch-size", type=positive_int, default=32, help="items given to the engine at once")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -241,9 +276,63 @@ def build_parser() -> argparse.ArgumentParser:
 def make_judge(args: argparse.Namespace) -> Judge:
     kw = llm_kwargs(args)
     model = kw.pop("model")
-    if not args.quiet:
-        print(f"loading {model} ...", file=sys.stderr, flush=True)
-    return Judge.from_pretrained(model, **_kwargs(args, JUDGE_OPTIONS), **kw)
+    if args.quiet:
+        return Judge.from_pretrained(model, **_kwargs(args, JUDGE_OPTIONS), **kw)
+    print(f"loading {model} ...", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    with loading_progress():
+        judge = Judge.from_pretrained(model, **_kwargs(args, JUDGE_OPTIONS), **kw)
+    print(f"loaded in {time.perf_counter() - t0:.1f} s (weights: {getattr(judge.llm, 'weights', None) or 'as loaded'})",
+          file=sys.stderr, flush=True)
+    return judge
+
+
+# what a slow load is doing, by the code on the loading thread's stack (innermost frame first; the
+# first entry that matches a frame names the step)
+LOADING_STEPS: tuple[tuple[str, str, str], ...] = (
+    # (part of the file's path, function name or "" for any, what to print)
+    ("/cpp_extension.py", "", "building the C++ CPU ops (first use on this machine; cached afterwards)"),
+    ("/gguf_loader.py", "_content_hash", "hashing the .gguf (to find its converted copy)"),
+    ("/gguf_loader.py", "", "converting the .gguf into fp32 safetensors (first load only; cached afterwards)"),
+    ("/weight_formats.py", "", "packing the weights into GGUF blocks"),
+    ("/tokenization_", "", "loading the tokenizer"),
+    ("/safetensors/", "", "reading the weights"),
+    ("/loader.py", "", "reading the weights"),
+    ("/memory_profile.py", "", "planning memory"),
+)
+
+
+def loading_step(thread_id: int) -> str:
+    """The step the thread is in, named by LOADING_STEPS (else "loading")."""
+    frame = sys._current_frames().get(thread_id)
+    while frame is not None:  # innermost first: a build inside a load is the build
+        filename = frame.f_code.co_filename.replace("\\", "/")
+        for part, func, what in LOADING_STEPS:
+            if part in filename and (not func or func == frame.f_code.co_name):
+                return what
+        frame = frame.f_back
+    return "loading"
+
+
+@contextlib.contextmanager
+def loading_progress(every: float = 10.0):
+    """While the body runs: a line on stderr every `every` seconds with the time so far and the step
+    in progress. A first run converts a .gguf and builds the C++ ops, over a minute in all, that would
+    otherwise pass in silence; a cached load ends before the first line."""
+    caller, stop, t0 = threading.get_ident(), threading.Event(), time.perf_counter()
+
+    def beat() -> None:
+        while not stop.wait(every):
+            print(f"{PROG}: still loading ({time.perf_counter() - t0:.0f} s): {loading_step(caller)}",
+                  file=sys.stderr, flush=True)
+
+    t = threading.Thread(target=beat, name="rrm-cli-progress", daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join()
 
 
 # --- items, streamed results, summaries -------------------------------------------------------------
@@ -270,6 +359,9 @@ def check_items(items: Sequence[Item], check: Callable[[tuple], Any]) -> None:
 
 
 def comparison_row(c: Comparison, save_text: bool = False) -> dict:
+    """One judge/eval row. Sides are 1 (response a) and 2 (response b) everywhere in it: `verdict`
+    (the majority's; null: no decision), `label` (from the input) and each vote's `verdict`;
+    `counts` and `p_first` are [a, b] and P(a better)."""
     votes = []
     for v in c.votes:
         d = {"verdict": v.verdict, "reason": v.reason, "tokens": v.tokens, "p_first": v.p_first,
@@ -277,16 +369,41 @@ def comparison_row(c: Comparison, save_text: bool = False) -> dict:
         if save_text:
             d["text"] = v.text
         votes.append(d)
-    return {"winner": c.winner, "counts": list(c.counts), "p_first": c.p_first, "invalid": c.invalid,
+    return {"verdict": c.verdict, "counts": list(c.counts), "p_first": c.p_first, "invalid": c.invalid,
             "invalid_reasons": c.invalid_reasons, "tokens_used": c.tokens_used, "votes_aborted": c.votes_aborted,
             "error": c.error, "votes": votes}
 
 
 def ranking_row(r: Ranking) -> dict:
+    """One rank row: candidates by their 0-based position in the input's `candidates` (order, i, j,
+    winner); each match's counts are [votes for i, votes for j]."""
     return {"order": r.order, "scores": r.scores, "invalid_matches": r.invalid,
             "matches": [{"i": m.i, "j": m.j, "round": m.round, "winner": m.winner, "invalid": m.invalid,
                          "counts": list(m.comparison.counts)} for m in r.matches],
             "tokens_used": r.tokens_used, "error": r.error}
+
+
+# what decides a row's verdict, recorded in every row (`settings`) and compared by --resume. The
+# judge options are as given (each has a default or is None); "model" is normalised; "max_tokens"
+# (None: the model's default) and "weights" (None: the format the model chooses) are recorded as
+# the loaded judge resolved them, and compared once it has loaded, before anything runs.
+RUN_SETTINGS = ("model", "weights", "votes", "max_tokens", "thinking_budget", "temperature", "top_p", "swap",
+                "strict", "adaptive", "seed", "method")
+
+
+def run_settings(args: argparse.Namespace, judge: Judge | None = None) -> dict[str, Any]:
+    """The RUN_SETTINGS known now: before the load (judge None) the ones the arguments fix, after it all."""
+    from ..model.loader import EMBEDDED_NAMES
+    model = args.model if args.model in EMBEDDED_NAMES else str(Path(args.model).resolve())
+    known = {"model": "embedded" if model in EMBEDDED_NAMES else model, "method": getattr(args, "method", None),
+             **{o.dest: getattr(args, o.dest) for o in JUDGE_OPTIONS}}
+    if judge is not None:
+        known.update(max_tokens=judge.max_tokens, weights=getattr(judge.llm, "weights", None))
+    else:
+        if known["max_tokens"] is None:
+            del known["max_tokens"]
+        known.pop("weights", None)
+    return {k: known[k] for k in RUN_SETTINGS if k in known}
 
 
 def _chunks(xs: Sequence[Any], size: int):
@@ -304,9 +421,14 @@ class RunOutcome:
 def run_items(args: argparse.Namespace, items: list[Item], kind: str,
               to_row: Callable[[Any], dict]) -> RunOutcome:
     """Judge the items not yet in --out, appending each row as it finishes. kind: "compare" | "rank"."""
+    results = None
     if args.out is not None:
         check_output(args.out, args.resume, args.overwrite)
-    results = ResultsFile(args.out, args.resume) if args.out is not None else None
+        results = ResultsFile(args.out, resume=args.resume, replace=args.overwrite)
+        partial = partial_path(args.out)
+        if args.resume and not args.overwrite and partial.exists():
+            print(f"{PROG}: note: {partial} holds the rows of an interrupted --overwrite run; this --resume continues "
+                  f"{args.out} (add --overwrite to continue that run instead)", file=sys.stderr)
     done = results.done if results is not None else {}
     by_index = {it.index: it for it in items}
     for index, row in done.items():
@@ -314,23 +436,28 @@ def run_items(args: argparse.Namespace, items: list[Item], kind: str,
         if it is None or row.get("id") != it.id:
             raise ValueError(f"cannot resume {args.out}: its row for input index {index} has id {row.get('id')!r}, "
                              f"the input has {None if it is None else it.id!r} there (was the input changed?)")
+    if results is not None:
+        results.check_settings(run_settings(args))  # before the load: what the arguments fix
     todo = [it for it in items if it.index not in done]
     new_rows: list[dict] = []
     t0 = time.perf_counter()
     if done:
-        print(f"resuming {args.out}: {len(done)} of {len(items)} rows already there, {len(todo)} to run",
+        print(f"resuming {results.work}: {len(done)} of {len(items)} rows already there, {len(todo)} to run",
               file=sys.stderr)
     if not todo:
         return _outcome(results, new_rows, t0)
 
     judge = make_judge(args)
+    settings = run_settings(args, judge)
+    if results is not None:
+        results.check_settings(settings)  # the model's defaults, now that it has loaded; nothing has run yet
     from tqdm.auto import tqdm
     bar = tqdm(total=len(items), initial=len(items) - len(todo), desc=kind, unit="item", disable=args.quiet,
                file=sys.stderr, dynamic_ncols=True)
 
     def on_result(chunk: Sequence[Item], k: int, result: Any) -> None:
         it = chunk[k]
-        row = {"index": it.index, "id": it.id, **it.fields, **to_row(result)}
+        row = {"index": it.index, "id": it.id, **it.fields, **to_row(result), "settings": settings}
         if results is not None:
             results.write(row)
         new_rows.append(row)
@@ -348,8 +475,14 @@ def run_items(args: argparse.Namespace, items: list[Item], kind: str,
     except KeyboardInterrupt:
         bar.close()
         outcome = _outcome(results, new_rows, t0, complete=False)
-        where = f"{len(outcome.rows)} of {len(items)} rows are in {args.out}; run the same command with --resume " \
-                "to finish" if results is not None else "nothing was saved (no --out)"
+        if results is None:
+            where = "nothing was saved (no --out)"
+        elif results.work != results.path:
+            where = (f"{len(outcome.rows)} of {len(items)} rows are in {results.work} and {args.out} is as it was; run "
+                     "the same command with --resume to finish (it replaces the file when the run completes)")
+        else:
+            where = f"{len(outcome.rows)} of {len(items)} rows are in {args.out}; run the same command with --resume " \
+                    "to finish"
         print(f"{PROG}: interrupted: {where}", file=sys.stderr)
         outcome.interrupted = True
         return outcome
@@ -397,8 +530,8 @@ def print_table(title: str, header: Sequence[str], rows: Sequence[Sequence[Any]]
 
 
 def _comparison_summary(rows: Sequence[dict], seconds: float) -> list[tuple[str, Any]]:
-    return [("items", len(rows)), ("decided", sum(r["winner"] is not None for r in rows)),
-            ("no decision", sum(r["winner"] is None and not r["error"] for r in rows)),
+    return [("items", len(rows)), ("decided", sum(r["verdict"] is not None for r in rows)),
+            ("no decision", sum(r["verdict"] is None and not r["error"] for r in rows)),
             ("errors", sum(bool(r["error"]) for r in rows)),
             ("invalid votes", sum(r["invalid"] for r in rows)),
             ("forced votes", sum(v["forced"] for r in rows for v in r["votes"])),
@@ -417,6 +550,8 @@ def run_judge(args: argparse.Namespace) -> int:
     from ..judge.datasets import read_pairs
 
     rows = read_pairs(args.pairs)
+    if not rows:
+        raise ValueError(f"{args.pairs} has no rows: nothing to judge")
     items = [Item(n, r.id, r.where, (r.query, r.a, r.b), {"label": r.label if r.label in (1, 2) else None})
              for n, r in enumerate(rows)]
     check_items(items, Judge.validate_pair)
@@ -424,7 +559,7 @@ def run_judge(args: argparse.Namespace) -> int:
     table = _comparison_summary(outcome.rows, outcome.seconds)
     labelled = [r for r in outcome.rows if r["label"] in (1, 2)]
     if labelled:
-        table.append(("accuracy (labelled)", sum(r["winner"] == r["label"] - 1 for r in labelled) / len(labelled)))
+        table.append(("accuracy (labelled)", sum(r["verdict"] == r["label"] for r in labelled) / len(labelled)))
     print_table("judge", ("metric", "value"), table)
     return exit_code(args, outcome)
 
@@ -439,6 +574,8 @@ def run_rank(args: argparse.Namespace) -> int:
     from ..judge.datasets import read_rank_rows
 
     items = [Item(n, r.id, r.where, (r.query, r.candidates)) for n, r in enumerate(read_rank_rows(args.input))]
+    if not items:
+        raise ValueError(f"{args.input} has no rows: nothing to rank")
     check_items(items, Judge.validate_rank)
     outcome = run_items(args, items, "rank", ranking_row)
     rows = outcome.rows
@@ -468,11 +605,15 @@ def run_eval(args: argparse.Namespace) -> int:
     ties = sum(r.label == 0 for r in data)
     items = [Item(n, r.id, r.where, (r.query, r.a, r.b), {"label": r.label, "subset": r.subset})
              for n, r in enumerate(data) if r.label in (1, 2)]
+    if not items:
+        source = args.pandalm or args.rewardbench
+        raise ValueError(f"{source} has no rows to judge" if not data else
+                         f"{source}: all {len(data)} rows read are ties (label 0), which are not judged: nothing to do")
     check_items(items, Judge.validate_pair)
     outcome = run_items(args, items, "compare", comparison_row)
     rows = outcome.rows
-    correct = [r["winner"] == r["label"] - 1 for r in rows]
-    undecided = sum(r["winner"] is None for r in rows)
+    correct = [r["verdict"] == r["label"] for r in rows]
+    undecided = sum(r["verdict"] is None for r in rows)
     n = max(1, len(rows))
     print_table("eval", ("metric", "value"), [
         ("rows judged (non-tie)", len(rows)), ("tie rows (not judged)", ties),

@@ -1,13 +1,24 @@
-"""A results file that survives interruption: JSONL, one row per finished item, written at once.
+"""A results file that survives interruption and is never lost or mixed: JSONL, one row per finished item.
 
 Each row is appended and flushed the moment its item finishes, so Ctrl-C, a crash or a kill loses
-at most the items still running. Every row carries `index`, the item's position in the input, and
-`id`; with resume=True the rows already there are kept and their items skipped, rows that failed
-(`error` set) are dropped so that they run again, and a last line cut short by a kill is discarded.
-When a run completes, the file is rewritten in input order (atomically: a temp file renamed over it).
+at most the items still running. Every row carries `index`, the item's position in the input, `id`,
+and `settings`, the run settings that decide its verdict (model, weights, votes, max tokens, ...;
+cli.py says which). With resume=True the rows already there are kept and their items skipped, rows
+that failed (`error` set) are dropped so that they run again, and a last line cut short by a kill
+is discarded; `check_settings` refuses to continue a file whose rows were written with other
+settings (naming the differences), so one file never mixes two runs' verdicts.
+
+Replacing an existing file (replace=True, the CLI's --overwrite) never touches it before the new
+run has finished: the new rows go to `<name>.partial` beside it, which is renamed over the file
+only when every item has a row. A failed load, a crash or a kill leaves the old file as it was
+(and the partial rows, which `replace=True, resume=True` continues).
+
+Nothing is written before the first row: a run that fails before it (a model that does not load)
+changes no file. When a run completes, the file is rewritten in input order (atomically: a temp
+file renamed over it).
 
 Problems that would only show after the work (a missing directory, a read-only location, an
-existing file that would be overwritten) are found by `check`, before any model is loaded.
+existing file that would be overwritten) are found by `check_output`, before any model is loaded.
 """
 from __future__ import annotations
 
@@ -20,6 +31,12 @@ from typing import Any
 
 class ResultsFileError(ValueError):
     pass
+
+
+def partial_path(path: Path) -> Path:
+    """Where a run that replaces `path` writes its rows until it completes."""
+    path = Path(path)
+    return path.with_name(path.name + ".partial")
 
 
 def check_output(path: Path, resume: bool, overwrite: bool) -> None:
@@ -42,17 +59,25 @@ def check_output(path: Path, resume: bool, overwrite: bool) -> None:
                                    "(its finished rows are kept) or --overwrite to replace it")
 
 
+def _show(value: Any) -> str:
+    return "unset" if value is None else json.dumps(value)
+
+
 class ResultsFile:
-    def __init__(self, path: Path, resume: bool):
+    def __init__(self, path: Path, resume: bool = False, replace: bool = False):
+        """path: the results file. resume: keep its finished rows (self.done). replace: the rows go to
+        partial_path(path) until close(complete=True) renames it over path (resume then continues
+        the partial file, the interrupted replacement)."""
         self.path = Path(path)
+        self.work = partial_path(self.path) if replace else self.path  # the file rows are appended to
+        self._lines: dict[int, int] = {}  # index -> line number in the previous file, for messages
         self.done: dict[int, dict] = self._previous_rows() if resume else {}
-        self._rewrite(sorted(self.done.values(), key=lambda r: r["index"]))
-        self._f = open(self.path, "a", encoding="utf-8")
+        self._f = None  # opened at the first row: a run that fails before it changes no file
 
     def _previous_rows(self) -> dict[int, dict]:
-        if not self.path.exists():
+        if not self.work.exists():
             return {}
-        lines = self.path.read_text(encoding="utf-8").split("\n")
+        lines = self.work.read_text(encoding="utf-8").split("\n")
         ends_cleanly = lines[-1] == ""
         rows: dict[int, dict] = {}
         for n, line in enumerate(lines, 1):
@@ -63,16 +88,34 @@ class ResultsFile:
             except json.JSONDecodeError:
                 if n == len(lines) and not ends_cleanly:
                     break  # the last row was being written when the run was killed: it runs again
-                raise ResultsFileError(f"cannot resume {self.path}: line {n} is not JSON") from None
+                raise ResultsFileError(f"cannot resume {self.work}: line {n} is not JSON") from None
             if not isinstance(row, dict) or not isinstance(row.get("index"), int):
-                raise ResultsFileError(f"cannot resume {self.path}: line {n} has no integer 'index' "
+                raise ResultsFileError(f"cannot resume {self.work}: line {n} has no integer 'index' "
                                        "(not written by this command?)")
             if row.get("error") is None:  # failed rows are dropped: they run again
                 rows[row["index"]] = row
+                self._lines[row["index"]] = n
         return rows
 
-    def _rewrite(self, rows: list[dict]) -> None:
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
+    def check_settings(self, settings: dict[str, Any]) -> None:
+        """Refuse to continue rows written with other settings. Only the keys given are compared (the
+        CLI checks what it knows before the model loads, the rest once it has loaded); a kept row
+        without recorded settings (an older rrm-engine's) is refused too."""
+        for index, row in sorted(self.done.items()):
+            where = f"cannot resume {self.work}: line {self._lines[index]}"
+            theirs = row.get("settings")
+            if not isinstance(theirs, dict):
+                raise ResultsFileError(f"{where} records no run settings (written by an older rrm-engine, whose rows "
+                                       "numbered the winner 0/1); run again with --overwrite")
+            diff = [f"{k} {_show(theirs.get(k))} in the file, {_show(v)} now"
+                    for k, v in settings.items() if theirs.get(k) != v]
+            if diff:
+                raise ResultsFileError(f"{where} was judged with other settings ({'; '.join(diff)}); resume with the "
+                                       "file's settings, or run with --overwrite to replace it (the file stays as it "
+                                       "is until the new run completes)")
+
+    def _rewrite(self, target: Path, rows: list[dict]) -> None:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a results file is an ordinary file
@@ -80,13 +123,17 @@ class ResultsFile:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 for r in rows:
                     f.write(json.dumps(r, ensure_ascii=False) + "\n")
-            os.replace(tmp, self.path)
+            os.replace(tmp, target)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
 
     def write(self, row: dict[str, Any]) -> None:
-        """Append one finished row and push it to the OS (a killed process loses nothing written)."""
+        """Append one finished row and push it to the OS (a killed process loses nothing written).
+        The first write starts the file over with the kept rows (failed ones and a torn line gone)."""
+        if self._f is None:
+            self._rewrite(self.work, self.rows())
+            self._f = open(self.work, "a", encoding="utf-8")
         self._f.write(json.dumps(row, ensure_ascii=False) + "\n")
         self._f.flush()
         self.done[row["index"]] = row
@@ -95,7 +142,13 @@ class ResultsFile:
         return sorted(self.done.values(), key=lambda r: r["index"])
 
     def close(self, complete: bool) -> None:
-        """complete: every item has a row; the file is rewritten in input order."""
-        self._f.close()
+        """complete: every item has a row; the file is written in input order (and a replacement's
+        partial file takes the old file's place). Incomplete: the rows written so far stay where they
+        are, and a file being replaced is untouched."""
+        if self._f is not None:
+            self._f.close()
+            self._f = None
         if complete:
-            self._rewrite(self.rows())
+            self._rewrite(self.path, self.rows())
+            if self.work != self.path and self.work.exists():
+                self.work.unlink()

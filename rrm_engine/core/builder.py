@@ -54,6 +54,8 @@ def build_engine(model: Any = "embedded", *, device: str | torch.device | None =
     decoder = loaded.model
     decoder.eval()
     check_wait_policy(next(decoder.parameters()).device.type)  # threads.py: torch imported before us
+    if weights is None and isinstance(model, (str, os.PathLike)):
+        weights = _default_weights(loaded, tensor_parallel_size)
     served = _apply_weights(decoder, weights, loaded, tensor_parallel_size)
     chosen, fields = choose_backend(attention_backend, next(decoder.parameters()).device)
     decoder.serve_with(decoder.serving.replace(**fields, flat_forward=None))  # keeps the head format and TP gather
@@ -88,6 +90,17 @@ def _load_for_rank(model, device, dtype, tensor_parallel_size: int):
     if shard is not None:
         shard_for_engine(model.model, tensor_parallel_size)
     return model
+
+
+def _default_weights(loaded: LoadedModel, tensor_parallel_size: int) -> str | None:
+    """weights=None for a checkpoint this engine loaded itself: the GGUF's own blocks ("auto") for a
+    Q8_0/Q4_1 .gguf served by one CPU process (they lose nothing of the checkpoint), else None (the
+    run dtype). Only GGUF blocks: "auto"'s bf16 for a bf16 checkpoint stays opt-in. A LoadedModel
+    passed in is served as it is (a trainer's decoder keeps its parameters)."""
+    on_cpu = next(loaded.model.parameters()).device.type == "cpu"
+    if tensor_parallel_size == 1 and on_cpu and loaded.checkpoint_format in weight_formats.BLOCK_FORMATS:
+        return "auto"
+    return None
 
 
 def _apply_weights(decoder, weights: str | None, loaded, tensor_parallel_size: int) -> str:

@@ -63,6 +63,10 @@ class PairJob:
         finally:  # early stop, error or our own cancellation: whatever still runs is aborted
             for t in (*groups, all_done, settled):
                 t.cancel()
+            # a gather whose children were cancelled ends with CancelledError as its exception, not as
+            # cancelled; unread, asyncio logs it as "exception was never retrieved" (a traceback per
+            # comparison after a Ctrl-C). Read it: the cancellation itself is what we asked for.
+            all_done.add_done_callback(lambda f: f.cancelled() or f.exception())
         if self.error is not None:
             return failed_comparison(self.error)
         done = [self.votes[v] for v in sorted(self.votes)]

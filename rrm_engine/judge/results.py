@@ -1,5 +1,9 @@
 """What the judge returns: Comparison (one pair's votes), Ranking (a tournament) and their statistics,
-as dataclasses and as plain JSON-able dicts (the HTTP routes and the client use the dict form)."""
+as dataclasses and as plain JSON-able dicts (the HTTP routes and the client use the dict form).
+
+Numbering of the two sides of a comparison: Comparison.winner is the 0-based index (0: a, 1: b, the
+public API's contract); Comparison.verdict, Vote.verdict, parse_verdict and dataset labels say 1 (a)
+/ 2 (b). The CLI's output rows use 1/2 only (cli.comparison_row)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -25,6 +29,14 @@ class Comparison:
     error: str | None = None  # this item failed (bad input, engine error, timeout); the others did not
     valid: int = 0  # votes whose verdict was read from the text
     forced: int = 0  # votes whose verdict was forced (truncated, or opted-in non-answers)
+
+    @property
+    def verdict(self) -> int | None:
+        """The winner numbered as each Vote.verdict, rrm.parse_verdict and the datasets' labels number
+        sides: 1 (response a), 2 (response b), None (no decision). `winner` is the 0-based index of the
+        same side; the CLI's rows carry this numbering only (`verdict`, no `winner`), so that a row's
+        `label == verdict` is a correct verdict."""
+        return None if self.winner is None else self.winner + 1
 
 
 @dataclass

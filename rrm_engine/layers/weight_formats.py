@@ -11,6 +11,7 @@
         re-quantises its dequantised values to the same bytes: tests/test_weight_formats.py).
   auto  the fastest format that loses nothing of the checkpoint: its own block format for a
         Q8_0/Q4_1 GGUF, bf16 for a bf16 checkpoint on a CPU with native bf16, else the run dtype.
+        LLM's default for a Q8_0/Q4_1 .gguf it loads itself (llm._default_weights).
 
 Embeddings, norms and attention are untouched; a tied LM head gets its own quantised copy (the
 embedding stays dense for lookups). Serving only: the quantised layers hold no parameters, so a

@@ -185,7 +185,7 @@ def test_failed_build_falls_back_with_one_log_line(tmp_path, tiny_qwen2_dir):
     one warning line says why, and LLM(weights='q4_1') serves the dense weights."""
     code = ("import logging, sys; logging.basicConfig(level=logging.WARNING, format='%(message)s', stream=sys.stderr)\n"
             "import rrm_engine\n"
-            "from kernels import quant_linear_cpu as ql\n"
+            "from rrm_kernels import quant_linear_cpu as ql\n"
             "print('available', ql.available())\n"
             f"llm = rrm_engine.LLM({str(tiny_qwen2_dir)!r}, device='cpu', weights='q4_1', kv_cache_tokens=64)\n"
             "print('served', llm.weights)\n")

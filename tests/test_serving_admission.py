@@ -391,7 +391,7 @@ def test_judge_error_history_is_bounded(local):
 
     judge = Judge(local.llm, votes=1, max_tokens=4)
     for i in range(ERROR_HISTORY + 500):
-        judge._log_error(RuntimeError(f"e{i}"))
+        judge.log_error(RuntimeError(f"e{i}"))
     assert len(judge.errors) == ERROR_HISTORY and judge.errors[-1] == f"RuntimeError: e{ERROR_HISTORY + 499}"
 
 

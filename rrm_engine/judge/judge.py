@@ -35,6 +35,8 @@ from collections import deque
 from typing import Any, Awaitable, Callable, Literal, Sequence
 
 from ..async_engine import AsyncLLM
+from ..llm import LLM
+from ..sampling_params import SamplingParams
 from .alarm import InvalidRateAlarm
 from .background_loop import background_loop, run_sync
 from .defaults import default_max_tokens
@@ -50,17 +52,6 @@ Method = Literal["knockout", "elo"]
 ERROR_HISTORY = 1000  # failures Judge.errors keeps
 
 __all__ = ["Judge", "Comparison", "Ranking", "RankedMatch", "Method"]
-
-
-def _engine_api() -> tuple[Any, Any]:
-    """(LLM, SamplingParams) from the public API, imported late (rrm_engine may import this module)."""
-    import rrm_engine
-
-    llm_cls = getattr(rrm_engine, "LLM", None)
-    sp = getattr(rrm_engine, "SamplingParams", None)
-    if sp is None:  # until the package exports it
-        from rrm_engine.sampling_params import SamplingParams as sp
-    return llm_cls, sp
 
 
 class Judge:
@@ -103,8 +94,7 @@ class Judge:
             raise ValueError(f"thinking_budget must be None or an int >= 1, got {thinking_budget!r}")
         if swap not in SWAP_MODES:
             raise ValueError(f"swap must be one of {SWAP_MODES}, got {swap!r}")
-        _, self._sp = _engine_api()
-        self._sp(temperature=temperature, top_p=top_p)  # let SamplingParams validate them now
+        SamplingParams(temperature=temperature, top_p=top_p)  # let SamplingParams validate them now
         if hasattr(llm, "submit") and hasattr(llm, "llm"):  # an AsyncLLM: judge over its engine
             self.llm, self._engine = llm.llm, llm
         else:
@@ -131,13 +121,10 @@ class Judge:
     def from_pretrained(cls, model: str = "embedded", **kwargs: Any) -> "Judge":
         """Judge over a new rrm_engine.LLM(model): keyword arguments that Judge takes (votes=,
         max_tokens=, ...) go to the Judge, the others (device=, dtype=, kv_cache_tokens=, ...) to LLM."""
-        llm_cls, _ = _engine_api()
-        if llm_cls is None:
-            raise RuntimeError("rrm_engine.LLM is not available")
         own = set(inspect.signature(cls.__init__).parameters) - {"self", "llm"}
         judge_kwargs = {k: v for k, v in kwargs.items() if k in own}
         llm_kwargs = {k: v for k, v in kwargs.items() if k not in own}
-        return cls(llm_cls(model, **llm_kwargs), **judge_kwargs)
+        return cls(LLM(model, **llm_kwargs), **judge_kwargs)
 
     @property
     def engine(self) -> Any:
@@ -169,11 +156,17 @@ class Judge:
             raise ValueError(f"votes must be an int >= 1, got {k!r}")
         return k
 
-    def _params(self, n: int, seed: int) -> Any:
+    def vote_params(self, n: int, seed: int) -> SamplingParams:
+        """The sampling of n votes that share one prompt (the judge's temperature, top_p, budget)."""
         budget = self.max_tokens if self.thinking_budget is None else min(self.max_tokens, self.thinking_budget)
-        return self._sp(n=n, temperature=self.temperature, top_p=self.top_p, max_tokens=budget, seed=seed)
+        return SamplingParams(n=n, temperature=self.temperature, top_p=self.top_p, max_tokens=budget, seed=seed)
 
-    def _validate(self, prompt_ids: list[int], params: Any) -> None:
+    @staticmethod
+    def forced_params(id1: int, id2: int) -> SamplingParams:
+        """One greedy token whose log-probs of "1" and "2" give a forced vote's verdict."""
+        return SamplingParams(n=1, temperature=0.0, max_tokens=1, logprob_token_ids=[id1, id2])
+
+    def check_prompt(self, prompt_ids: list[int], params: Any) -> None:
         """The engine's own admission check (ValueError naming what is wrong), without submitting."""
         engine = getattr(self.llm, "engine", None)
         if engine is not None and hasattr(engine, "validate"):
@@ -187,11 +180,11 @@ class Judge:
         i, j = sorted(range(len(cands)), key=lambda x: -lengths[x])[:2]
         prompt = self.builder.build(query, cands[i], cands[j])
         try:
-            self._validate(prompt.token_ids, self._params(votes, 0))
+            self.check_prompt(prompt.token_ids, self.vote_params(votes, 0))
         except ValueError as e:
             raise ValueError(f"candidates {i} and {j}: {e}") from None
 
-    def _log_error(self, e: Exception) -> None:
+    def log_error(self, e: Exception) -> None:
         self.errors.append(f"{type(e).__name__}: {e}")
 
     def forced_text(self, close_think: bool) -> str:
@@ -213,7 +206,9 @@ class Judge:
             self._forced[close_think] = (one[:k], one[k], two[k])
         return self._forced[close_think]
 
-    def _rng(self, *key: Any) -> random.Random:
+    def rng(self, *key: Any) -> random.Random:
+        """A generator seeded by the judge's seed and `key` (an item's content): the same votes for the
+        same item, whatever batch it came in."""
         return random.Random(":".join(map(str, (self.seed,) + key)))
 
     @staticmethod
@@ -282,7 +277,7 @@ class Judge:
         jobs = []
         for n, (q, a, b) in valid:
             try:
-                job = PairJob(self, q, a, b, k, self._rng("c", q, a, b))
+                job = PairJob(self, q, a, b, k, self.rng("c", q, a, b))
                 job.check()
             except ValueError as e:  # e.g. longer than the context: refused before anything runs
                 if errors == "raise":

@@ -21,20 +21,44 @@ from __future__ import annotations
 import asyncio
 import math
 import random
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from ..outputs import CompletionOutput
-from .prompt import RRMPrompt
+from ..sampling_params import SamplingParams
+from .alarm import InvalidRateAlarm
+from .prompt import PromptBuilder, RRMPrompt
 from .results import Comparison, failed_comparison
 from .verdict import read_verdict
 from .voting import Vote, decided, may_force, presentation_orders, tally, unswap
 
-if TYPE_CHECKING:
-    from .judge import Judge
+class JudgeSettings(Protocol):
+    """What a comparison needs of its judge (judge.Judge is one): its settings, its prompt builder,
+    the engine it submits to, and where it reports errors and votes."""
+    swap: str
+    adaptive: bool
+    strict: bool
+    force: str
+    reading: str
+    eos_ids: set[int]
+    builder: PromptBuilder
+    invalid_alarm: InvalidRateAlarm
+
+    @property
+    def engine(self) -> Any: ...
+
+    def vote_params(self, n: int, seed: int) -> SamplingParams: ...
+
+    def forced_params(self, id1: int, id2: int) -> SamplingParams: ...
+
+    def forced_ids(self, close_think: bool) -> tuple[list[int], int, int]: ...
+
+    def check_prompt(self, prompt_ids: list[int], params: Any) -> None: ...
+
+    def log_error(self, e: Exception) -> None: ...
 
 
 class PairJob:
-    def __init__(self, judge: "Judge", query: str, a: str, b: str, votes: int, rng: random.Random):
+    def __init__(self, judge: JudgeSettings, query: str, a: str, b: str, votes: int, rng: random.Random):
         self.judge, self.k = judge, votes
         self.orders = presentation_orders(votes, judge.swap, rng)
         self.prompts: dict[bool, RRMPrompt] = {
@@ -49,7 +73,7 @@ class PairJob:
         """Raise ValueError now if the engine would refuse a request of this comparison (a prompt longer
         than the context, or more KV than the pool holds), before anything is submitted."""
         for swapped, prompt in self.prompts.items():
-            self.judge._validate(prompt.token_ids, self.judge._params(self.orders.count(swapped), 0))
+            self.judge.check_prompt(prompt.token_ids, self.judge.vote_params(self.orders.count(swapped), 0))
 
     async def run(self) -> Comparison:
         groups = []
@@ -94,7 +118,7 @@ class PairJob:
     async def _group(self, swapped: bool, idx: list[int]) -> None:
         """The request of one presentation order: its samples are votes idx[0], idx[1], ..."""
         engine, prompt = self.judge.engine, self.prompts[swapped]
-        params = self.judge._params(len(idx), self.seed + idx[0])
+        params = self.judge.vote_params(len(idx), self.seed + idx[0])
         reads: list[asyncio.Future] = []
         try:
             if not self.judge.adaptive:
@@ -143,13 +167,13 @@ class PairJob:
         still_thinking = (prompt.opens_think and j.builder.think_close not in comp.text) or (
             comp.text.rfind(j.builder.think_open) > comp.text.rfind(j.builder.think_close))
         forced_ids, id1, id2 = j.forced_ids(still_thinking)
-        params = j._sp(n=1, temperature=0.0, max_tokens=1, logprob_token_ids=[id1, id2])
+        params = j.forced_params(id1, id2)
         try:
             out = await j.engine.generate(prompt.token_ids + body + forced_ids, params)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # the comparison fails with the error; never a verdict from fewer votes
-            j._log_error(e)
+            j.log_error(e)
             self._fail(f"forced continuation of vote {v} failed: {type(e).__name__}: {e}")
             return
         lp = (out.outputs[0].logprobs or [{}])[0] if out.outputs else {}

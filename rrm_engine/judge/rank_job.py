@@ -4,24 +4,27 @@ so the engine's batch stays full. Cancelling the ranking cancels (and so aborts)
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+import random
 
-from .pair_job import PairJob
+from .pair_job import JudgeSettings, PairJob
 from .results import Comparison, RankedMatch, Ranking
 from .tournament import Knockout, Match, RoundRobin, Tournament
 
-if TYPE_CHECKING:
-    from .judge import Judge
+class RankSettings(JudgeSettings):
+    """A comparison's needs plus the judge's seed (the tournament's pairing) and its item generator."""
+    seed: int
+
+    def rng(self, *key: object) -> random.Random: ...
 
 
-async def rank_candidates(judge: "Judge", query: str, cands: list[str], method: str, votes: int) -> Ranking:
+async def rank_candidates(judge: RankSettings, query: str, cands: list[str], method: str, votes: int) -> Ranking:
     t: Tournament = Knockout(len(cands), judge.seed) if method == "knockout" else RoundRobin(len(cands), judge.seed)
     records: dict[int, Comparison] = {}
     running: dict[asyncio.Future, Match] = {}
 
     def start_ready() -> None:
         for m in t.ready():
-            job = PairJob(judge, query, cands[m.i], cands[m.j], votes, judge._rng("r", query, *cands, m.id))
+            job = PairJob(judge, query, cands[m.i], cands[m.j], votes, judge.rng("r", query, *cands, m.id))
             running[asyncio.ensure_future(job.run())] = m
 
     try:

@@ -26,7 +26,7 @@ router = APIRouter(tags=["openai"])
 
 
 def _admit(st: ServerState, ids: list[int], params: SamplingParams) -> None:
-    st.judge._validate(ids, params)  # the engine's own check, before anything is queued
+    st.judge.check_prompt(ids, params)  # the engine's own check, before anything is queued
 
 
 @router.post("/v1/completions")

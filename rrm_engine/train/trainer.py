@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
 
-from ..judge.prompt import SYSTEM, USER
 from ..model.decoder import Decoder
 from ..layers.weight_formats import is_serving_only, served_format
 from .data import PairStream
@@ -25,9 +24,10 @@ from .trainable import apply_trainable, parse_trainable
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(RolloutConfig):
+    """The rollout settings (RolloutConfig's fields: group_size, temperature, top_p, max_tokens,
+    prompt_suffix, system, user_template) plus the optimisation's."""
     pairs_per_step: int = 4  # groups per step; rollouts per step = pairs_per_step * group_size
-    group_size: int = 8
     lr: float = 1e-6
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
@@ -36,12 +36,6 @@ class TrainConfig:
     eps_high: float = 0.28
     kl_coef: float = 0.0  # > 0 needs a frozen reference model
     adv_eps: float = 1e-6
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_tokens: int = 256
-    prompt_suffix: str = ""
-    system: str | None = SYSTEM
-    user_template: str = USER
     updates_per_batch: int = 1  # optimizer steps on one batch of rollouts (> 1: the ratio moves off 1)
     micro_batch_size: int = 8  # sequences per forward/backward
     logprob_chunk_size: int = 1024
@@ -54,9 +48,7 @@ class TrainConfig:
     seed: int = 0
 
     def rollout_config(self) -> RolloutConfig:
-        return RolloutConfig(group_size=self.group_size, temperature=self.temperature, top_p=self.top_p,
-                             max_tokens=self.max_tokens, prompt_suffix=self.prompt_suffix,
-                             system=self.system, user_template=self.user_template)
+        return RolloutConfig(**{f.name: getattr(self, f.name) for f in fields(RolloutConfig)})
 
     def validate(self) -> None:
         if self.pairs_per_step < 1 or self.micro_batch_size < 1 or self.updates_per_batch < 1:

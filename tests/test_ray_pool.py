@@ -1,5 +1,7 @@
 """JudgePool on a local Ray cluster (2 CPUs): the same rankings and comparisons as one in-process
-Judge, and a replica killed while it holds work loses and duplicates nothing.
+Judge, routed by query (every item of a query on one replica, a known query back where it ran), the
+prefill of a judged batch within one extra copy of the shared prefix per extra replica, and a
+replica killed while it holds work loses and duplicates nothing.
 
 Votes are seeded by item content (judge.py), so a replica gets the same votes for an item as the
 in-process judge, whatever else shares its batch. Tiny random Qwen2, 2 votes, 8 tokens: the texts
@@ -19,8 +21,8 @@ from approx_results import approx_fields
 ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'rrm_engine[ray]'")
 
 from rrm_engine import LLM  # noqa: E402
-from rrm_engine.judge.pool import JudgePool  # noqa: E402
 from rrm_engine.judge.judge import Judge  # noqa: E402
+from rrm_engine.judge.pool import JudgePool  # noqa: E402
 
 LLM_KW = dict(device="cpu", dtype=torch.float32, kv_cache_tokens=2048)
 JUDGE_KW = dict(votes=2, max_tokens=8, temperature=0.7, seed=3)
@@ -43,13 +45,18 @@ def reference(model_dir) -> Judge:
     return Judge(LLM(model_dir, **LLM_KW), **JUDGE_KW)
 
 
-@pytest.fixture(scope="module")
-def cluster():
+def start_local_ray() -> None:
     # Ray workers inherit the driver's environment: make the repo importable from any cwd
     root = str(Path(__file__).resolve().parents[1])
     os.environ["PYTHONPATH"] = os.pathsep.join([root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=100 * 2**20,
-             configure_logging=False)
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=100 * 2**20,
+                 configure_logging=False)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    start_local_ray()
     yield
     ray.shutdown()
 
@@ -81,26 +88,31 @@ def test_rank_batch_equals_one_in_process_judge(pool, reference):
         assert [r.order for r in got] == [r.order for r in want]
         assert [r.scores for r in got] == [pytest.approx(r.scores, abs=P_ATOL) for r in want]
         assert [comparable(r) for r in got] == [comparable(r) for r in want]
-        assert {rid for rid, _ in seen} == {r.id for r in pool.replicas}  # both replicas worked
+        assert {rid for rid, _ in seen} == {0, 1}  # both replicas worked
     pool.on_dispatch = None
 
 
-def test_compare_batch_equals_one_in_process_judge_and_splits_by_query(pool, reference):
-    calls: list[list[int]] = []
-    pool.on_dispatch = lambda rid, idx: calls.append(idx)
+def test_compare_batch_equals_one_in_process_judge_and_routes_by_query(pool, reference):
+    calls: list[tuple[int, list[int]]] = []
+    pool.on_dispatch = lambda rid, idx: calls.append((rid, idx))
     got = pool.compare_batch(COMPARE_ITEMS)
+    again = pool.compare_batch(COMPARE_ITEMS[::-1])  # the same queries, in another order
     pool.on_dispatch = None
     want = reference.compare_batch(COMPARE_ITEMS)
     assert [comparable(c) for c in got] == [comparable(c) for c in want]
+    assert [comparable(c) for c in again] == [comparable(c) for c in want[::-1]]
     assert all(c.error is None and len(c.votes) == 2 for c in got)
-    owner = {}
-    for call_no, idx in enumerate(calls):  # every query's items travel together, each item once
+    first, second = calls[:len(calls) // 2], calls[len(calls) // 2:]
+    assert {rid for rid, _ in first} == {0, 1}  # four new queries spread over both replicas
+    owner: dict[str, int] = {}
+    for rid, idx in first:  # every query's items travel together, each item once
         for n in idx:
-            assert n not in owner
-            owner[n] = call_no
-    assert sorted(owner) == list(range(len(COMPARE_ITEMS)))
-    for q in QUERIES:
-        assert len({owner[n] for n, it in enumerate(COMPARE_ITEMS) if it[0] == q}) == 1
+            assert COMPARE_ITEMS[n][0] not in owner or owner[COMPARE_ITEMS[n][0]] == rid
+            owner[COMPARE_ITEMS[n][0]] = rid
+    assert sorted(n for _, idx in first for n in idx) == list(range(len(COMPARE_ITEMS)))
+    rev = COMPARE_ITEMS[::-1]
+    for rid, idx in second:  # a known query goes back to the replica that holds its prefix
+        assert all(owner[rev[n][0]] == rid for n in idx)
 
 
 def test_bad_item_raises_before_any_work(pool):
@@ -112,16 +124,28 @@ def test_bad_item_raises_before_any_work(pool):
     assert out[0].error is None and out[1].error.startswith("ValueError")
 
 
-def test_a_second_answer_for_an_item_is_ignored_and_counted(pool, reference):
-    from rrm_engine.judge.pool import _Call
-    items = COMPARE_ITEMS[:2]  # one query; the same call sent twice, as a retried task would be
-    results: dict = {}
-    before = pool.stats.duplicates_ignored
-    pool._run([_Call([0, 1], 2), _Call([0, 1], 2)],
-              lambda h, idx: h.compare_batch.remote([(n, items[n]) for n in idx], None, None), results)
-    assert pool.stats.duplicates_ignored - before == 2
-    assert [comparable(results[n]) for n in (0, 1)] == [comparable(c) for c in reference.compare_batch(items)]
-    assert all(rep.busy is None and not rep.call_refs for rep in pool.replicas)
+def test_prefill_of_a_judged_batch_grows_by_at_most_the_shared_prefix_per_extra_replica(pool, model_dir):
+    """Routing by query keeps each query's prefix on one replica: with 2 replicas the batch computes at
+    most one more copy of what all queries share (the system prompt up to the query) than one replica."""
+    items = [(f"Fresh query number {q}?", f"answer {i} to {q}", f"other {i}") for q in range(4) for i in range(3)]
+    one = JudgePool(model_dir, num_replicas=1, **POOL_KW)
+    try:
+        one.compare_batch(items)
+        prefill_one = sum(m["prefill_tokens_computed"] for m in one.replica_metrics().values())
+    finally:
+        one.shutdown()
+    before = {i: m["prefill_tokens_computed"] for i, m in pool.replica_metrics().items()}
+    used: set[int] = set()
+    pool.on_dispatch = lambda rid, idx: used.add(rid)
+    pool.compare_batch(items)
+    pool.on_dispatch = None
+    prefill_two = sum(m["prefill_tokens_computed"] - before[i] for i, m in pool.replica_metrics().items())
+    # the token prefix two different queries' prompts share (both presentation orders alike)
+    judge = Judge(LLM(model_dir, **LLM_KW), **JUDGE_KW)
+    p0, p1 = (judge.builder.build(q, a, b).token_ids for q, a, b in (items[0], items[3]))
+    shared = next((i for i, (x, y) in enumerate(zip(p0, p1)) if x != y), min(len(p0), len(p1)))
+    assert len(used) == 2 and shared > 0
+    assert prefill_two <= prefill_one + (len(used) - 1) * shared, (prefill_one, prefill_two, shared)
 
 
 def test_replica_killed_with_work_in_flight_loses_and_duplicates_nothing(cluster, model_dir, reference):
@@ -133,35 +157,45 @@ def test_replica_killed_with_work_in_flight_loses_and_duplicates_nothing(cluster
         # prompts, prefills and decodes for well over the time ray.kill takes)
         if not killed:
             killed.append(rid)
-            ray.kill(next(r for r in pool.replicas if r.id == rid).handles[0], no_restart=True)
+            ray.kill(pool.replicas[rid].handle, no_restart=True)
 
     pool.on_dispatch = kill_first
     try:
+        old_pid = pool.replicas[0].pid, pool.replicas[1].pid
         got = pool.compare_batch(COMPARE_ITEMS)
         s = pool.stats
-        assert s.replicas_died == 1 and s.replicas_started == 1 and s.resubmitted_items > 0
-        assert s.duplicates_ignored == 0
-        assert killed[0] not in {r.id for r in pool.replicas} and len(pool.replicas) == 2
+        assert s.replicas_died == 1 and s.resubmitted_items > 0 and s.duplicates_ignored == 0
         assert [comparable(c) for c in got] == [comparable(c) for c in reference.compare_batch(COMPARE_ITEMS)]
+        import time
+        deadline = time.monotonic() + 120
+        while pool.health()[0] != "ok" and time.monotonic() < deadline:  # the replacement starts
+            time.sleep(0.2)
+        assert pool.health() == ("ok", None) and s.replicas_started == 1
+        assert pool.replicas[killed[0]].pid not in old_pid
     finally:
         pool.shutdown()
 
 
 def test_every_replica_dead_is_a_clear_error(cluster, model_dir):
     pool = JudgePool(model_dir, num_replicas=1, **POOL_KW, max_restarts=0)
-    pool.on_dispatch = lambda rid, idx: ray.kill(pool.replicas[0].handles[0], no_restart=True)
+    pool.on_dispatch = lambda rid, idx: ray.kill(pool.replicas[0].handle, no_restart=True)
     try:
         with pytest.raises(RuntimeError, match="every replica is dead"):
             pool.compare_batch(COMPARE_ITEMS[:2])
+        assert pool.health()[0] == "dead"
     finally:
         pool.shutdown()
+
+
+def test_a_replica_that_cannot_start_fails_the_pool_with_its_error(cluster, tmp_path):
+    with pytest.raises(RuntimeError, match="failed to start"):
+        JudgePool(str(tmp_path / "no-such-model"), num_replicas=1, **POOL_KW)
 
 
 @pytest.mark.slow  # 2 more model processes and a gloo group: ~1 min on 2 busy cores
 def test_tensor_parallel_replica_equals_one_in_process_judge(cluster, model_dir, reference):
     pool = JudgePool(model_dir, num_replicas=1, tensor_parallel_size=2, **POOL_KW)
     try:
-        assert len(pool.replicas[0].handles) == 2
         got = pool.compare_batch(COMPARE_ITEMS[:4])
         assert [comparable(c) for c in got] == [comparable(c) for c in reference.compare_batch(COMPARE_ITEMS[:4])]
     finally:

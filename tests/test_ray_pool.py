@@ -19,6 +19,9 @@ import torch
 from approx_results import approx_fields
 
 ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'rrm_engine[ray]'")
+# the whole file is slow (a local Ray and 2+ replicas start: ~75 s on 2 busy cores);
+# tests/test_serving_dp.py runs the same pool code by default, behind the HTTP front
+pytestmark = pytest.mark.slow
 
 from rrm_engine import LLM  # noqa: E402
 from rrm_engine.judge.judge import Judge  # noqa: E402
@@ -124,30 +127,6 @@ def test_bad_item_raises_before_any_work(pool):
     assert out[0].error is None and out[1].error.startswith("ValueError")
 
 
-def test_prefill_of_a_judged_batch_grows_by_at_most_the_shared_prefix_per_extra_replica(pool, model_dir):
-    """Routing by query keeps each query's prefix on one replica: with 2 replicas the batch computes at
-    most one more copy of what all queries share (the system prompt up to the query) than one replica."""
-    items = [(f"Fresh query number {q}?", f"answer {i} to {q}", f"other {i}") for q in range(4) for i in range(3)]
-    one = JudgePool(model_dir, num_replicas=1, **POOL_KW)
-    try:
-        one.compare_batch(items)
-        prefill_one = sum(m["prefill_tokens_computed"] for m in one.replica_metrics().values())
-    finally:
-        one.shutdown()
-    before = {i: m["prefill_tokens_computed"] for i, m in pool.replica_metrics().items()}
-    used: set[int] = set()
-    pool.on_dispatch = lambda rid, idx: used.add(rid)
-    pool.compare_batch(items)
-    pool.on_dispatch = None
-    prefill_two = sum(m["prefill_tokens_computed"] - before[i] for i, m in pool.replica_metrics().items())
-    # the token prefix two different queries' prompts share (both presentation orders alike)
-    judge = Judge(LLM(model_dir, **LLM_KW), **JUDGE_KW)
-    p0, p1 = (judge.builder.build(q, a, b).token_ids for q, a, b in (items[0], items[3]))
-    shared = next((i for i, (x, y) in enumerate(zip(p0, p1)) if x != y), min(len(p0), len(p1)))
-    assert len(used) == 2 and shared > 0
-    assert prefill_two <= prefill_one + (len(used) - 1) * shared, (prefill_one, prefill_two, shared)
-
-
 def test_replica_killed_with_work_in_flight_loses_and_duplicates_nothing(cluster, model_dir, reference):
     pool = JudgePool(model_dir, num_replicas=2, **POOL_KW, max_restarts=1)
     killed: list[int] = []
@@ -192,7 +171,7 @@ def test_a_replica_that_cannot_start_fails_the_pool_with_its_error(cluster, tmp_
         JudgePool(str(tmp_path / "no-such-model"), num_replicas=1, **POOL_KW)
 
 
-@pytest.mark.slow  # 2 more model processes and a gloo group: ~1 min on 2 busy cores
+# 2 more model processes and a gloo group: ~1 min on 2 busy cores
 def test_tensor_parallel_replica_equals_one_in_process_judge(cluster, model_dir, reference):
     pool = JudgePool(model_dir, num_replicas=1, tensor_parallel_size=2, **POOL_KW)
     try:

@@ -7,6 +7,11 @@ Authentication: with --api-key (or the environment variable RRM_API_KEY, which `
 every route but /health needs `Authorization: Bearer <key>` (OpenAI and vLLM clients send it from
 their api_key). A --host other than loopback without a key is refused unless --allow-unauthenticated
 says so. The limits (serving/limits.py) have flags of their own names.
+
+Data parallelism: --data-parallel-size N > 1 serves N engine replicas as Ray actors (judge/pool.py:
+a local Ray started on demand, or a cluster through --ray-address / $RAY_ADDRESS), each
+--tensor-parallel-size M-way tensor parallel, behind this one HTTP front with every route. With
+N = 1 (the default) nothing of Ray is imported and the one engine runs in this process.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ API_KEY_ENV = "RRM_API_KEY"
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     from ..serving.limits import Limits
-    from .main import JUDGE_OPTIONS, _add, add_llm_options, positive_int
+    from .main import JUDGE_OPTIONS, _add, add_llm_options, positive_float, positive_int
 
     p = subparsers.add_parser(
         "serve", help="serve the model over HTTP: OpenAI routes, judge routes, OpenRLHF reward",
@@ -45,6 +50,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     s.add_argument("--served-model-name", default=None, help="the model id in /v1/models (default: --model)")
     s.add_argument("--default-max-tokens", type=positive_int, default=256,
                    help="chat requests that set no max_tokens (default 256, cut to what the context leaves)")
+    dp = p.add_argument_group("data parallelism (Ray)")
+    dp.add_argument("--data-parallel-size", type=positive_int, default=1,
+                    help="engine replicas, each a Ray actor (default 1: one engine in this process, no Ray)")
+    dp.add_argument("--ray-address", default=None,
+                    help="an existing Ray cluster (default: $RAY_ADDRESS, else a local Ray started here)")
+    dp.add_argument("--replica-cpus", type=positive_float, default=1.0,
+                    help="CPUs each replica reserves in Ray (default 1; GPUs: --tensor-parallel-size each)")
     s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     a = p.add_argument_group("authentication")
     a.add_argument("--api-key", default=None,
@@ -112,8 +124,19 @@ def run(args: argparse.Namespace) -> int:
                     max_pending_requests=args.max_pending_requests, max_pending_tokens=args.max_pending_tokens)
     kw = llm_kwargs(args)
     model = kw.pop("model")
-    print(f"loading {model} ...", file=sys.stderr, flush=True)
-    judge = Judge.from_pretrained(model, **_kwargs(args, JUDGE_OPTIONS), force=args.force, **kw)
+    if args.data_parallel_size > 1:
+        from ..judge.pool import JudgePool
+        print(f"starting {args.data_parallel_size} replicas of {model} on Ray ...", file=sys.stderr, flush=True)
+        try:
+            judge = JudgePool(model, num_replicas=args.data_parallel_size, llm_kwargs=kw,
+                              judge_kwargs={**_kwargs(args, JUDGE_OPTIONS), "force": args.force},
+                              tensor_parallel_size=kw.pop("tensor_parallel_size", 1),
+                              ray_address=args.ray_address, num_cpus=args.replica_cpus)
+        except (RuntimeError, ImportError) as e:  # a replica that cannot start fails serve with its error
+            raise ValueError(str(e)) from e
+    else:
+        print(f"loading {model} ...", file=sys.stderr, flush=True)
+        judge = Judge.from_pretrained(model, **_kwargs(args, JUDGE_OPTIONS), force=args.force, **kw)
     app = build_app(judge, args.served_model_name or str(model), args.default_max_tokens,
                     OpenRLHFConfig(method=args.rm_method, invalid_reward=args.invalid_reward,
                                    timeout=args.rm_timeout if args.rm_timeout > 0 else None),
@@ -123,5 +146,5 @@ def run(args: argparse.Namespace) -> int:
     try:
         run_server(app, args.host, args.port, args.log_level)
     finally:
-        judge.engine.shutdown()
+        (judge.shutdown if args.data_parallel_size > 1 else judge.engine.shutdown)()
     return 0

@@ -28,6 +28,14 @@ prometheus_client's suffixes):
     vllm:prefix_cache_queries_total, vllm:prefix_cache_hits_total (tokens), and the histograms
     vllm:e2e_request_latency_seconds, vllm:request_queue_time_seconds, vllm:time_to_first_token_seconds,
     vllm:time_per_output_token_seconds.
+  data-parallel serving (serve --data-parallel-size N; the series above are then the front's totals,
+  summed over the live replicas), per replica with the label replica="i" (its slot, 0..N-1; a
+  restarted replica keeps its slot and starts its counters at 0):
+    rrm_replica_generated_tokens_total, rrm_replica_prompt_tokens_total, rrm_replica_prefill_tokens_total,
+    rrm_replica_requests_total (counters); rrm_replica_queue_depth, rrm_replica_sequences_waiting,
+    rrm_replica_sequences_running, rrm_replica_kv_use_ratio (gauges);
+    rrm_replicas_live, rrm_replicas_configured (gauges), rrm_replica_deaths_total,
+    rrm_replica_restarts_total, rrm_replica_resubmitted_total (counters).
 """
 from __future__ import annotations
 
@@ -115,6 +123,51 @@ class _EngineCollector:
                                 value=limit)
 
 
+# engine metric -> (per-replica name without _total, type, help)
+PER_REPLICA = {
+    "generated_tokens": ("rrm_replica_generated_tokens", "counter", "Tokens generated, per replica."),
+    "prompt_tokens": ("rrm_replica_prompt_tokens", "counter", "Prompt tokens submitted, per replica."),
+    "prefill_tokens_computed": ("rrm_replica_prefill_tokens", "counter", "Prompt tokens run through the model, "
+                                                                         "per replica."),
+    "requests": ("rrm_replica_requests", "counter", "Requests added to the engine, per replica."),
+    "requests_in_flight": ("rrm_replica_queue_depth", "gauge", "Requests submitted and not answered, per replica."),
+    "waiting": ("rrm_replica_sequences_waiting", "gauge", "Sequences waiting, per replica."),
+    "running": ("rrm_replica_sequences_running", "gauge", "Sequences running, per replica."),
+    "kv_use": ("rrm_replica_kv_use_ratio", "gauge", "Fraction of the KV pool in use, per replica."),
+}
+
+
+class _ReplicaCollector:
+    """Per-replica series of a data-parallel server (a judge.pool.JudgePool), read at scrape time."""
+
+    def __init__(self, pool: Any):
+        self.pool = pool
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        per = self.pool.replica_metrics()
+        for key, (name, kind, help_) in PER_REPLICA.items():
+            family = (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(name, help_, labels=["replica"])
+            for i in sorted(per):
+                m = per[i]
+                if key == "kv_use" and "kv_use" not in m and m.get("kv_blocks_total"):
+                    m["kv_use"] = m.get("kv_blocks_used", 0) / m["kv_blocks_total"]
+                if _number(m.get(key)):
+                    family.add_metric([str(i)], m[key])
+            yield family
+        yield GaugeMetricFamily("rrm_replicas_live", "Replicas serving now.", value=len(self.pool.live()))
+        yield GaugeMetricFamily("rrm_replicas_configured", "Replicas asked for (--data-parallel-size).",
+                                value=self.pool.num_replicas)
+        s = self.pool.stats
+        yield CounterMetricFamily("rrm_replica_deaths", "Replicas that died.", value=s.replicas_died)
+        yield CounterMetricFamily("rrm_replica_restarts", "Replacements started after a death.",
+                                  value=s.replicas_started)
+        yield CounterMetricFamily("rrm_replica_resubmitted", "Items and requests sent again after their replica "
+                                                             "died.", value=s.resubmitted_items)
+
+
 class _Twin:
     """A histogram observed under our name and under vLLM's (labelled with the model name)."""
 
@@ -128,12 +181,16 @@ class _Twin:
 
 class ServerMetrics:
     def __init__(self, engine_metrics: Callable[[], dict], model_name: str,
-                 pending: Callable[[], tuple[int, int, int]] = lambda: (0, 0, 0), judgments: Any = None):
+                 pending: Callable[[], tuple[int, int, int]] = lambda: (0, 0, 0), judgments: Any = None,
+                 replicas: Any = None):
+        """replicas: a judge.pool.JudgePool, whose replicas get series of their own (label replica)."""
         # no `_created` series beside every counter and histogram (process-wide, as vLLM sets it):
         # they double the text for a timestamp no dashboard reads
         disable_created_metrics()
         r = self.registry = CollectorRegistry()
         r.register(_EngineCollector(engine_metrics, model_name, pending))
+        if replicas is not None:
+            r.register(_ReplicaCollector(replicas))
         if judgments is not None:  # idempotency.Judgments: keyed judgments started, joined, replayed, abandoned
             r.register(judgments)
 

@@ -27,7 +27,7 @@ class ClientGone(Exception):
 
 @dataclass
 class ServerState:
-    judge: Judge
+    judge: Any  # a Judge, or a judge.pool.JudgePool (serve --data-parallel-size N): routes see one interface
     model_name: str
     default_max_tokens: int
     rlhf: OpenRLHFConfig
@@ -43,15 +43,21 @@ class ServerState:
     encode_lock: Any = field(default_factory=threading.Lock)
 
     @classmethod
-    def create(cls, judge: Judge, model_name: str, default_max_tokens: int, rlhf: OpenRLHFConfig | None,
+    def create(cls, judge: Judge | Any, model_name: str, default_max_tokens: int, rlhf: OpenRLHFConfig | None,
                limits: Limits | None, judgments: Judgments | None = None) -> "ServerState":
         limits = limits or Limits()
         engine = judge.engine
-        core = getattr(judge.llm, "engine", None)
-        max_model_len = getattr(core, "max_model_len", None)
-        vocab_size = getattr(core, "vocab_size", None)
-        pool = getattr(core, "pool", None)
-        pool_tokens = pool.num_blocks * pool.block_size if pool is not None else None
+        replicas = getattr(judge, "replica_metrics", None)  # a JudgePool: what its replicas reported at start
+        if replicas is not None:
+            info = judge.info
+            max_model_len, vocab_size = info["max_model_len"], info["vocab_size"]
+            pool_tokens = info["pool_tokens"] * judge.num_replicas if info["pool_tokens"] else None
+        else:
+            core = getattr(judge.llm, "engine", None)
+            max_model_len = getattr(core, "max_model_len", None)
+            vocab_size = getattr(core, "vocab_size", None)
+            pool = getattr(core, "pool", None)
+            pool_tokens = pool.num_blocks * pool.block_size if pool is not None else None
         bound = limits.max_pending_tokens or 16 * (pool_tokens or 2 ** 20)
 
         def tokens_per_s() -> float:
@@ -60,13 +66,14 @@ class ServerState:
         admission = Admission(limits.max_pending_requests, bound, tokens_per_s)
         judgments = judgments if judgments is not None else Judgments()
         metrics = ServerMetrics(engine.metrics, model_name,
-                                lambda: (admission.requests, admission.tokens, admission.max_tokens), judgments)
+                                lambda: (admission.requests, admission.tokens, admission.max_tokens), judgments,
+                                replicas=judge if replicas is not None else None)
         tok = engine.tokenizer
         return cls(judge, model_name, default_max_tokens, rlhf or OpenRLHFConfig(), limits, admission, metrics,
                    max_model_len, vocab_size, max_token_chars(tok) if tok is not None else 0, judgments,
                    # the LLM's own (LLM.encode takes it), so that the server and the engine's callers
                    # take turns on the one tokenizer
-                   getattr(judge.llm, "_encode_lock", None) or threading.Lock())
+                   getattr(getattr(judge, "llm", None), "_encode_lock", None) or threading.Lock())
 
     @property
     def engine(self) -> Any:
@@ -76,9 +83,22 @@ class ServerState:
     def tok(self) -> Any:
         return self.judge.engine.tokenizer
 
+    def health(self) -> tuple[str, str | None]:
+        """("ok", None), ("degraded", why) while a replica of a pool is missing (still serving), or
+        ("dead", why)."""
+        pool_health = getattr(self.judge, "health", None)
+        if pool_health is not None:
+            return pool_health()
+        problem = self.engine_problem()
+        return ("ok", None) if problem is None else ("dead", problem)
+
     def engine_problem(self) -> str | None:
         """Why the engine cannot serve (its loop died or was shut down), or None while it can.
-        Reads the AsyncLLM's own state (a dead loop has set _dead and ended its thread)."""
+        Reads the AsyncLLM's own state (a dead loop has set _dead and ended its thread); a pool
+        cannot serve only with no replica live and none starting."""
+        if getattr(self.judge, "health", None) is not None:
+            status, why = self.judge.health()
+            return why if status == "dead" else None
         engine = self.judge.engine
         dead = getattr(engine, "_dead", None)
         if dead is not None:

@@ -11,11 +11,15 @@ router = APIRouter(tags=["health"])
 
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
-    """200 {"status": "ok"} while the engine serves; 503 {"status": "dead", "error"} once its loop has
-    died or was shut down (a load balancer then takes the replica out). Needs no API key."""
-    problem = state_of(request).engine_problem()
-    if problem is not None:
+    """200 {"status": "ok"} while the engine serves; 200 {"status": "degraded", "error"} while a
+    replica of a data-parallel server is missing (it still serves; the replica is being restarted);
+    503 {"status": "dead", "error"} once its loop has died or was shut down, or no replica is left (a
+    load balancer then takes the server out). Needs no API key."""
+    status, problem = state_of(request).health()
+    if status == "dead":
         return JSONResponse({"status": "dead", "error": problem}, 503)
+    if status == "degraded":
+        return JSONResponse({"status": "degraded", "error": problem})
     return JSONResponse({"status": "ok"})
 
 

@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--items-per-request", type=int, default=2)
     p.add_argument("--votes", type=int, default=2)
     p.add_argument("--max-tokens", type=int, default=16, help="the judge's budget and each completion's length")
-    p.add_argument("--replica-cpus", type=float, default=1.0)
+    p.add_argument("--replica-cpus", type=float, default=1.0,
+                   help="CPUs (and torch threads) of each replica; N=1 runs in process with as many threads")
     p.add_argument("--ray-address", default=None)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
@@ -149,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for n in [int(x) for x in args.replicas.split(",")]:
         if n == 1:
+            # the threads one replica gets (Ray sets OMP_NUM_THREADS to an actor's CPUs): N=1 vs N=2 then
+            # compares one engine with two of the same kind, not thread counts
+            import torch
+            torch.set_num_threads(max(1, int(args.replica_cpus)))
             backend = Judge.from_pretrained(args.model, **judge_kw, **llm_kw)
         else:
             import ray

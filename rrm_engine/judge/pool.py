@@ -38,6 +38,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Literal, Sequence
 
+from ..async_engine import EngineDeadError
 from ..outputs import RequestOutput
 from ..sampling_params import SamplingParams
 from .background_loop import background_loop, run_sync
@@ -360,7 +361,11 @@ class JudgePool:
             except asyncio.CancelledError:  # the caller went away: stop the work on the replica too
                 self._ray.cancel(ref)
                 raise
-        except self._dead_errors as e:
+        except Exception as e:
+            # the actor gone, or alive with its engine loop dead (EngineDeadError raised in it): both
+            # leave a replica that cannot answer; anything else is the caller's error
+            if not isinstance(e, self._dead_errors + (EngineDeadError,)):
+                raise
             self._died(rep, e)
             return groups
         finally:

@@ -1,6 +1,8 @@
 """GET /health, /v1/models, /metrics."""
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
@@ -31,5 +33,6 @@ async def models(request: Request) -> dict:
 
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
-    body, content_type = state_of(request).metrics.render()
+    # in a worker thread: a data-parallel server reads its replicas' metrics over Ray
+    body, content_type = await asyncio.to_thread(state_of(request).metrics.render)
     return Response(body, media_type=content_type)

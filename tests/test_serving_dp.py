@@ -162,6 +162,30 @@ def test_a_replica_killed_mid_burst_loses_no_request(dp):
     assert total(http, "rrm_replica_deaths_total") >= 1 and total(http, "rrm_replica_restarts_total") >= 1
 
 
+
+def test_a_completion_whose_replica_dies_is_resubmitted(dp):
+    """A plain completion in flight when its replica is killed: sent again to the live replica,
+    answered once, the same as one engine's with the same seed."""
+    pool, reference, http = dp
+    deadline = time.monotonic() + 120
+    while http.get("/health").json()["status"] != "ok" and time.monotonic() < deadline:  # after the burst test
+        time.sleep(0.2)
+    body = {"prompt": "Tell me a long story", "max_tokens": 96, "n": 2, "seed": 11, "ignore_eos": True}
+    resubmitted = pool.stats.resubmitted_items
+    with ThreadPoolExecutor(1) as ex:
+        answer = ex.submit(http.post, "/v1/completions", json=body)
+        while not pool.engine._where and not answer.done():  # until the request is on a replica
+            time.sleep(0.005)
+        rep = next(iter(pool.engine._where.values()))
+        ray.kill(rep.handle, no_restart=True)
+        r = answer.result()
+    assert r.status_code == 200, r.text
+    assert pool.stats.resubmitted_items == resubmitted + 1
+    ids = reference.llm.tokenizer("Tell me a long story")["input_ids"]
+    want = reference.engine.submit(ids, rrm.SamplingParams(n=2, seed=11, max_tokens=96, ignore_eos=True)).result(
+        timeout=120)
+    assert [c["text"] for c in r.json()["choices"]] == [o.text for o in want.outputs]
+
 def _serve(args: list[str]) -> "subprocess.Popen":
     import os
     import subprocess

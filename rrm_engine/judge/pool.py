@@ -380,8 +380,10 @@ class JudgePool:
 
     @property
     def _dead_errors(self) -> tuple[type, ...]:
-        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
-        return (RayActorError, ActorDiedError, ActorUnavailableError)
+        import ray.exceptions as rex
+        # ActorUnavailableError is newer than the oldest Ray the extra allows (2.9)
+        return tuple(getattr(rex, n) for n in ("RayActorError", "ActorDiedError", "ActorUnavailableError")
+                     if hasattr(rex, n))
 
     # -- the scorer API ----------------------------------------------------------------------------
     def _groups(self, indices: list[int], queries: list[str], loads: list[int]) -> list[_Group]:

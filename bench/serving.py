@@ -124,19 +124,38 @@ def live_server(app: Any) -> Iterator[str]:
         thread.join(timeout=30)
 
 
+def positive(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        v = kind(text)
+        if not v > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return v
+    return parse
+
+
+def sizes(text: str) -> list[int]:
+    try:
+        out = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a comma-separated list of ints >= 1, got {text!r}") from None
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"a comma-separated list of ints >= 1, got {text!r}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="embedded")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--replicas", default="1,2", help="data-parallel sizes to compare (default 1,2)")
-    p.add_argument("--requests", type=int, default=16, help="requests per phase")
-    p.add_argument("--rate", type=float, default=None, help="requests/s, Poisson (default: --concurrency)")
-    p.add_argument("--concurrency", type=int, default=4)
-    p.add_argument("--queries", type=int, default=4, help="distinct queries the requests cycle over")
-    p.add_argument("--items-per-request", type=int, default=2)
-    p.add_argument("--votes", type=int, default=2)
-    p.add_argument("--max-tokens", type=int, default=16, help="the judge's budget and each completion's length")
-    p.add_argument("--replica-cpus", type=float, default=1.0,
+    p.add_argument("--replicas", type=sizes, default="1,2", help="data-parallel sizes to compare (default 1,2)")
+    p.add_argument("--requests", type=positive(int), default=16, help="requests per phase")
+    p.add_argument("--rate", type=positive(float), default=None, help="requests/s, Poisson (default: --concurrency)")
+    p.add_argument("--concurrency", type=positive(int), default=4)
+    p.add_argument("--queries", type=positive(int), default=4, help="distinct queries the requests cycle over")
+    p.add_argument("--items-per-request", type=positive(int), default=2)
+    p.add_argument("--votes", type=positive(int), default=2)
+    p.add_argument("--max-tokens", type=positive(int), default=16, help="the judge's budget and each completion's length")
+    p.add_argument("--replica-cpus", type=positive(float), default=1.0,
                    help="CPUs (and torch threads) of each replica; N=1 runs in process with as many threads")
     p.add_argument("--ray-address", default=None)
     p.add_argument("--json", type=Path, default=None)
@@ -148,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     llm_kw = {"device": args.device}
     judge_kw = {"votes": args.votes, "max_tokens": args.max_tokens, "temperature": 0.7, "seed": 0}
     results = {}
-    for n in [int(x) for x in args.replicas.split(",")]:
+    for n in args.replicas:
         if n == 1:
             # the threads one replica gets (Ray sets OMP_NUM_THREADS to an actor's CPUs): N=1 vs N=2 then
             # compares one engine with two of the same kind, not thread counts

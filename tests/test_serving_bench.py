@@ -15,8 +15,8 @@ from bench.serving import main  # noqa: E402
 
 def test_one_replica_report(tiny_qwen2_dir, smollm2_tokenizer, tmp_path):
     out = tmp_path / "serving.json"
-    assert main(["--model", str(tiny_qwen2_dir), "--replicas", "1", "--requests", "3", "--rate", "50",  # Poisson arrivals (the runs in RESULTS.md used --concurrency)
-                
+    # --rate: Poisson arrivals (the runs in bench/RESULTS.md used --concurrency)
+    assert main(["--model", str(tiny_qwen2_dir), "--replicas", "1", "--requests", "3", "--rate", "50",
                  "--votes", "1", "--max-tokens", "4", "--json", str(out)]) == 0
     r = json.loads(out.read_text())["results"]["1"]
     assert r["judge"]["requests"] == 3 and r["judge"]["judgments_per_s"] > 0

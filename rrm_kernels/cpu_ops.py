@@ -161,13 +161,18 @@ def sample_unfiltered(logits: torch.Tensor, row_index: torch.Tensor, temperature
     """rrm_kernels.sampling.sample_ref with top-k, top-p and min-p off (the caller checks that): the
     same tokens for the same (seed, offset), logprob = log_softmax(logits / T)[token] (T = 1 when
     greedy). A sampled row that holds NaN or +inf, or is entirely -inf, raises ValueError naming
-    it; with return_status=True nothing is raised: (tokens, logprobs, status), status [B] int32
-    nonzero for such a sample (as rrm_kernels.sampling.sample's)."""
+    it; so does a temperature that is not finite and >= 0. With return_status=True nothing is
+    raised for either: (tokens, logprobs, status), status [B] int32 1 for a bad logits row, 2 for a
+    bad temperature (as rrm_kernels.sampling.sample's). A row index out of range always raises."""
     tokens, logprobs, status = load().sample(logits.float().contiguous(), row_index, temperature, seeds, offsets,
                                              isa_code(isa))
     if return_status:
         return tokens, logprobs, status
     if bool(status.any()):
+        bad_t = (status == 2).nonzero().flatten().tolist()
+        if bad_t:
+            raise ValueError(f"temperature must be finite and >= 0, got {[temperature[b].item() for b in bad_t]} "
+                             f"for samples {bad_t}")
         rows = sorted(set(row_index[status != 0].tolist()))
         raise ValueError(f"logits rows {rows} contain NaN or +inf, or are entirely -inf")
     return tokens, logprobs

@@ -270,8 +270,27 @@ def test_sampler_rejects_bad_rows_and_parameters():
     with pytest.raises(RuntimeError, match="row_index"):
         cpu_ops.sample_unfiltered(logits, *args([3]))
     rows, _, seeds, offs = args([0])
-    with pytest.raises(RuntimeError, match="temperature"):
+    with pytest.raises(ValueError, match="temperature must be finite"):
         cpu_ops.sample_unfiltered(logits, rows, torch.tensor([-1.0]), seeds, offs)
+
+
+def test_sampler_flags_a_bad_temperature_for_its_sample_alone():
+    """A temperature that is not finite and >= 0 is one sample's problem: with return_status it
+    comes back flagged (status 2) and every other sample draws exactly what it draws alone."""
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(3, 300, generator=gen) * 3
+    rows = torch.tensor([0, 1, 2, 1])
+    seeds = torch.tensor([5, 6, 7, 8])
+    offs = torch.tensor([0, 3, 1, 2])
+    temps = torch.tensor([0.8, 0.0, 1.3, 0.6])
+    want_tok, want_lp = cpu_ops.sample_unfiltered(logits, rows, temps, seeds, offs)
+    for bad in (float("inf"), float("nan"), -0.5, float("-inf")):
+        t = temps.clone()
+        t[2] = bad
+        tok, lp, status = cpu_ops.sample_unfiltered(logits, rows, t, seeds, offs, return_status=True)
+        assert status.tolist() == [0, 0, 2, 0]
+        keep = [0, 1, 3]
+        assert torch.equal(tok[keep], want_tok[keep]) and torch.equal(lp[keep], want_lp[keep])
 
 
 def test_every_op_parallel_from_the_least_work_changes_no_bit(isa):

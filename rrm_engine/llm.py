@@ -23,7 +23,7 @@ from collections.abc import Sequence as SequenceABC
 import torch
 
 from .core.engine import Engine, StepError
-from .core.builder import build_engine
+from .core.builder import build_engine, check_options
 from .core.memory_plan import MemoryProbe
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
@@ -67,6 +67,8 @@ class LLM:
             raise ValueError(f"weights={weights!r} converts the weights in one process; tensor parallelism shards "
                              "the dense weights (leave weights unset)")
         if tensor_parallel_size != 1 and _spawns_workers(tensor_parallel_size):
+            # refused here, before any worker starts (each worker's build_engine checks again)
+            check_options(device, attention_backend, sampler_backend, weights, kv_cache_dtype)
             args = {k: v for k, v in locals().items() if k not in ("self", "model", "tensor_parallel_size", "__class__")}
             self._start_workers(model, tensor_parallel_size, args)
             return

@@ -63,7 +63,7 @@ class SamplingParams:
         """What is wrong with the values the sampler reads (temperature, top_p, top_k, min_p,
         logprobs, logprob_token_ids), as one message starting with the field's name; None when
         nothing is. With vocab_size also the checks against the model's vocabulary. The engine's
-        sampler asks again every step (rrm_engine/sampler.py), so a request whose values changed
+        sampler asks again every step (rrm_engine/core/sampler.py), so a request whose values changed
         after it was added fails alone instead of failing the batch."""
         t = self.temperature
         if not _is_number(t) or not (t == 0 or MIN_TEMPERATURE <= t <= MAX_TEMPERATURE):

@@ -8,15 +8,14 @@ build per version of the sources). `load()` raises RuntimeError when the build f
 can do without (the engine's CPU backend) catch it and fall back to torch.
 
 Each op runs AVX-512, AVX2 or plain C++ code, chosen at run time: the best this CPU supports,
-unless the environment variable RRM_CPU_ISA (avx512 | avx2 | scalar) or the op's `isa=` argument
-asks for one (tests run every path the machine has against the torch references in
+unless the environment variable RRM_CPU_ISA (auto | avx512 | avx2 | scalar, read by
+rrm_kernels/cpu_isa.py for both C++ libraries) or the op's `isa=` argument asks for one (tests run every path the machine has against the torch references in
 rrm_kernels/paged_decode.py, shared_prefix_decode.py, rope_store.py and rmsnorm.py).
 Signatures follow the Triton ops of the same names.
 """
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -26,8 +25,10 @@ CSRC_DIR = Path(__file__).resolve().parent / "csrc"
 SOURCES = (CSRC_DIR / "cpu_decode_ops.cpp",)
 HEADERS = (CSRC_DIR / "cpu" / "vec.h", CSRC_DIR / "cpu" / "decode_kernels.h", CSRC_DIR / "cpu" / "small_gemm.h",
            CSRC_DIR / "cpu" / "sampler.h")
+from . import cpu_isa
+
 ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}
-ISA_ENV = "RRM_CPU_ISA"
+ISA_ENV = cpu_isa.ISA_ENV
 # keys per parallel chunk of one prefix or suffix pass: a long shared prefix still gives every
 # thread work, while each chunk stays long enough to amortise its setup
 SPLIT_TOKENS = 256
@@ -95,13 +96,16 @@ def supported_isas() -> list[str]:
 
 
 def isa_code(isa: str | None = None) -> int:
-    """The code an op's `isa` argument takes: the named ISA, else RRM_CPU_ISA's, else -1 (the best)."""
-    name = isa if isa is not None else os.environ.get(ISA_ENV, "")
-    if not name:
-        return -1
-    if name not in ISAS:
-        raise ValueError(f"isa must be one of {', '.join(ISAS)} (or unset for the best), got {name!r}")
-    return ISAS[name]
+    """The code an op's `isa` argument takes: the named ISA, else RRM_CPU_ISA's, else -1 (the best;
+    also for "auto")."""
+    name = cpu_isa.requested(isa)
+    return -1 if name is None else ISAS[name]
+
+
+def check_isa() -> str | None:
+    """RRM_CPU_ISA against this CPU, as the built ops see it: ValueError when it forces a path the
+    CPU lacks (the ops would raise on every call). Builds the ops if needed. Returns the forced ISA."""
+    return cpu_isa.check_supported(supported_isas(), "cpu_ops")
 
 
 def resolved_isa(isa: str | None = None, head_dim: int = 0) -> str:

@@ -50,8 +50,12 @@ def test_isa_env_and_argument(isas, monkeypatch):
     monkeypatch.setenv(cpu_ops.ISA_ENV, "scalar")
     assert cpu_ops.resolved_isa() == "scalar"
     monkeypatch.setenv(cpu_ops.ISA_ENV, "sse9")
-    with pytest.raises(ValueError, match="isa must be one of"):
+    with pytest.raises(ValueError, match="RRM_CPU_ISA must be one of auto"):
         cpu_ops.resolved_isa()
+    with pytest.raises(ValueError, match="isa must be one of auto"):  # the argument, named as such
+        cpu_ops.resolved_isa("sse9")
+    monkeypatch.setenv(cpu_ops.ISA_ENV, " Auto ")  # as quant_linear_cpu has always read it: the best
+    assert cpu_ops.resolved_isa() == isas[0]
     monkeypatch.delenv(cpu_ops.ISA_ENV)
     # a head_dim the vector width does not divide runs on a narrower path
     assert cpu_ops.resolved_isa(head_dim=20) == "scalar"

@@ -64,15 +64,22 @@ def test_sampler_problem_checks_values_changed_after_construction():
         p.check_vocab(10)
 
 
-def test_json_overflow_is_refused_by_the_server_models_with_the_field():
-    """The issue's request: "temperature": 1e999 is valid JSON that Python reads as inf; the
-    OpenAI models turn the ValueError into BadField("temperature") (HTTP 400), never a 500."""
-    body = json.loads('{"prompt": "x", "temperature": 1e999}')
+def test_json_overflow_is_refused_naming_the_field():
+    """The issue's request: "temperature": 1e999 is valid JSON that Python reads as inf."""
+    body = json.loads('{"temperature": 1e999, "max_tokens": 4}')
     assert math.isinf(body["temperature"])
-    with pytest.raises(BadField) as err:
-        CompletionRequest(**body).params()
-    assert err.value.field == "temperature"
-    for field, value in (("top_p", NAN), ("min_p", -INF), ("top_k", 1 << 40)):
+    with pytest.raises(ValueError, match="^SamplingParams: temperature must be 0"):
+        SamplingParams(**body)
+
+
+def test_the_server_models_name_the_field_of_a_refused_value():
+    """The OpenAI models turn SamplingParams' ValueError into BadField(its first word): every
+    message must start with the field's name (values the models accept, refused by SamplingParams)."""
+    for field, value in (("temperature", MAX_TEMPERATURE * 10), ("temperature", 1e-9), ("top_k", 1 << 40),
+                         ("top_p", 1.5), ("min_p", -0.5), ("n", 0)):
+        with pytest.raises(BadField) as err:
+            CompletionRequest(prompt="x", **{field: value}).params()
+        assert err.value.field == field, str(err.value)
         chat = {"messages": [{"role": "user", "content": "x"}], field: value}
         with pytest.raises(BadField) as err:
             ChatRequest(**chat).params(16)

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -164,3 +165,41 @@ def test_the_group_key_is_the_same_on_every_rank_and_new_per_call(monkeypatch):
         keys.append([core._group_key({"trainer_state": SimpleNamespace(global_step=s)}) for s in (0, 0, 1)])
     assert keys[0] == keys[1] == ["job7/rrm_knockout/step0/call1", "job7/rrm_knockout/step0/call2",
                                   "job7/rrm_knockout/step1/call1"]
+
+
+@pytest.mark.slow
+def test_two_process_grpo_trainer_step_through_the_server(url, tiny_qwen2_dir, tmp_path):
+    """TRL's GRPOTrainer itself with 2 processes (torchrun; accelerate's gloo group exists, but the
+    reward uses none of it): 2 generations of the group on each, ranked once by the server."""
+    pytest.importorskip("trl")
+    out = tmp_path / "trainer"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")]))}
+    with socket_port() as port:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+               str(HERE / "trl_ranks.py"), "trainer", str(tiny_qwen2_dir), str(out), "1", url]
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
+    try:
+        log, _ = p.communicate(timeout=600)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.communicate()
+    assert p.returncode == 0, log[-5000:]
+    got = [json.loads(Path(f"{out}.{r}").read_text()) for r in (0, 1)]
+    assert sorted(got[0]["rewards"][0] + got[1]["rewards"][0]) == [0.0, 0.0, 0.5, 1.0]
+    assert got[0]["log"]["rewards/rrm_knockout/mean"] == pytest.approx(0.375)
+    assert got[0]["log"]["rrm_knockout/votes"] == 3
+    c = counters(url)
+    assert c["ranked"] == 1 and c["slices"] == 2
+
+
+@contextmanager
+def socket_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    yield port

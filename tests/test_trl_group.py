@@ -203,3 +203,43 @@ def socket_port():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     yield port
+
+
+def test_the_rendezvous_is_bounded_and_open_groups_expire():
+    """Groups alone (no server): at most max_open keys, finished ones dropped first; an incomplete
+    rendezvous is dropped ttl seconds after its latest slice; a failed ranking is not kept."""
+    import asyncio
+
+    from rrm_engine.serving.groups import Groups, GroupTimeout
+    from rrm_engine.serving.limits import BadField, Overloaded
+
+    async def main() -> None:
+        g = Groups(max_open=2, ttl=0.3, default_wait=0.1)
+        params = {"world": 2, "method": "knockout", "votes": None, "timeout": None}
+
+        async def ranked(slices):
+            return slices
+
+        one = {**params, "world": 1}
+        assert await g.join("done", 0, one, "f", ["x"], ranked) == [["x"]]  # finished, kept for retries
+        with pytest.raises(GroupTimeout):
+            await g.join("open", 0, params, "f", ["a"], ranked)
+        assert len(g) == 2
+        with pytest.raises(GroupTimeout):  # full: the finished one makes room
+            await g.join("open2", 1, params, "f", ["b"], ranked)
+        assert len(g) == 2
+        with pytest.raises(Overloaded):  # full of open ones
+            await g.join("open3", 0, params, "f", ["c"], ranked)
+        with pytest.raises(BadField, match="longer than this server keeps"):
+            await g.join("open", 1, params, "f", ["d"], ranked, wait=1.0)
+        await asyncio.sleep(0.35)
+        assert len(g) == 0  # both expired
+
+        async def failing(slices):
+            raise RuntimeError("engine went away")
+
+        with pytest.raises(RuntimeError, match="engine went away"):
+            await g.join("bad", 0, one, "f", ["x"], failing)
+        assert len(g) == 0 and g.counts["ranked"] == 2
+
+    asyncio.run(main())

@@ -19,7 +19,7 @@ each rank's part. Rules:
     that never posted; its slice stays, so a retry (or the late rank) still completes the group;
   * at most `max_open` keys are held (finished ones are dropped first, oldest first); beyond that
     a new key is refused with Overloaded (429); an incomplete rendezvous is dropped `ttl` seconds after
-    it opened;
+    its latest slice (a rank's `wait` may not exceed `ttl`: 400 "wait");
   * a ranking that fails (an exception, the engine died, admission refused it) is not kept: every
     waiting rank gets the error and a retry of every rank starts the rendezvous again.
 Counters (on /metrics): rrm_groups_ranked_total (rankings run), _slices_total (slices received, retries
@@ -107,6 +107,8 @@ class Groups:
             self.counts["slices"] += 1
             if len(r.slices) == world:
                 self._start(key, r, rank_all)
+            else:  # an open rendezvous lives `ttl` seconds after its latest slice, longer than any wait
+                self._expire_later(key, r)
         try:
             # shielded: a rank that times out or disconnects leaves the ranking running for the others
             return await asyncio.wait_for(asyncio.shield(r.result), timeout=wait)
@@ -125,8 +127,12 @@ class Groups:
             raise Overloaded(f"{len(self._open)} groups are waiting for their slices (the most this server holds); "
                              f"retry later", retry_after=1)
         r = self._open[key] = _Rendezvous(dict(params))
-        r.timer = asyncio.get_running_loop().call_later(self.ttl, self._expire, key, r)
         return r
+
+    def _expire_later(self, key: str, r: _Rendezvous) -> None:
+        if r.timer is not None:
+            r.timer.cancel()
+        r.timer = asyncio.get_running_loop().call_later(self.ttl, self._expire, key, r)
 
     def _start(self, key: str, r: _Rendezvous, rank_all: Callable[[list[Any]], Awaitable[Any]]) -> None:
         self.counts["ranked"] += 1

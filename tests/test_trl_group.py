@@ -235,11 +235,18 @@ def test_the_rendezvous_is_bounded_and_open_groups_expire():
         await asyncio.sleep(0.35)
         assert len(g) == 0  # both expired
 
+        async def slow(slices):
+            await asyncio.sleep(0.2)
+            return slices
+
+        # `wait` bounds the gathering only: a ranking longer than it is awaited to its end
+        assert await g.join("slow", 0, one, "f", ["s"], slow, wait=0.05) == [["s"]]
+
         async def failing(slices):
             raise RuntimeError("engine went away")
 
         with pytest.raises(RuntimeError, match="engine went away"):
             await g.join("bad", 0, one, "f", ["x"], failing)
-        assert len(g) == 0 and g.counts["ranked"] == 2
+        assert len(g) == 1 and g.counts["ranked"] == 3  # "slow" kept (for retries), "bad" not
 
     asyncio.run(main())

@@ -16,7 +16,8 @@ each rank's part. Rules:
   * the same key and rank with other content is a conflict (409, field "items"); a slice whose
     world / method / votes / timeout differ from the first slice's is refused (400 naming the field);
   * a rank whose group is not complete within its `wait` gets GroupTimeout (408) naming the ranks
-    that never posted; its slice stays, so a retry (or the late rank) still completes the group;
+    that never posted; its slice stays, so a retry (or the late rank) still completes the group.
+    `wait` bounds the rendezvous only; the ranking itself is bounded by the request's `timeout`;
   * at most `max_open` keys are held (finished ones are dropped first, oldest first); beyond that
     a new key is refused with Overloaded (429); an incomplete rendezvous is dropped `ttl` seconds after
     its latest slice (a rank's `wait` may not exceed `ttl`: 400 "wait");
@@ -39,16 +40,12 @@ AGREED = ("world", "method", "votes", "timeout")
 
 
 class GroupTimeout(Exception):
-    """Not every rank posted its slice (or the ranking did not finish) within the waiting rank's `wait`."""
+    """Not every rank posted its slice within the waiting rank's `wait`."""
 
     def __init__(self, key: str, world: int, missing: list[int], waited: float):
         self.key, self.world, self.missing, self.waited = key, world, missing, waited
-        if missing:
-            what = (f"rank(s) {missing} of {world} never posted their slice "
-                    f"(got {world - len(missing)} of {world})")
-        else:
-            what = "every rank posted, but the group's ranking did not finish"
-        super().__init__(f"group {key!r}: {what} within {waited:g} s")
+        super().__init__(f"group {key!r}: rank(s) {missing} of {world} never posted their slice "
+                         f"(got {world - len(missing)} of {world}) within {waited:g} s")
 
 
 class SliceConflict(ValueError):
@@ -65,6 +62,7 @@ class _Rendezvous:
     params: dict[str, Any]
     slices: dict[int, tuple[str, Any]] = field(default_factory=dict)  # rank -> (fingerprint, slice)
     result: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    complete: asyncio.Event = field(default_factory=asyncio.Event)  # every slice is in
     opened: float = field(default_factory=time.monotonic)
     timer: asyncio.TimerHandle | None = None
 
@@ -109,12 +107,13 @@ class Groups:
                 self._start(key, r, rank_all)
             else:  # an open rendezvous lives `ttl` seconds after its latest slice, longer than any wait
                 self._expire_later(key, r)
-        try:
-            # shielded: a rank that times out or disconnects leaves the ranking running for the others
-            return await asyncio.wait_for(asyncio.shield(r.result), timeout=wait)
+        try:  # `wait` bounds the rendezvous only: a long ranking is bounded by the judge's own timeout
+            await asyncio.wait_for(r.complete.wait(), timeout=wait)
         except asyncio.TimeoutError:
             self.counts["timeouts"] += 1
             raise GroupTimeout(key, world, sorted(set(range(world)) - set(r.slices)), wait) from None
+        # shielded: a rank that disconnects leaves the ranking running for the others
+        return await asyncio.shield(r.result)
 
     # ------------------------------------------------------------------------------ internals
     def _new(self, key: str, params: dict[str, Any]) -> _Rendezvous:
@@ -136,6 +135,7 @@ class Groups:
 
     def _start(self, key: str, r: _Rendezvous, rank_all: Callable[[list[Any]], Awaitable[Any]]) -> None:
         self.counts["ranked"] += 1
+        r.complete.set()
         task = asyncio.ensure_future(rank_all([r.slices[n][1] for n in range(len(r.slices))]))
 
         def settle(t: asyncio.Future) -> None:

@@ -242,11 +242,23 @@ def test_the_rendezvous_is_bounded_and_open_groups_expire():
         # `wait` bounds the gathering only: a ranking longer than it is awaited to its end
         assert await g.join("slow", 0, one, "f", ["s"], slow, wait=0.05) == [["s"]]
 
+        async def longer_than_ttl(slices):
+            await asyncio.sleep(0.5)
+            return slices
+
+        # a complete group no longer expires: its ranking outlives ttl and is still run once
+        first = asyncio.ensure_future(g.join("long", 0, params, "f", ["l0"], longer_than_ttl, wait=0.3))
+        await asyncio.sleep(0.1)
+        assert await g.join("long", 1, params, "f", ["l1"], longer_than_ttl, wait=0.3) == [["l0"], ["l1"]]
+        assert await first == [["l0"], ["l1"]]
+        assert g.counts["ranked"] == 3
+        assert await g.join("long", 1, params, "f", ["l1"], longer_than_ttl, wait=0.3) == [["l0"], ["l1"]]
+
         async def failing(slices):
             raise RuntimeError("engine went away")
 
         with pytest.raises(RuntimeError, match="engine went away"):
             await g.join("bad", 0, one, "f", ["x"], failing)
-        assert len(g) == 1 and g.counts["ranked"] == 3  # "slow" kept (for retries), "bad" not
+        assert g.counts["ranked"] == 4 and "bad" not in g._open  # a failure is not kept
 
     asyncio.run(main())

@@ -29,7 +29,6 @@ not counted), _joined_total (retries that joined), _timeouts_total, and the gaug
 from __future__ import annotations
 
 import asyncio
-import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable
 
@@ -63,7 +62,7 @@ class _Rendezvous:
     slices: dict[int, tuple[str, Any]] = field(default_factory=dict)  # rank -> (fingerprint, slice)
     result: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     complete: asyncio.Event = field(default_factory=asyncio.Event)  # every slice is in
-    opened: float = field(default_factory=time.monotonic)
+    task: asyncio.Future | None = None  # the ranking (held here: the loop keeps only weak references)
     timer: asyncio.TimerHandle | None = None
 
 
@@ -136,7 +135,10 @@ class Groups:
     def _start(self, key: str, r: _Rendezvous, rank_all: Callable[[list[Any]], Awaitable[Any]]) -> None:
         self.counts["ranked"] += 1
         r.complete.set()
-        task = asyncio.ensure_future(rank_all([r.slices[n][1] for n in range(len(r.slices))]))
+        if r.timer is not None:  # complete: no longer expires (a ranking may take longer than ttl)
+            r.timer.cancel()
+            r.timer = None
+        task = r.task = asyncio.ensure_future(rank_all([r.slices[n][1] for n in range(len(r.slices))]))
 
         def settle(t: asyncio.Future) -> None:
             error = RuntimeError(f"group {key!r}: its ranking was cancelled") if t.cancelled() else t.exception()
@@ -146,14 +148,13 @@ class Groups:
                 self._drop(key, r)  # a failure is not kept: the ranks' retries start the group again
                 return
             r.result.set_result(t.result())
-            if r.timer is not None:  # kept for retries of a slice that missed the answer
-                r.timer.cancel()
+            # kept for retries of a slice that missed the answer
             r.timer = asyncio.get_running_loop().call_later(self.ttl, self._drop, key, r)
 
         task.add_done_callback(settle)
 
     def _expire(self, key: str, r: _Rendezvous) -> None:
-        if not r.result.done():
+        if not r.complete.is_set():
             self._drop(key, r)
 
     def _drop(self, key: str, r: _Rendezvous | None = None) -> None:

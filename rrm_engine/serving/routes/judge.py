@@ -139,8 +139,10 @@ async def rank_slices(st: ServerState, slices: list[list[tuple[str, str]]], meth
         if len(cands) > st.limits.max_candidates:
             refused[n] = (f"ValueError: the group has {len(cands)} completions, more than this server ranks at once "
                           f"({st.limits.max_candidates}; serve --max-candidates)")
-    longest = lambda item: _chars(item[0]) + sum(sorted((_chars(c) for c in item[1]), reverse=True)[:2])
-    keep, too_long = screen(st, items, longest, "return")
+    def longest_match(item: tuple) -> int:  # the query and its two longest completions (a match's prompt)
+        return _chars(item[0]) + sum(sorted((_chars(c) for c in item[1]), reverse=True)[:2])
+
+    keep, too_long = screen(st, items, longest_match, "return")
     refused.update(too_long)
     keep = [n for n in keep if n not in refused]
     votes_each = st.judge.votes if votes is None else votes

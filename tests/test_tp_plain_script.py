@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -34,7 +36,10 @@ ref = [o.outputs[0].token_ids for o in one.generate(prompts, greedy)]
 torch.set_num_threads(2)  # the parent's OpenMP pool is in use before the workers start
 two = rrm.LLM(path, device="cpu", dtype=torch.float32, kv_cache_tokens=1024, tensor_parallel_size=2)
 got = [o.outputs[0].token_ids for o in two.generate(prompts, greedy)]
-print(json.dumps({"ref": ref, "got": got, "method": two.engine.start_method}))
+print(json.dumps({"ref": ref, "got": got, "method": two.engine.start_method,
+                  "workers": [proc.pid for proc in two.engine._procs]}), flush=True)
+import os, signal
+os.kill(os.getpid(), signal.SIGKILL)  # no exit handler runs: the workers must see their parent gone
 '''
 
 TP_ONLY = '''
@@ -50,16 +55,37 @@ def run_script(tmp_path: Path, body: str, model_dir: Path, env: dict[str, str] |
     repo = str(Path(__file__).resolve().parents[1])  # this checkout's rrm_engine, as pytest imports it
     full_env = {k: v for k, v in os.environ.items() if k != "RRM_TP_START_METHOD"}
     full_env.update(PYTHONPATH=os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]), **(env or {}))
-    return subprocess.run([sys.executable, str(script), str(model_dir)], capture_output=True, text=True,
-                          timeout=timeout, env=full_env, cwd=tmp_path)
+    # output to files, not pipes: workers that outlive the script would hold a pipe open and hang run()
+    with open(tmp_path / "out", "w+") as out, open(tmp_path / "err", "w+") as err:
+        r = subprocess.run([sys.executable, str(script), str(model_dir)], stdout=out, stderr=err, timeout=timeout,
+                           env=full_env, cwd=tmp_path)
+        out.seek(0), err.seek(0)
+        return subprocess.CompletedProcess(r.args, r.returncode, out.read(), err.read())
 
 
 def test_plain_script_forks_its_ranks(tmp_path, tiny_qwen2_dir):
     r = run_script(tmp_path, BOTH, tiny_qwen2_dir)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["method"] == "fork"
     assert out["got"] == out["ref"] and all(len(t) == 8 for t in out["ref"])
+    # killed, the script left its workers waiting for the next call: they leave on their own
+    deadline = time.monotonic() + 30
+    while alive := [pid for pid in out["workers"] if running(pid)]:
+        if time.monotonic() > deadline:
+            for pid in alive:
+                os.kill(pid, signal.SIGKILL)
+            pytest.fail(f"workers {alive} outlived their parent")
+        time.sleep(0.2)
+
+
+def running(pid: int) -> bool:
+    """The process exists and is not a zombie (a container's init may not reap orphans)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 @pytest.mark.slow

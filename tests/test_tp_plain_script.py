@@ -88,7 +88,6 @@ def running(pid: int) -> bool:
         return False
 
 
-@pytest.mark.slow
 def test_spawned_ranks_of_an_unguarded_script_say_what_to_add(tmp_path, tiny_qwen2_dir):
     r = run_script(tmp_path, TP_ONLY, tiny_qwen2_dir, env={"RRM_TP_START_METHOD": "spawn"})
     assert r.returncode != 0 and "built" not in r.stdout

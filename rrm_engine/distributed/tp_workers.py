@@ -9,8 +9,9 @@ sees the same calls in the same order. validate() and has_unfinished() answer he
 trip (the engine's fixed limits, and the state every reply carries), since AsyncLLM asks them of
 every submission and every loop turn.
 
-How the workers start (as vLLM does): forked where that is safe, i.e. this process has no CUDA
-context yet (and the platform forks: not macOS, not Windows), so a plain script needs no
+How the workers start (as vLLM does): forked where that is safe, i.e. this process has not
+initialised CUDA yet (no torch context, no cuInit; and the platform forks: not macOS, not
+Windows), so a plain script needs no
 `if __name__ == "__main__":`; otherwise spawned, and spawned workers re-import the main script: one
 without that guard would build the LLM again in every worker, so a worker that finds itself doing so
 exits with _UNGUARDED_MAIN and the caller gets one line saying what to add. RRM_TP_START_METHOD=fork
@@ -44,9 +45,9 @@ _IDLE = (False, 0, 0)  # (has_unfinished, waiting, running) of an engine with no
 
 
 def start_method() -> str:
-    """"fork" where this process has no CUDA context and the platform forks safely, else "spawn";
-    RRM_TP_START_METHOD overrides. A forked child of a process with a CUDA context cannot use CUDA
-    (torch refuses: "Cannot re-initialize CUDA in forked subprocess"), hence spawn there."""
+    """"fork" where this process has not initialised CUDA and the platform forks safely, else
+    "spawn"; RRM_TP_START_METHOD overrides. A forked child of a process that initialised CUDA cannot
+    use it (torch: "Cannot re-initialize CUDA in forked subprocess"), hence spawn there."""
     import torch
 
     chosen = os.environ.get(_START_METHOD_ENV)
@@ -56,7 +57,22 @@ def start_method() -> str:
         return chosen
     # macOS has fork, but system libraries break in forked children (CPython defaults to spawn there)
     forks = "fork" in multiprocessing.get_all_start_methods() and sys.platform != "darwin"
-    return "fork" if forks and not torch.cuda.is_initialized() else "spawn"
+    return "fork" if forks and not torch.cuda.is_initialized() and not _cuda_driver_initialised() else "spawn"
+
+
+def _cuda_driver_initialised() -> bool:
+    """Whether this process has initialised the CUDA driver (cuInit), which a forked child inherits
+    broken ("CUDA error: initialization error") even when torch has no context yet: e.g. after
+    torch.cuda.is_available(), which asks the CUDA runtime for the device count. cuDeviceGetCount
+    answers CUDA_ERROR_NOT_INITIALIZED (3) until cuInit has run, and does not run it itself."""
+    import ctypes
+
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False  # no CUDA driver on this machine: nothing to inherit
+    count = ctypes.c_int()
+    return driver.cuDeviceGetCount(ctypes.byref(count)) != 3
 
 
 @dataclass

@@ -40,8 +40,11 @@ class LLM:
                  kv_cache_dtype: torch.dtype | str | None = None):
         """cuda_graphs: run pure decode steps as CUDA graphs replayed at padded batch sizes (1, 2,
         4, ...); off by default until validated on a GPU. On CPU it runs the same padded path eagerly.
-        tensor_parallel_size > 1: from a plain process, this LLM spawns that many worker processes
-        (one GPU each) and drives them (distributed/tp_workers.py); inside an initialised
+        tensor_parallel_size > 1: from a plain process, this LLM starts that many worker processes
+        (one GPU each) and drives them (distributed/tp_workers.py): forked while this process has no
+        CUDA context (a plain script needs no `if __name__ == "__main__":`), else spawned (then the
+        script needs that guard, and says so if it lacks it); an AsyncLLM over it drives all ranks
+        from its one loop (every Judge and the server use that). Inside an initialised
         torch.distributed group of that size (torchrun, tensor_parallel_launch) this process is one
         rank and every rank runs the same calls on the same inputs. Either way each rank reads only
         its shard of the checkpoint (see distributed/tensor_parallel.py, docs/SCALE_OUT.md).
@@ -90,8 +93,9 @@ class LLM:
         self._encode_lock = threading.Lock()  # HF tokenizers have raised "Already borrowed" under concurrent use
 
     def _start_workers(self, model, tensor_parallel_size: int, llm_kwargs: dict) -> None:
-        """tensor_parallel_size ranks in spawned processes; this process keeps the tokenizer and
-        sends every engine call to them (no weights here: self.loaded.model is None)."""
+        """tensor_parallel_size ranks in worker processes (forked or spawned: tp_workers.start_method);
+        this process keeps the tokenizer and sends every engine call to them (no weights here:
+        self.loaded.model is None)."""
         from .distributed.tp_workers import WorkerEngine
         from .model.loader import LoadedModel
 

@@ -90,7 +90,8 @@ class LLM:
         self._pending: list[RequestOutput] = []  # outputs of caller-driven requests seen inside generate()
         self._driver = None  # what steps self.engine from another thread (an AsyncLLM), if any
         self._lock = threading.RLock()  # one caller-driven call at a time; a driver attaches under it
-        self._encode_lock = threading.Lock()  # HF tokenizers have raised "Already borrowed" under concurrent use
+        # hold it to use self.tokenizer from several threads (HF tokenizers have raised "Already borrowed")
+        self.tokenizer_lock = threading.Lock()
 
     def _start_workers(self, model, tensor_parallel_size: int, llm_kwargs: dict) -> None:
         """tensor_parallel_size ranks in worker processes (forked or spawned: tp_workers.start_method);
@@ -188,7 +189,7 @@ class LLM:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("text prompts need a tokenizer; this model has none: pass token ids")
-            with self._encode_lock:
+            with self.tokenizer_lock:
                 return list(self.tokenizer.encode(prompt)), prompt
         if isinstance(prompt, SequenceABC) and not isinstance(prompt, (bytes, bytearray)):
             return list(prompt), None

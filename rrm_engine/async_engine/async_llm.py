@@ -142,6 +142,18 @@ class AsyncLLM:
         return cls(LLM(model, **llm_kwargs))
 
     @property
+    def problem(self) -> str | None:
+        """Why this AsyncLLM cannot serve (its loop died, was shut down, or its thread ended), or None
+        while it can. For health checks: submitting would raise EngineDeadError with this text."""
+        if self._dead is not None:
+            return str(self._dead)
+        if self._closing:
+            return "the engine is shutting down"
+        if not self._thread.is_alive() and self._thread.ident is not None:
+            return "the engine's loop thread has ended"
+        return None
+
+    @property
     def llm(self) -> LLM:
         return self._llm
 

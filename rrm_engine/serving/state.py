@@ -66,7 +66,7 @@ class ServerState:
                    max_model_len, vocab_size, max_token_chars(tok) if tok is not None else 0, judgments,
                    # the LLM's own (LLM.encode takes it), so that the server and the engine's callers
                    # take turns on the one tokenizer
-                   getattr(judge.llm, "_encode_lock", None) or threading.Lock())
+                   getattr(judge.llm, "tokenizer_lock", None) or threading.Lock())
 
     @property
     def engine(self) -> Any:
@@ -77,18 +77,8 @@ class ServerState:
         return self.judge.engine.tokenizer
 
     def engine_problem(self) -> str | None:
-        """Why the engine cannot serve (its loop died or was shut down), or None while it can.
-        Reads the AsyncLLM's own state (a dead loop has set _dead and ended its thread)."""
-        engine = self.judge.engine
-        dead = getattr(engine, "_dead", None)
-        if dead is not None:
-            return str(dead)
-        if getattr(engine, "_closing", False):
-            return "the engine is shutting down"
-        thread = getattr(engine, "_thread", None)
-        if thread is not None and not thread.is_alive():
-            return "the engine's loop thread has ended"
-        return None
+        """Why the engine cannot serve (its loop died or was shut down), or None while it can."""
+        return getattr(self.judge.engine, "problem", None)  # AsyncLLM.problem (a lockstep engine has none)
 
     def check_alive(self) -> None:
         """EngineDeadError (503) before a request is admitted, rather than items failed one by one."""

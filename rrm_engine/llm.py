@@ -23,7 +23,7 @@ from collections.abc import Sequence as SequenceABC
 import torch
 
 from .core.engine import Engine, StepError
-from .core.builder import build_engine
+from .core.builder import build_engine, check_options
 from .core.memory_plan import MemoryProbe
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
@@ -40,8 +40,11 @@ class LLM:
                  kv_cache_dtype: torch.dtype | str | None = None):
         """cuda_graphs: run pure decode steps as CUDA graphs replayed at padded batch sizes (1, 2,
         4, ...); off by default until validated on a GPU. On CPU it runs the same padded path eagerly.
-        tensor_parallel_size > 1: from a plain process, this LLM spawns that many worker processes
-        (one GPU each) and drives them (distributed/tp_workers.py); inside an initialised
+        tensor_parallel_size > 1: from a plain process, this LLM starts that many worker processes
+        (one GPU each) and drives them (distributed/tp_workers.py): forked while this process has no
+        CUDA context (a plain script needs no `if __name__ == "__main__":`), else spawned (then the
+        script needs that guard, and says so if it lacks it); an AsyncLLM over it drives all ranks
+        from its one loop (every Judge and the server use that). Inside an initialised
         torch.distributed group of that size (torchrun, tensor_parallel_launch) this process is one
         rank and every rank runs the same calls on the same inputs. Either way each rank reads only
         its shard of the checkpoint (see distributed/tensor_parallel.py, docs/SCALE_OUT.md).
@@ -67,6 +70,8 @@ class LLM:
             raise ValueError(f"weights={weights!r} converts the weights in one process; tensor parallelism shards "
                              "the dense weights (leave weights unset)")
         if tensor_parallel_size != 1 and _spawns_workers(tensor_parallel_size):
+            # refused here, before any worker starts (each worker's build_engine checks again)
+            check_options(device, attention_backend, sampler_backend, weights, kv_cache_dtype)
             args = {k: v for k, v in locals().items() if k not in ("self", "model", "tensor_parallel_size", "__class__")}
             self._start_workers(model, tensor_parallel_size, args)
             return
@@ -85,11 +90,13 @@ class LLM:
         self._pending: list[RequestOutput] = []  # outputs of caller-driven requests seen inside generate()
         self._driver = None  # what steps self.engine from another thread (an AsyncLLM), if any
         self._lock = threading.RLock()  # one caller-driven call at a time; a driver attaches under it
-        self._encode_lock = threading.Lock()  # HF tokenizers have raised "Already borrowed" under concurrent use
+        # hold it to use self.tokenizer from several threads (HF tokenizers have raised "Already borrowed")
+        self.tokenizer_lock = threading.Lock()
 
     def _start_workers(self, model, tensor_parallel_size: int, llm_kwargs: dict) -> None:
-        """tensor_parallel_size ranks in spawned processes; this process keeps the tokenizer and
-        sends every engine call to them (no weights here: self.loaded.model is None)."""
+        """tensor_parallel_size ranks in worker processes (forked or spawned: tp_workers.start_method);
+        this process keeps the tokenizer and sends every engine call to them (no weights here:
+        self.loaded.model is None)."""
         from .distributed.tp_workers import WorkerEngine
         from .model.loader import LoadedModel
 
@@ -182,7 +189,7 @@ class LLM:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("text prompts need a tokenizer; this model has none: pass token ids")
-            with self._encode_lock:
+            with self.tokenizer_lock:
                 return list(self.tokenizer.encode(prompt)), prompt
         if isinstance(prompt, SequenceABC) and not isinstance(prompt, (bytes, bytearray)):
             return list(prompt), None

@@ -8,15 +8,14 @@ build per version of the sources). `load()` raises RuntimeError when the build f
 can do without (the engine's CPU backend) catch it and fall back to torch.
 
 Each op runs AVX-512, AVX2 or plain C++ code, chosen at run time: the best this CPU supports,
-unless the environment variable RRM_CPU_ISA (avx512 | avx2 | scalar) or the op's `isa=` argument
-asks for one (tests run every path the machine has against the torch references in
+unless the environment variable RRM_CPU_ISA (auto | avx512 | avx2 | scalar, read by
+rrm_kernels/cpu_isa.py for both C++ libraries) or the op's `isa=` argument asks for one (tests run every path the machine has against the torch references in
 rrm_kernels/paged_decode.py, shared_prefix_decode.py, rope_store.py and rmsnorm.py).
 Signatures follow the Triton ops of the same names.
 """
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -26,8 +25,10 @@ CSRC_DIR = Path(__file__).resolve().parent / "csrc"
 SOURCES = (CSRC_DIR / "cpu_decode_ops.cpp",)
 HEADERS = (CSRC_DIR / "cpu" / "vec.h", CSRC_DIR / "cpu" / "decode_kernels.h", CSRC_DIR / "cpu" / "small_gemm.h",
            CSRC_DIR / "cpu" / "sampler.h")
+from . import cpu_isa
+
 ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}
-ISA_ENV = "RRM_CPU_ISA"
+ISA_ENV = cpu_isa.ISA_ENV
 # keys per parallel chunk of one prefix or suffix pass: a long shared prefix still gives every
 # thread work, while each chunk stays long enough to amortise its setup
 SPLIT_TOKENS = 256
@@ -95,13 +96,16 @@ def supported_isas() -> list[str]:
 
 
 def isa_code(isa: str | None = None) -> int:
-    """The code an op's `isa` argument takes: the named ISA, else RRM_CPU_ISA's, else -1 (the best)."""
-    name = isa if isa is not None else os.environ.get(ISA_ENV, "")
-    if not name:
-        return -1
-    if name not in ISAS:
-        raise ValueError(f"isa must be one of {', '.join(ISAS)} (or unset for the best), got {name!r}")
-    return ISAS[name]
+    """The code an op's `isa` argument takes: the named ISA, else RRM_CPU_ISA's, else -1 (the best;
+    also for "auto")."""
+    name = cpu_isa.requested(isa)
+    return -1 if name is None else ISAS[name]
+
+
+def check_isa() -> str | None:
+    """RRM_CPU_ISA against this CPU, as the built ops see it: ValueError when it forces a path the
+    CPU lacks (the ops would raise on every call). Builds the ops if needed. Returns the forced ISA."""
+    return cpu_isa.check_supported(supported_isas(), "cpu_ops")
 
 
 def resolved_isa(isa: str | None = None, head_dim: int = 0) -> str:
@@ -161,13 +165,18 @@ def sample_unfiltered(logits: torch.Tensor, row_index: torch.Tensor, temperature
     """rrm_kernels.sampling.sample_ref with top-k, top-p and min-p off (the caller checks that): the
     same tokens for the same (seed, offset), logprob = log_softmax(logits / T)[token] (T = 1 when
     greedy). A sampled row that holds NaN or +inf, or is entirely -inf, raises ValueError naming
-    it; with return_status=True nothing is raised: (tokens, logprobs, status), status [B] int32
-    nonzero for such a sample (as rrm_kernels.sampling.sample's)."""
+    it; so does a temperature that is not finite and >= 0. With return_status=True nothing is
+    raised for either: (tokens, logprobs, status), status [B] int32 1 for a bad logits row, 2 for a
+    bad temperature (as rrm_kernels.sampling.sample's). A row index out of range always raises."""
     tokens, logprobs, status = load().sample(logits.float().contiguous(), row_index, temperature, seeds, offsets,
                                              isa_code(isa))
     if return_status:
         return tokens, logprobs, status
     if bool(status.any()):
+        bad_t = (status == 2).nonzero().flatten().tolist()
+        if bad_t:
+            raise ValueError(f"temperature must be finite and >= 0, got {[temperature[b].item() for b in bad_t]} "
+                             f"for samples {bad_t}")
         rows = sorted(set(row_index[status != 0].tolist()))
         raise ValueError(f"logits rows {rows} contain NaN or +inf, or are entirely -inf")
     return tokens, logprobs

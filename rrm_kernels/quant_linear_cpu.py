@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from . import cpu_isa
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "quant_linear_cpu.cpp"
@@ -188,11 +190,15 @@ def supported_isas() -> list[str]:
 
 
 def default_isa() -> str:
-    """RRM_CPU_ISA (scalar / avx2 / avx512) forces a path, for tests and comparisons; else the best."""
-    isa = os.environ.get("RRM_CPU_ISA", "auto")
-    if isa not in ISAS:
-        raise ValueError(f"RRM_CPU_ISA must be one of {ISAS}, got {isa!r}")
-    return isa
+    """RRM_CPU_ISA (scalar / avx2 / avx512) forces a path, for tests and comparisons; else (unset or
+    "auto") the best. Read by rrm_kernels/cpu_isa.py, as the decode ops read it."""
+    return cpu_isa.requested() or "auto"
+
+
+def check_isa() -> str | None:
+    """RRM_CPU_ISA against this CPU as the built op sees it (avx512 here also needs VNNI):
+    ValueError when it forces a path the CPU lacks. Returns the forced ISA, None for the best."""
+    return cpu_isa.check_supported(supported_isas(), "quant_linear_cpu")
 
 
 def set_parallel_min(macs: int) -> int:
@@ -208,9 +214,7 @@ def quant_linear(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = N
     """x [..., k] (float32; other float dtypes are computed in fp32 and cast back) -> [..., n_out]."""
     if x.shape[-1] != w.k:
         raise ValueError(f"x has {x.shape[-1]} features, the weight takes {w.k}")
-    isa = isa or default_isa()
-    if isa not in ISAS:
-        raise ValueError(f"isa must be one of {ISAS}, got {isa!r}")
+    isa = (cpu_isa.requested(isa) or "auto") if isa is not None else default_isa()
     lead = x.shape[:-1]
     x2 = x.reshape(-1, w.k)
     if x2.dtype != torch.float32 or x2.stride(-1) != 1:

@@ -31,7 +31,9 @@ Semantics, shared by both implementations:
   * Greedy: argmax of the row (first index on exact ties).
   * NaN or +inf in a logits row raises ValueError naming the rows; so does a row of all -inf.
     With return_status=True nothing is raised for them: a per-sample flag reports them instead
-    (the engine fails that request alone and samples the rest of the batch).
+    (the engine fails that request alone and samples the rest of the batch). The same holds for a
+    sample's own values (temperature not finite or < 0, top_k < 0, top_p or min_p out of range):
+    checked (validate=True), they raise, or with return_status=True flag that sample alone.
 
 Implementations:
   * sample_ref (torch; the CPU path): sorts only when top-k / top-p are on, and hashes uniforms
@@ -200,6 +202,16 @@ def bad_rows(logits: torch.Tensor) -> torch.Tensor:
 
 
 SAMPLING_BACKENDS = ("auto", "triton", "torch", "csrc")
+STATUS_BAD_LOGITS = 1  # the sample's logits row holds NaN or +inf, or is entirely -inf
+STATUS_BAD_VALUES = 2  # its temperature, top_k, top_p or min_p is out of range (nothing was drawn for it)
+
+
+def bad_values(temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+               min_p: torch.Tensor) -> torch.Tensor:
+    """[B] bool: samples whose values the kernels reject (the ranges _check_inputs enforces), on
+    the values' device, with no host sync."""
+    return (~torch.isfinite(temperature) | (temperature < 0) | (top_k < 0)
+            | ~((top_p > 0) & (top_p <= 1)) | ~((min_p >= 0) & (min_p <= 1)))
 
 
 def sample(logits: torch.Tensor, row_index: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
@@ -213,11 +225,34 @@ def sample(logits: torch.Tensor, row_index: torch.Tensor, temperature: torch.Ten
     all_greedy=True (the caller knows every temperature is 0) takes the one-pass greedy path.
 
     return_status=True: returns (tokens, logprobs, status) and never raises for bad logits; status
-    [B] int32 is nonzero for a sample whose logits row holds NaN or +inf or is entirely -inf (its
-    token and log-prob are then meaningless). The Triton and csrc kernels flag those rows in their
-    first pass, so the caller reads the flags with the tokens in one transfer: no extra sync."""
+    [B] int32 is STATUS_BAD_LOGITS for a sample whose logits row holds NaN or +inf or is entirely
+    -inf (its token and log-prob are then meaningless). The Triton and csrc kernels flag those rows
+    in their first pass, so the caller reads the flags with the tokens in one transfer: no extra
+    sync. With validate as well, a sample whose own values are out of range is STATUS_BAD_VALUES
+    (drawn greedily instead; meaningless too) rather than an error for the whole batch: on the
+    device, a few elementwise ops and no sync. A row_index out of range always raises: it is the
+    caller's bug, not one sample's value."""
     if backend not in SAMPLING_BACKENDS:
         raise ValueError(f"unknown sampling backend {backend!r}; choose one of {SAMPLING_BACKENDS}")
+    if return_status and validate and not all_greedy and row_index.numel():
+        # one sample's values must not fail the others: replace them by greedy ones, flag them
+        _check_inputs(logits, row_index, temperature, top_k, top_p, min_p, seeds, offsets, False)  # shapes
+        bad = bad_values(temperature, top_k, top_p, min_p)
+        temperature = temperature.masked_fill(bad, 0.0)
+        top_k = top_k.masked_fill(bad, 0)
+        top_p = top_p.masked_fill(bad, 1.0)
+        min_p = min_p.masked_fill(bad, 0.0)
+        tokens, logprobs, status = _sample(logits, row_index, temperature, top_k, top_p, min_p, seeds, offsets,
+                                           validate=validate, backend=backend, all_greedy=all_greedy,
+                                           return_status=True)
+        return tokens, logprobs, status.masked_fill(bad, STATUS_BAD_VALUES)
+    return _sample(logits, row_index, temperature, top_k, top_p, min_p, seeds, offsets, validate=validate,
+                   backend=backend, all_greedy=all_greedy, return_status=return_status)
+
+
+def _sample(logits: torch.Tensor, row_index: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+            top_p: torch.Tensor, min_p: torch.Tensor, seeds: torch.Tensor, offsets: torch.Tensor,
+            *, validate: bool, backend: str, all_greedy: bool, return_status: bool):
     checks = (logits, row_index, temperature, top_k, top_p, min_p, seeds, offsets)
     if backend == "torch" or (backend == "auto" and not logits.is_cuda):
         status = None

@@ -351,7 +351,8 @@ def test_a_dead_loop_answers_every_waiter_and_refuses_new_work(model):
     eng = llm.engine
     fault = Fault(eng, eng.scheduler.schedule, at=1)
     eng.scheduler.schedule = fault
-    futs = [a.submit([5, 6, 7], SamplingParams(max_tokens=3)) for _ in range(3)]
+    with a.engine_lock:  # the loop cannot step (and die) before all three are submitted
+        futs = [a.submit([5, 6, 7], SamplingParams(max_tokens=3)) for _ in range(3)]
     for f in futs:
         with pytest.raises(EngineDeadError, match="InjectedFault") as err:
             f.result(30)
@@ -374,11 +375,12 @@ def test_the_idle_loop_sleeps_on_its_condition(alm):
 
 
 def test_tensor_parallel_ranks_are_refused():
-    """Ranks of a tensor-parallel engine must step in lockstep; independent loops would not."""
+    """Ranks of a tensor-parallel process group must step in lockstep; a loop per rank would not.
+    (LLM(path, tensor_parallel_size=N) built in one process is driven: tests/test_tp_async.py.)"""
     llm = make_llm(small_model())
     model = llm.engine.model  # what shard_for_engine leaves on a sharded decoder:
     model.serve_with(model.serving.replace(gather_logits=lambda x: x))
-    with pytest.raises(ValueError, match="tensor-parallel"):
+    with pytest.raises(ValueError, match="one rank of a tensor-parallel process group .* tensor_parallel_size=N"):
         AsyncLLM(llm)
     assert llm.driver is None
 

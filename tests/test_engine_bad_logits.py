@@ -109,3 +109,50 @@ def test_async_waiter_of_a_nan_request_gets_request_failed_error():
         assert out.error is None and len(out.outputs[0].token_ids) == 4
     finally:
         alm.shutdown()
+
+
+# ---------------------------------------------------------------- one request's sampling values
+# SamplingParams refuses these when built (tests/test_sampling_params.py); a request whose params
+# were changed after it was added reaches the sampler with them. It must fail alone, as a NaN row
+# does (issue 22, item 1: temperature=1e999 used to fail every request of its step with HTTP 500).
+BAD_VALUES = [("temperature", float("inf")), ("temperature", float("nan")), ("temperature", -1.0),
+              ("top_p", float("nan")), ("top_k", 1 << 40), ("min_p", 2.0), ("logprobs", VOCAB + 1),
+              ("logprob_token_ids", [VOCAB + 3]), ("temperature", "hot")]
+
+
+def drive(llm: LLM, prompts: list[list[int]], params: list[SamplingParams], mutate=None, after_steps: int = 0):
+    """add every request, step to the end (calling mutate() after `after_steps` steps); outputs by id."""
+    rids = [llm.add_request(p, sp) for p, sp in zip(prompts, params)]
+    outs, steps = {}, 0
+    while llm.has_unfinished():
+        if mutate is not None and steps == after_steps:
+            mutate()
+        outs.update((o.request_id, o) for o in llm.step() if o.finished)
+        steps += 1
+    llm.engine.check()
+    return [outs[r] for r in rids]
+
+
+@pytest.mark.parametrize("field, value", BAD_VALUES)
+@pytest.mark.parametrize("after_steps", [0, 2])  # before its prefill; after its fork, while decoding
+@pytest.mark.parametrize("filtered", [False, True])  # the C++ sampler's batch, or the torch one (top-k)
+def test_bad_sampling_values_fail_only_their_request(field, value, after_steps, filtered):
+    prompts = [ids(30, 9), ids(31, 14), ids(32, 6)]
+    good = [SamplingParams(n=2, temperature=0.0, max_tokens=6, ignore_eos=True),
+            SamplingParams(n=3, temperature=0.9, max_tokens=6, seed=4, ignore_eos=True, logprobs=2),
+            SamplingParams(n=1, temperature=0.7, top_k=20 if filtered else 0, max_tokens=6, seed=5, ignore_eos=True)]
+    alone = drive(LLM(tiny(), kv_cache_tokens=1024, block_size=4), prompts, good)
+    bad = SamplingParams(n=2, temperature=0.8, max_tokens=6, seed=6, ignore_eos=True)
+    llm = LLM(tiny(), kv_cache_tokens=1024, block_size=4)
+    outs = drive(llm, [ids(33, 11)] + prompts, [bad] + good, mutate=lambda: setattr(bad, field, value),
+                 after_steps=after_steps)
+    failed = outs[0]
+    assert failed.finished and failed.error is not None
+    assert f"sampling values were rejected: {field}" in failed.error and failed.request_id in failed.error
+    assert [c.finish_reason for c in failed.outputs] == ["error"] * 2
+    assert [len(c.token_ids) for c in failed.outputs] == [after_steps] * 2  # what it drew before, kept
+    for got, want in zip(outs[1:], alone):
+        assert got.error is None
+        assert [c.token_ids for c in got.outputs] == [c.token_ids for c in want.outputs]
+        assert [c.logprobs for c in got.outputs] == [c.logprobs for c in want.outputs]
+    assert llm.metrics()["failed_requests"] == 1 and llm.metrics()["failed_steps"] == 0

@@ -59,7 +59,7 @@ def test_auto_and_none_keep_the_run_dtype():
 
 
 def test_bad_cache_dtypes_are_refused(monkeypatch):
-    import rrm_engine.llm as llm_mod
+    import rrm_engine.core.builder as llm_mod
 
     def no_load(*a, **k):
         raise AssertionError("the model was loaded before the bad option was refused")

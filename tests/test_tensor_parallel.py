@@ -145,7 +145,8 @@ def test_group_size_mismatch_names_the_launch(two_ranks):
 
 
 def test_llm_from_one_process_spawns_its_ranks(tiny_qwen2_dir, single, two_ranks):
-    """LLM(path, tensor_parallel_size=2) from this plain process: the same greedy tokens as one
+    """LLM(path, tensor_parallel_size=2) from this plain process (its ranks forked: no CUDA here; a
+    plain script and spawned ranks: test_tp_plain_script.py): the same greedy tokens as one
     process and as the launched ranks, log-probs of the top tokens within 1e-5, bad requests refused
     with the engine's error while the workers go on, and only rank shards read."""
     llm = LLM(str(tiny_qwen2_dir), device="cpu", dtype=torch.float32, kv_cache_tokens=KV_TOKENS,

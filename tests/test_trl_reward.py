@@ -1,7 +1,8 @@
 """The TRL adapter with the real TRL (1.16): a GRPOTrainer step on CPU with the judge as its reward
 (sync group ranking + async reference mode, statistics through log_metric), and two processes
 (torchrun, gloo) where TRL's split of a group across ranks must not split the judgment: the group is
-gathered, ranked once, and each rank gets its slice of that one ranking."""
+gathered (on the caller's thread), ranked once, and each rank gets its slice of that one ranking.
+The same through a server's group rendezvous, without torch.distributed: tests/test_trl_group.py."""
 from __future__ import annotations
 
 import json
@@ -97,6 +98,11 @@ def test_two_ranks_rank_each_group_once(judge, tiny_qwen2_dir, tmp_path):
     assert sorted(group) == [0.0, 0.0, 0.5, 1.0]  # one champion of the whole group
     # every rank logs the totals over both: 3 + 1 + 1 matches of 1 vote
     assert ranks[0]["logged"]["rrm_knockout/votes"] == ranks[1]["logged"]["rrm_knockout/votes"] == 5
+    # the two collectives ran on the caller's own thread (not a worker thread: NCCL object collectives
+    # from one are reported to hang), and the async form, which TRL runs on its event-loop thread, refuses
+    for r in ranks:
+        assert r["on_main_thread"] == [True, True]
+        assert "JudgeClient" in r["async_refused"] and "event-loop thread" in r["async_refused"]
     # what the gather prevents (TRL's own behaviour for a per-process reward function): each rank's half
     # ranked alone gives two champions that were never compared, and a group split 1/1 nothing at all
     alone = make_trl_reward(judge, gather=False)

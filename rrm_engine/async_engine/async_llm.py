@@ -43,6 +43,17 @@ forwarded here, llm.add_request()/step() raise (the loop owns stepping). Each re
 validated once, at the front door its caller entered (submit here, or LLM.generate).
 AsyncLLM.of(llm) gives the one AsyncLLM of an LLM (creating it once): share it between every
 judge, adapter and server route over that engine.
+
+Tensor parallelism: over LLM(path, tensor_parallel_size=N) built in one process, the engine is a
+WorkerEngine (distributed/tp_workers.py) and this loop thread is the only one that adds, steps and
+aborts, so every rank gets the same calls in the same order and the ranks stay in lockstep by
+construction; every judge, adapter and server route over that LLM gets tensor parallelism through
+this one loop. The loop asks of the engine only what both offer: validate (answered locally by a
+WorkerEngine), add_request, step, abort, has_unfinished (the ranks' last reported state), metrics,
+reset_metrics and the scheduler's queue lengths. One rank of a process group (torchrun, a Ray
+replica, where every rank runs its own callers) is refused: one loop per rank, fed by callers
+whose timing differs between ranks, cannot keep the ranks' steps identical (the judge steps such
+ranks with async_engine/lockstep.py instead).
 """
 from __future__ import annotations
 
@@ -61,6 +72,7 @@ from dataclasses import dataclass
 from typing import AsyncIterator
 
 from ..core.engine import Engine, StepError
+from ..distributed.tp_workers import WorkerEngine
 from ..llm import LLM
 from ..outputs import CompletionOutput, RequestOutput
 from ..sampling_params import SamplingParams
@@ -91,12 +103,15 @@ class AsyncLLM:
     def __init__(self, llm: LLM):
         if not isinstance(llm, LLM):
             raise TypeError(f"AsyncLLM wraps an rrm_engine.LLM, got {type(llm).__name__}")
-        if not isinstance(llm.engine, Engine):
-            raise ValueError(f"AsyncLLM drives an in-process Engine, not a {type(llm.engine).__name__} "
-                             "(tensor_parallel_size > 1 from one process is not served by AsyncLLM yet)")
-        if getattr(llm.engine.model, "gather_logits", None) is not None:
-            raise ValueError("AsyncLLM needs a single-process engine: tensor-parallel ranks must run identical "
-                             "steps, and one loop per rank fed by its own callers cannot guarantee that")
+        if not isinstance(llm.engine, (Engine, WorkerEngine)):
+            raise ValueError(f"AsyncLLM drives an Engine or the WorkerEngine of spawned tensor-parallel ranks, "
+                             f"not a {type(llm.engine).__name__}")
+        if isinstance(llm.engine, Engine) and getattr(llm.engine.model, "gather_logits", None) is not None:
+            raise ValueError("AsyncLLM cannot drive one rank of a tensor-parallel process group (torchrun, "
+                             "tensor_parallel_launch, a Ray replica): the ranks must run identical steps, and one loop "
+                             "per rank fed by its own callers cannot guarantee that. Build LLM(path, "
+                             "tensor_parallel_size=N) in one process instead (it starts the ranks and one AsyncLLM "
+                             "drives them all); a Judge on every rank steps them in lockstep itself")
         self._llm = llm
         self._engine = llm.engine
         self.engine_lock = threading.Lock()  # held by the loop around everything it does to the engine
@@ -125,6 +140,18 @@ class AsyncLLM:
     @classmethod
     def from_pretrained(cls, model="embedded", **llm_kwargs) -> "AsyncLLM":
         return cls(LLM(model, **llm_kwargs))
+
+    @property
+    def problem(self) -> str | None:
+        """Why this AsyncLLM cannot serve (its loop died, was shut down, or its thread ended), or None
+        while it can. For health checks: submitting would raise EngineDeadError with this text."""
+        if self._dead is not None:
+            return str(self._dead)
+        if self._closing:
+            return "the engine is shutting down"
+        if not self._thread.is_alive() and self._thread.ident is not None:
+            return "the engine's loop thread has ended"
+        return None
 
     @property
     def llm(self) -> LLM:
@@ -346,8 +373,11 @@ class AsyncLLM:
             self._inbox.clear()
             self._aborts.clear()
         with contextlib.suppress(Exception), self.engine_lock:  # leave the engine empty if it still works
-            for rid in list(self._engine.requests):
-                self._engine.abort(rid)
+            # the engine holds exactly these: the LLM adds nothing while attached, and a resolved
+            # request has left the engine (finished, aborted, or failed and rolled back)
+            for p in pending:
+                if p.in_engine:
+                    self._engine.abort(p.request_id)
         for p in pending:
             err = EngineDeadError(f"request {p.request_id!r} did not finish: {error}")
             err.__cause__ = error.__cause__
@@ -367,8 +397,7 @@ class AsyncLLM:
         (submitted, not yet answered), requests_queued (submitted, not yet in the engine), and
         requests_submitted / _finished / _aborted / _timed_out / _failed since start."""
         m = self._engine.metrics()
-        sched = self._engine.scheduler
-        m["waiting"], m["running"] = len(sched.waiting), len(sched.running)
+        m["waiting"], m["running"] = _queue_lengths(self._engine)
         with self._cv:
             m["requests_in_flight"] = len(self._live)
             m["requests_queued"] = len(self._inbox)
@@ -394,6 +423,13 @@ class AsyncLLM:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+def _queue_lengths(engine: Engine | WorkerEngine) -> tuple[int, int]:
+    """(waiting, running) sequences in the scheduler: read in place, or as the ranks last reported."""
+    if isinstance(engine, WorkerEngine):
+        return engine.queue_lengths()
+    return len(engine.scheduler.waiting), len(engine.scheduler.running)
 
 
 def _outcome_key(outcome: RequestOutput | BaseException) -> str:

@@ -1,6 +1,8 @@
-"""The AsyncLLM's interface (generate / stream / abort) over an LLM that an AsyncLLM cannot drive: a
-tensor-parallel LLM, whose ranks must run identical steps (spawned worker ranks, or ranks launched
-by torchrun where every rank runs the same judge calls).
+"""The AsyncLLM's interface (generate / stream / abort) over an LLM that an AsyncLLM cannot drive: one
+rank of a tensor-parallel process group (ranks launched by torchrun or tensor_parallel_launch, or
+the actors of a Ray replica), where every rank runs the same judge calls and the ranks must run
+identical steps. (An LLM(path, tensor_parallel_size=N) built in one process starts its own ranks
+and is driven by an AsyncLLM, which sends every call to all of them.)
 
 It lives on one event loop, the judge's background loop, and steps the LLM there through its
 caller-driven API (add_request / step / abort): a request is added the moment a coroutine submits

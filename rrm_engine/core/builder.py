@@ -46,8 +46,7 @@ def build_engine(model: Any = "embedded", *, device: str | torch.device | None =
                  kv_cache_dtype: torch.dtype | str | None = None) -> BuiltEngine:
     """The options are LLM's (llm.py documents them). Inside a tensor-parallel group this builds this
     rank's engine; spawning the ranks is the caller's (LLM)."""
-    if kv_cache_dtype is not None:  # a bad name fails now, not after the model has loaded
-        resolve_dtype(kv_cache_dtype, "cpu")
+    check_options(device, attention_backend, sampler_backend, weights, kv_cache_dtype)  # before any weight is read
     if kv_cache_tokens is not None and (not isinstance(kv_cache_tokens, int) or kv_cache_tokens < block_size):
         raise ValueError(f"kv_cache_tokens must be an integer >= block_size ({block_size}), got {kv_cache_tokens!r}")
     loaded = _load_for_rank(model, device, dtype, tensor_parallel_size)  # sharded: model.cfg names the shard's heads
@@ -58,6 +57,7 @@ def build_engine(model: Any = "embedded", *, device: str | torch.device | None =
         weights = _default_weights(loaded, tensor_parallel_size)
     served = _apply_weights(decoder, weights, loaded, tensor_parallel_size)
     chosen, fields = choose_backend(attention_backend, next(decoder.parameters()).device)
+    _check_cpu_isa(served)
     decoder.serve_with(decoder.serving.replace(**fields, flat_forward=None))  # keeps the head format and TP gather
     if chosen == "cpu":
         # serving steps run the decoder as one loop over the layers that calls the C++ ops directly
@@ -74,6 +74,59 @@ def build_engine(model: Any = "embedded", *, device: str | torch.device | None =
     if cuda_graphs:
         _capture_graphs_at_init(engine)
     return BuiltEngine(engine, loaded, plan, served)
+
+
+def check_options(device: str | torch.device | None, attention_backend: str, sampler_backend: str,
+                  weights: str | None, kv_cache_dtype: torch.dtype | str | None) -> None:
+    """Every backend and format choice, before the model is read: a bad name, or a choice this
+    machine cannot run (a forced RRM_CPU_ISA the CPU lacks, Triton without a GPU or its
+    interpreter, the CUDA sampler without CUDA), is one ValueError naming it now, not a failure
+    after the weights have loaded or in every step. What needs the model (its device, the
+    checkpoint's format) is checked where it is decided (choose_backend, weight_formats.resolve)."""
+    from rrm_kernels import cpu_isa
+
+    from ..layers.attention.choose import BACKENDS
+    from .sampler import check_backend
+
+    if attention_backend not in BACKENDS:
+        raise ValueError(f"attention_backend must be one of {', '.join(map(repr, BACKENDS))}, "
+                         f"got {attention_backend!r}")
+    check_backend(sampler_backend)
+    if weights is not None and weights not in weight_formats.WEIGHT_FORMATS:
+        raise ValueError(f"weights must be one of {', '.join(weight_formats.WEIGHT_FORMATS)} (or None), got {weights!r}")
+    if kv_cache_dtype is not None:
+        resolve_dtype(kv_cache_dtype, "cpu")
+    cuda = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
+    if not cuda:
+        interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+        for name, value in (("attention_backend", attention_backend), ("sampler_backend", sampler_backend)):
+            if value == "triton" and not interpreted:
+                raise ValueError(f"{name}='triton' needs a CUDA device (or TRITON_INTERPRET=1, Triton's slow "
+                                 "interpreter on CPU tensors); use 'auto'")
+        if sampler_backend == "csrc":
+            raise ValueError("sampler_backend='csrc' is the CUDA greedy kernel and needs a CUDA device; use 'auto'")
+    if attention_backend == "cpu" and device is not None and torch.device(device).type != "cpu":
+        raise ValueError(f"attention_backend='cpu' needs the model on the CPU, device={device!r}")
+    # RRM_CPU_ISA: parsed here (an unknown value is an error even on a GPU run), and a forced path
+    # checked against this CPU's flags for each C++ library the choices may use
+    cpu_isa.check_cpu_supports("cpu_ops")
+    if weights in weight_formats.BLOCK_FORMATS:
+        cpu_isa.check_cpu_supports("quant_linear_cpu")
+
+
+def _check_cpu_isa(weights: str) -> None:
+    """A forced RRM_CPU_ISA against the C++ libraries this engine loaded, as they detect the CPU
+    (authoritative where /proc/cpuinfo was not readable, and for weights='auto' turned into a
+    block format): their ops would otherwise raise in every step."""
+    from rrm_kernels import cpu_isa, cpu_ops
+
+    if cpu_isa.requested() is None:
+        return
+    if cpu_ops.is_loaded():
+        cpu_ops.check_isa()
+    if weights in weight_formats.BLOCK_FORMATS:
+        from rrm_kernels import quant_linear_cpu
+        quant_linear_cpu.check_isa()
 
 
 def _load_for_rank(model, device, dtype, tensor_parallel_size: int):

@@ -318,15 +318,17 @@ class Engine:
         with the step's one sync): its samples finish with "error" and RequestOutput.error says
         why; the step itself succeeds and the rest of the batch goes on (unlike a step that raises,
         see "Failed steps"). The full blocks it inserted into the prefix tree stay there: a request
-        with the same prefix computes the same NaN and fails the same way."""
+        with the same prefix computes the same NaN and fails the same way. A sample whose sampling
+        values the sampler rejected (res.error) fails its request the same way."""
         failed: dict[str, Request] = {}
         for (seq, _), res in zip(owners, results):
             req = seq.request
-            if res.bad_logits and req.request_id not in failed:
+            if (res.bad_logits or res.error) and req.request_id not in failed:
                 failed[req.request_id] = req
-                req.error = (f"request {req.request_id!r}: the model's logits for sample {seq.index} at generated "
-                             f"token {seq.num_generated} hold NaN or +inf (or are all -inf); the request was "
-                             f"stopped, the rest of the batch goes on")
+                what = (f"its sampling values were rejected: {res.error}" if res.error else
+                        f"the model's logits for sample {seq.index} at generated token {seq.num_generated} hold "
+                        f"NaN or +inf (or are all -inf)")
+                req.error = f"request {req.request_id!r}: {what}; the request was stopped, the rest of the batch goes on"
                 held = {b for s in req.seqs for b in s.block_table}
                 for s in req.seqs:
                     if s.status is not Status.FINISHED:

@@ -2,24 +2,28 @@
 samples that ask, the model's log-probs (top-k and chosen ids). Everything the host needs comes
 back in one transfer, the step's single host sync, including a per-sample flag for a logits row
 that holds NaN or +inf (or is entirely -inf): such a sample comes back with bad_logits=True and
-the engine fails its request alone.
+the engine fails its request alone. A sample whose sampling values the kernels would reject
+(SamplingParams changed after it was validated) is failed the same way, alone, with `error`
+naming the field: it is drawn greedily in the batch and its result thrown away, so one request's
+values never fail the step (checked on the host from the Python values: no device work, no sync).
 
 Backends (the engine's sampler_backend): "auto" (Triton on CUDA, torch on CPU), "triton",
 "torch", or "csrc": the CUDA C++ greedy kernel for steps whose every sample is greedy, Triton
 for the others."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from rrm_kernels import cpu_ops
-from rrm_kernels.sampling import SAMPLING_BACKENDS
+from rrm_kernels.sampling import SAMPLING_BACKENDS, STATUS_BAD_VALUES
 from rrm_kernels.sampling import sample as fused_sample
 
 from ..sampling_params import SamplingParams
 
 _MASK63 = (1 << 63) - 1
+_STAND_IN = SamplingParams(temperature=0.0)  # drawn in place of a sample whose values were rejected
 
 
 def sample_seed(base_seed: int, index: int) -> int:
@@ -51,6 +55,7 @@ class SampleResult:
     logprob: float  # under the sampling distribution log_softmax(logits / T) (T = 1 when greedy)
     extra: dict[int, float] | None  # model log-probs (log_softmax of raw logits), when asked
     bad_logits: bool = False  # its logits row held NaN/+inf or was all -inf: token and log-probs are meaningless
+    error: str | None = None  # its sampling values were rejected (why, naming the field): nothing was drawn for it
 
 
 def check_backend(backend: str) -> str:
@@ -64,8 +69,25 @@ def kernel_backend(backend: str, all_greedy: bool) -> str:
     return "auto" if backend == "csrc" and not all_greedy else backend
 
 
+def value_problems(reqs: list[SampleRequest], vocab: int) -> dict[int, str]:
+    """{sample index: why} for the samples whose values the sampler would reject. Each distinct
+    SamplingParams is checked once (the n samples of a request share one)."""
+    seen: dict[int, str | None] = {}
+    problems: dict[int, str] = {}
+    for i, r in enumerate(reqs):
+        key = id(r.params)
+        if key not in seen:
+            seen[key] = r.params.sampler_problem(vocab)
+        if seen[key] is not None:
+            problems[i] = seen[key]
+    return problems
+
+
 def sample(logits: torch.Tensor, reqs: list[SampleRequest], backend: str = "auto") -> list[SampleResult]:
     dev = logits.device
+    problems = value_problems(reqs, logits.shape[1])
+    if problems:
+        reqs = [replace(r, params=_STAND_IN) if i in problems else r for i, r in enumerate(reqs)]
     p = [r.params for r in reqs]
     row_index = torch.tensor([r.row for r in reqs], dtype=torch.int64).to(dev, non_blocking=True)
     temperature = torch.tensor([x.temperature for x in p], dtype=torch.float32).to(dev, non_blocking=True)
@@ -104,7 +126,13 @@ def sample(logits: torch.Tensor, reqs: list[SampleRequest], backend: str = "auto
             parts.append(logp.gather(1, want).double().flatten())
     flat = torch.cat(parts).tolist()  # the one host sync
     b = len(reqs)
-    out = [SampleResult(int(flat[i]), flat[b + i], None, flat[2 * b + i] != 0) for i in range(b)]
+    out = [SampleResult(int(flat[i]), flat[b + i], None, flat[2 * b + i] not in (0, STATUS_BAD_VALUES))
+           for i in range(b)]
+    for i in range(b):
+        if flat[2 * b + i] == STATUS_BAD_VALUES:  # not reached after value_problems; kept for a kernel's own check
+            out[i].error = "temperature, top_k, top_p or min_p out of range"
+    for i, why in problems.items():
+        out[i].error = why
     if extra_at:
         e, pos = len(extra_at), 3 * b
         chosen, pos = flat[pos:pos + e], pos + e

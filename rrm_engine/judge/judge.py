@@ -129,9 +129,9 @@ class Judge:
     @property
     def engine(self) -> Any:
         """The AsyncLLM every request goes through: the one of this LLM, shared with every other Judge,
-        adapter and server route over it (created on first use). A tensor-parallel LLM, which an
-        AsyncLLM cannot drive, is stepped in lockstep on the judge's background loop instead
-        (lockstep_engine.py)."""
+        adapter and server route over it (created on first use), tensor-parallel ranks started by
+        the LLM included. One rank of a process group (torchrun, a Ray replica), which an AsyncLLM
+        cannot drive, is stepped in lockstep on the judge's background loop instead (async_engine/lockstep.py)."""
         with _engine_lock:
             if self._engine is None:
                 try:

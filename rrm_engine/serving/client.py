@@ -14,7 +14,8 @@ without a key (completions, chat) are retried only when the request cannot have 
 was refused, or a 429 / 502 / 503 / 504). `timeout` is each attempt's; the judgment's own deadline on
 the server is the `timeout` argument of the judge methods.
 
-A 4xx answer raises ValueError with the server's message (the field it names included); a 5xx after
+A 408 (a group rendezvous that did not complete) raises TimeoutError naming the missing ranks; another
+4xx answer raises ValueError with the server's message (the field it names included); a 5xx after
 the last retry RuntimeError; a transport failure after the last retry the httpx error, a spent
 `deadline` TimeoutError. The sync methods are safe from several threads (one httpx.Client per thread);
 the async ones open a client per call, so they work from any event loop.
@@ -27,6 +28,7 @@ import random
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
 import httpx
@@ -40,6 +42,16 @@ from ..judge.results import Comparison, Ranking, comparison_from_dict, ranking_f
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 # ... and those that say an unkeyed request did not run (a 500 may have come after it ran)
 RETRY_STATUS_UNKEYED = frozenset({429, 502, 503, 504})
+
+
+@dataclass
+class GroupPart:
+    """One rank's answer from the group rendezvous: the rankings its items play in, each item's
+    (ranking index, player index) in them or None (its prompt had one completion in the whole batch),
+    and the judge's statistics over the whole batch (the same on every rank)."""
+    rankings: list[Ranking]
+    positions: list[tuple[int, int] | None]
+    stats: dict[str, float]
 
 
 class JudgeClient:
@@ -75,6 +87,8 @@ class JudgeClient:
                 msg = err.get("message") or r.text
             except ValueError:
                 msg = r.text
+            if r.status_code == 408:  # a group rendezvous that did not complete (it names the missing ranks)
+                raise TimeoutError(f"408: {msg}")
             if 400 <= r.status_code < 500:
                 raise ValueError(f"{r.status_code}: {msg}")
             raise RuntimeError(f"server error {r.status_code}: {msg}")
@@ -208,6 +222,34 @@ class JudgeClient:
     async def arank(self, query: str, candidates: Sequence[str], method: str = "knockout",
                     votes: int | None = None) -> Ranking:
         return _raise_failed((await self.arank_batch([(query, candidates)], method=method, votes=votes))[0])
+
+    # ---------------------------------------------------------------------- group rendezvous
+    @staticmethod
+    def _group_body(group: str, rank: int, world: int, items: Sequence[tuple[str, str]], method: str,
+                    votes: int | None, timeout: float | None, wait: float | None) -> dict:
+        return {"group": group, "rank": rank, "world": world, "items": [list(x) for x in items], "method": method,
+                "votes": votes, "timeout": timeout, "wait": wait}
+
+    @staticmethod
+    def _group_answer(out: dict) -> GroupPart:
+        return GroupPart([ranking_from_dict(d) for d in out["results"]],
+                         [None if p is None else (p[0], p[1]) for p in out["positions"]], out["stats"])
+
+    def rank_group(self, group: str, rank: int, world: int, items: Sequence[tuple[str, str]],
+                   method: str = "knockout", votes: int | None = None, timeout: float | None = None,
+                   wait: float | None = None) -> GroupPart:
+        """This rank's part of one batch ranked by prompt over all `world` ranks' slices (/v1/judge/group):
+        every rank posts its (query, completion) pairs under the same `group` key and waits up to `wait`
+        seconds (the server's default if None) for the others. A retry of the same slice joins (the key
+        and rank are its idempotency key); TimeoutError names the ranks that never posted."""
+        return self._group_answer(self._post("/v1/judge/group", self._group_body(
+            group, rank, world, items, method, votes, timeout, wait), f"{group}:{rank}"))
+
+    async def arank_group(self, group: str, rank: int, world: int, items: Sequence[tuple[str, str]],
+                          method: str = "knockout", votes: int | None = None, timeout: float | None = None,
+                          wait: float | None = None) -> GroupPart:
+        return self._group_answer(await self._apost("/v1/judge/group", self._group_body(
+            group, rank, world, items, method, votes, timeout, wait), f"{group}:{rank}"))
 
     # ------------------------------------------------------------------- OpenAI, OpenRLHF
     def completions(self, **body: Any) -> dict:

@@ -62,3 +62,29 @@ class OpenRLHFBody(BaseModel):
     prompts: list[str] | None = None
     labels: list[Any] | None = None
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=255)
+
+
+class GroupBody(BaseModel):
+    """One rank's slice of a batch for the group rendezvous (/v1/judge/group, groups.py): `group` is the
+    key every rank of the batch sends, `world` how many ranks post a slice of it, `items` this rank's
+    (query, completion) pairs in its batch order (may be empty). The server joins the slices in rank
+    order, ranks each prompt's completions as one group (a group may span ranks), and answers this
+    rank its part."""
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    group: str = Field(min_length=1, max_length=255)
+    rank: int = Field(ge=0)
+    world: int = Field(ge=1)
+    items: list[Any]
+    method: Literal["knockout", "elo"] = "knockout"
+    votes: int | None = Field(default=None, ge=1)
+    timeout: float | None = Field(default=None, ge=0)  # the ranking's own deadline (as /v1/judge/rank)
+    wait: float | None = Field(default=None, gt=0)  # how long this rank waits for the others; server default
+    texts: bool = False  # include each vote's text and token ids
+
+    def pairs(self) -> list[tuple[str, str]]:
+        out = [_item(n, x, ("query", "completion")) for n, x in enumerate(self.items)]
+        for n, (q, c) in enumerate(out):
+            for name, v in (("query", q), ("completion", c)):
+                if not isinstance(v, str):
+                    raise BadField(f"items.{n}", f"item {n}: {name} must be a str, got {type(v).__name__}")
+        return out

@@ -73,7 +73,7 @@ class ServerState:
                    max_model_len, vocab_size, max_token_chars(tok) if tok is not None else 0, judgments,
                    # the LLM's own (LLM.encode takes it), so that the server and the engine's callers
                    # take turns on the one tokenizer
-                   getattr(getattr(judge, "llm", None), "_encode_lock", None) or threading.Lock())
+                   getattr(getattr(judge, "llm", None), "tokenizer_lock", None) or threading.Lock())
 
     @property
     def engine(self) -> Any:
@@ -93,22 +93,12 @@ class ServerState:
         return ("ok", None) if problem is None else ("dead", problem)
 
     def engine_problem(self) -> str | None:
-        """Why the engine cannot serve (its loop died or was shut down), or None while it can.
-        Reads the AsyncLLM's own state (a dead loop has set _dead and ended its thread); a pool
+        """Why the engine cannot serve (its loop died or was shut down), or None while it can; a pool
         cannot serve only with no replica live and none starting."""
         if getattr(self.judge, "health", None) is not None:
             status, why = self.judge.health()
             return why if status == "dead" else None
-        engine = self.judge.engine
-        dead = getattr(engine, "_dead", None)
-        if dead is not None:
-            return str(dead)
-        if getattr(engine, "_closing", False):
-            return "the engine is shutting down"
-        thread = getattr(engine, "_thread", None)
-        if thread is not None and not thread.is_alive():
-            return "the engine's loop thread has ended"
-        return None
+        return getattr(self.judge.engine, "problem", None)  # AsyncLLM.problem (a lockstep engine has none)
 
     def check_alive(self) -> None:
         """EngineDeadError (503) before a request is admitted, rather than items failed one by one."""

@@ -50,8 +50,12 @@ def test_isa_env_and_argument(isas, monkeypatch):
     monkeypatch.setenv(cpu_ops.ISA_ENV, "scalar")
     assert cpu_ops.resolved_isa() == "scalar"
     monkeypatch.setenv(cpu_ops.ISA_ENV, "sse9")
-    with pytest.raises(ValueError, match="isa must be one of"):
+    with pytest.raises(ValueError, match="RRM_CPU_ISA must be one of auto"):
         cpu_ops.resolved_isa()
+    with pytest.raises(ValueError, match="isa must be one of auto"):  # the argument, named as such
+        cpu_ops.resolved_isa("sse9")
+    monkeypatch.setenv(cpu_ops.ISA_ENV, " Auto ")  # as quant_linear_cpu has always read it: the best
+    assert cpu_ops.resolved_isa() == isas[0]
     monkeypatch.delenv(cpu_ops.ISA_ENV)
     # a head_dim the vector width does not divide runs on a narrower path
     assert cpu_ops.resolved_isa(head_dim=20) == "scalar"
@@ -138,6 +142,53 @@ def test_paged_decode_rejects_bad_inputs():
         cpu_ops.paged_decode_attention(q.double(), kc, kc, bt, lens, 0.25)
     with pytest.raises(RuntimeError, match="head_dim or heads"):
         cpu_ops.paged_decode_attention(torch.randn(2, 3, 16), kc, kc, bt, lens, 0.25)
+
+
+def test_paged_decode_rejects_out_of_range_indices():
+    """Every index the kernel will follow is checked before it runs (TORCH_CHECK: a RuntimeError,
+    not a crash or a write past an array); entries it never reads may hold anything."""
+    gen = torch.Generator().manual_seed(11)
+    page, hkv, g, d = 8, 2, 2, 16
+    bt, seq_lens, level0, level1, nb = two_level_batch(page, votes=3, gen=gen)
+    kc, vc = make_cache(nb, page, hkv, d, torch.float32, gen)
+    q = torch.randn(bt.shape[0], hkv * g, d, generator=gen)
+    levels = [tuple(cpu_ops.level_fields(lv)) for lv in (level0, level1)]
+
+    def run(bt=bt, seq_lens=seq_lens, levels=levels):
+        return cpu_ops.paged_decode_attention(q, kc, vc, bt, seq_lens, d ** -0.5, levels)
+
+    def changed(t: torch.Tensor, index, value) -> torch.Tensor:
+        t = t.clone()
+        t[index] = value
+        return t
+
+    def level_changed(i: int, field: int, index, value) -> list:
+        out = [list(lv) for lv in levels]
+        out[i][field] = changed(out[i][field], index, value)
+        return [tuple(lv) for lv in out]
+
+    width = bt.shape[1]
+    last = int(seq_lens[0]) // page  # the last table entry row 0 reads (its length is not a whole page)
+    bad = [
+        (dict(bt=changed(bt, (0, last), nb)), f"block id {nb} at entry {last} is outside the cache's {nb} blocks"),
+        (dict(bt=changed(bt, (1, 0), -1)), "block id -1"),
+        (dict(seq_lens=changed(seq_lens, 2, width * page + 1)), f"length {width * page + 1} is outside"),
+        (dict(seq_lens=changed(seq_lens, 0, -1)), "length -1 is outside"),
+        (dict(levels=level_changed(1, 2, 0, 2)), r"level 1: seq_group\[0\] = 2 is outside \[-1, 2\)"),
+        (dict(levels=level_changed(0, 2, 4, -2)), r"level 0: seq_group\[4\] = -2"),
+        (dict(levels=level_changed(0, 1, 0, 3 * page)), "level block_tables/lens row 0: length"),
+        (dict(levels=level_changed(1, 0, (1, 1), nb + 5)), f"block id {nb + 5}"),
+    ]
+    for kwargs, match in bad:
+        with pytest.raises(RuntimeError, match=match):
+            run(**kwargs)
+    # entries past a row's length are never read: padding may hold any value
+    padded = bt.clone()
+    for r in range(bt.shape[0]):
+        padded[r, -(-int(seq_lens[r]) // page):] = 10 ** 6
+    padded_level = level_changed(1, 0, (0, 1), -7)  # level 1 group 0 is one page long: entry 1 unused
+    ref = shared_prefix_decode_attention_ref(q, kc, vc, bt, seq_lens, [level0, level1], d ** -0.5)
+    torch.testing.assert_close(run(bt=padded, levels=padded_level), ref, **ATTN_TOL[torch.float32])
 
 
 ROPE_TOL = {torch.float32: dict(atol=1e-6, rtol=1e-6), torch.bfloat16: dict(atol=1e-2, rtol=1e-2),
@@ -270,8 +321,27 @@ def test_sampler_rejects_bad_rows_and_parameters():
     with pytest.raises(RuntimeError, match="row_index"):
         cpu_ops.sample_unfiltered(logits, *args([3]))
     rows, _, seeds, offs = args([0])
-    with pytest.raises(RuntimeError, match="temperature"):
+    with pytest.raises(ValueError, match="temperature must be finite"):
         cpu_ops.sample_unfiltered(logits, rows, torch.tensor([-1.0]), seeds, offs)
+
+
+def test_sampler_flags_a_bad_temperature_for_its_sample_alone():
+    """A temperature that is not finite and >= 0 is one sample's problem: with return_status it
+    comes back flagged (status 2) and every other sample draws exactly what it draws alone."""
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randn(3, 300, generator=gen) * 3
+    rows = torch.tensor([0, 1, 2, 1])
+    seeds = torch.tensor([5, 6, 7, 8])
+    offs = torch.tensor([0, 3, 1, 2])
+    temps = torch.tensor([0.8, 0.0, 1.3, 0.6])
+    want_tok, want_lp = cpu_ops.sample_unfiltered(logits, rows, temps, seeds, offs)
+    for bad in (float("inf"), float("nan"), -0.5, float("-inf")):
+        t = temps.clone()
+        t[2] = bad
+        tok, lp, status = cpu_ops.sample_unfiltered(logits, rows, t, seeds, offs, return_status=True)
+        assert status.tolist() == [0, 0, 2, 0]
+        keep = [0, 1, 3]
+        assert torch.equal(tok[keep], want_tok[keep]) and torch.equal(lp[keep], want_lp[keep])
 
 
 def test_every_op_parallel_from_the_least_work_changes_no_bit(isa):

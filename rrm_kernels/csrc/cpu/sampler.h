@@ -11,7 +11,8 @@
 struct SampleOut {
   int64_t token;
   float logprob;
-  int32_t status;  // 0 ok; 1: NaN or +inf in the row, or the row is entirely -inf
+  int32_t status;  // 0 ok; 1: NaN or +inf in the row, or the row is entirely -inf; 2: temperature
+                   // not finite or negative (nothing drawn)
 };
 
 inline uint32_t rng_mix(uint32_t x) {
@@ -117,7 +118,10 @@ inline void sample_rows(const float* logits, int64_t st, int64_t V, const int64_
   const int threads = B * V >= ::g_parallel_min.elems && B > 1 ? at::get_num_threads() : 1;
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
   for (int64_t b = 0; b < B; ++b) {
-    const SampleOut r = sample_row(logits + row_index[b] * st, V, temperature[b], seeds[b], offsets[b]);
+    const float t = temperature[b];
+    const SampleOut r = !(std::isfinite(t) && t >= 0.0f)
+                            ? SampleOut{0, 0.0f, 2}
+                            : sample_row(logits + row_index[b] * st, V, t, seeds[b], offsets[b]);
     tokens[b] = r.token;
     logprobs[b] = r.logprob;
     status[b] = r.status;

@@ -371,8 +371,11 @@ def test_metrics_are_prometheus_families(srv):
                  "rrm_request_queue_time_seconds", "rrm_e2e_request_latency_seconds",
                  "rrm_judge_votes_per_comparison", "vllm:time_to_first_token_seconds", "vllm:e2e_request_latency_seconds"):
         assert kinds.get(name) == "histogram", name
-    for name in ("rrm_queue_depth", "rrm_kv_use_ratio", "rrm_pending_tokens", "vllm:kv_cache_usage_perc"):
+    for name in ("rrm_queue_depth", "rrm_kv_use_ratio", "rrm_pending_tokens", "vllm:kv_cache_usage_perc",
+                 "rrm_judge_invalid_alarm", "rrm_judge_window_invalid_rate", "rrm_groups_open"):
         assert kinds.get(name) == "gauge", name
+    for name in ("rrm_judge_invalid_alarm_trips", "rrm_judgments_started", "rrm_groups_ranked"):
+        assert kinds.get(name) == "counter", name  # present before any keyed judgment or group arrived
 
     def value(family, suffix="", **labels):
         return sum(s.value for s in fams[family].samples

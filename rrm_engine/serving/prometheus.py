@@ -234,3 +234,23 @@ class ServerMetrics:
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class InvalidAlarmCollector:
+    """The judge's invalid-rate alarm (judge/alarm.py) on /metrics: 1 while most votes of the recent
+    window are invalid, how often it tripped, and the window's invalid share."""
+
+    def __init__(self, alarm: Any):
+        self.alarm = alarm
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        m = self.alarm.metrics()
+        yield GaugeMetricFamily("rrm_judge_invalid_alarm", "1 while most votes of the recent window are invalid.",
+                                value=float(bool(m["invalid_alarm"])))
+        yield CounterMetricFamily("rrm_judge_invalid_alarm_trips", "Times the invalid-rate alarm tripped.",
+                                  value=float(m["invalid_alarm_trips"]))
+        yield GaugeMetricFamily("rrm_judge_window_invalid_rate", "Invalid share of the recent window of votes.",
+                                value=float(m["window_invalid_rate"]))

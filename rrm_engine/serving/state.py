@@ -13,10 +13,11 @@ from fastapi import Request
 from ..async_engine import EngineDeadError
 from ..judge.background_loop import background_loop
 from ..judge.judge import Judge
+from .groups import Groups
 from .idempotency import Judgments
 from .limits import Admission, Limits, max_token_chars
 from .openrlhf import OpenRLHFConfig
-from .prometheus import ServerMetrics
+from .prometheus import InvalidAlarmCollector, ServerMetrics
 
 T = TypeVar("T")
 
@@ -38,6 +39,7 @@ class ServerState:
     vocab_size: int | None
     chars_per_token: int  # the most characters one token stands for (limits.check_chars)
     judgments: Judgments  # keyed judgments: a retry joins the one running (idempotency.py)
+    groups: Groups  # trainer ranks meeting to rank their groups once (groups.py)
     # the server's tokenizer calls run in worker threads; HF tokenizers have raised "Already borrowed"
     # under concurrent use, so they take turns
     encode_lock: Any = field(default_factory=threading.Lock)
@@ -68,9 +70,14 @@ class ServerState:
         metrics = ServerMetrics(engine.metrics, model_name,
                                 lambda: (admission.requests, admission.tokens, admission.max_tokens), judgments,
                                 replicas=judge if replicas is not None else None)
+        groups = Groups()
+        metrics.registry.register(groups)
+        alarm = getattr(judge, "invalid_alarm", None)  # judge/alarm.py (a JudgePool's replicas keep their own)
+        if alarm is not None:
+            metrics.registry.register(InvalidAlarmCollector(alarm))
         tok = engine.tokenizer
         return cls(judge, model_name, default_max_tokens, rlhf or OpenRLHFConfig(), limits, admission, metrics,
-                   max_model_len, vocab_size, max_token_chars(tok) if tok is not None else 0, judgments,
+                   max_model_len, vocab_size, max_token_chars(tok) if tok is not None else 0, judgments, groups,
                    # the LLM's own (LLM.encode takes it), so that the server and the engine's callers
                    # take turns on the one tokenizer
                    getattr(getattr(judge, "llm", None), "tokenizer_lock", None) or threading.Lock())

@@ -115,12 +115,8 @@ async def judge_rank(body: RankBody, request: Request) -> dict:
 
 
 def groups_of(request: Request) -> Groups:
-    """The app's group rendezvous, made on first use (and its counters put on the app's /metrics)."""
-    groups = getattr(request.app.state, "rrm_groups", None)
-    if groups is None:
-        groups = request.app.state.rrm_groups = Groups()
-        state_of(request).metrics.registry.register(groups)
-    return groups
+    """The app's group rendezvous (its counters are on the app's /metrics from the start)."""
+    return state_of(request).groups
 
 
 async def rank_slices(st: ServerState, slices: list[list[tuple[str, str]]], method: str, votes: int | None,

@@ -426,3 +426,41 @@ def test_device_and_dtype_defaults(tiny_qwen2_dir):
     expected = placement.default_device()
     p = lm.model.lm_head_weight
     assert p.device.type == expected.type and p.dtype == placement.default_dtype(expected)
+
+
+# ---- the tokenizer transformers rebuilds from a GGUF is checked, never trusted -------------------
+
+def test_wrong_gguf_tokenizers_are_named(embedded_path, smollm2_tokenizer):
+    """gguf_loader.tokenizer_problem: plain text must round-trip without special tokens, and no BOS
+    where the GGUF says add_bos_token = false (what transformers 4.x / 5.0-5.17 got wrong)."""
+    import copy
+
+    assert gguf_loader.tokenizer_problem(smollm2_tokenizer, embedded_path) is None
+    no_decoder = copy.deepcopy(smollm2_tokenizer)
+    no_decoder.backend_tokenizer.decoder = None  # byte-level pieces come back as "Ġworld"
+    assert "round-trip" in gguf_loader.tokenizer_problem(no_decoder, embedded_path)
+    with_bos = copy.deepcopy(smollm2_tokenizer)
+    with_bos.add_bos_token = True
+    assert "BOS" in gguf_loader.tokenizer_problem(with_bos, embedded_path)
+
+
+def test_a_stale_wrong_tokenizer_in_the_cache_is_rebuilt(embedded_path, embedded_dir, smollm2_tokenizer, tmp_path,
+                                                         monkeypatch):
+    """A conversion cached by a transformers that rebuilt the tokenizer wrongly (here: one that adds
+    a BOS) is repaired on the next load, from the GGUF, with the transformers installed now."""
+    import copy
+
+    cached = tmp_path / embedded_dir.name
+    cached.mkdir()
+    for f in embedded_dir.iterdir():  # the weights as they are (links), the tokenizer files replaced
+        if "token" not in f.name and f.name not in ("special_tokens_map.json", "chat_template.jinja"):
+            (cached / f.name).symlink_to(f)
+    bad = copy.deepcopy(smollm2_tokenizer)
+    bad.add_bos_token = True
+    bad.save_pretrained(str(cached))
+    from transformers import AutoTokenizer
+    assert AutoTokenizer.from_pretrained(str(cached))("Hello")["input_ids"][0] == bad.bos_token_id  # it is stale
+    monkeypatch.setenv("RRM_ENGINE_CACHE", str(tmp_path))
+    lm = gguf_loader.load_gguf(embedded_path)
+    assert lm.tokenizer("Hello")["input_ids"] == smollm2_tokenizer("Hello")["input_ids"]
+    assert gguf_loader.tokenizer_problem(AutoTokenizer.from_pretrained(str(cached)), embedded_path) is None  # saved

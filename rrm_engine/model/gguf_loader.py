@@ -69,9 +69,45 @@ def load_gguf(file: str | os.PathLike, device: torch.device | str = "cpu",
     """Load a Llama/Qwen2 GGUF: convert it once into the cache, then load that HF dir (only one
     tensor-parallel rank's slices with `shard`, a loader.ShardPlan)."""
     file = Path(file)
-    loaded = load_hf(converted_dir(file), device=device, dtype=dtype, name=file.stem, shard=shard)
+    out_dir = converted_dir(file)
+    loaded = load_hf(out_dir, device=device, dtype=dtype, name=file.stem, shard=shard)
+    if loaded.tokenizer is not None and tokenizer_problem(loaded.tokenizer, file) is not None:
+        # a conversion cached by a transformers that rebuilt this tokenizer wrongly: rebuild it now
+        loaded.tokenizer = _gguf_tokenizer(file)
+        loaded.tokenizer.save_pretrained(str(out_dir))
     loaded.checkpoint_format = linear_block_format(file)
     return loaded
+
+
+def tokenizer_problem(tok: Any, file: Path) -> str | None:
+    """What is wrong with a tokenizer rebuilt from `file` by transformers, or None. Some transformers
+    versions rebuild a GGUF's byte-level BPE tokenizer wrongly (5.0-5.17: spaces and newlines become
+    <|endoftext|>; 4.x: a BOS the GGUF says not to add; docs/DEPENDENCIES.md). A wrong tokenizer
+    changes every prompt and so every reward, silently: refuse it instead."""
+    probe = "Hello world\n  a\tb, café"
+    ids = list(tok(probe, add_special_tokens=False)["input_ids"])
+    back = tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    special = set(getattr(tok, "all_special_ids", []) or [])
+    if back != probe or special & set(ids):
+        return f"plain text does not round-trip ({probe!r} -> {ids[:12]} -> {back!r})"
+    add_bos = _Metadata(read_gguf(file)).get("tokenizer.ggml.add_bos_token")
+    if add_bos is False and list(tok("Hello")["input_ids"]) != list(tok("Hello", add_special_tokens=False)["input_ids"]):
+        return "it adds a BOS token that the GGUF says not to add (tokenizer.ggml.add_bos_token = false)"
+    return None
+
+
+def _gguf_tokenizer(file: Path) -> Any:
+    """The tokenizer of a GGUF, as this transformers rebuilds it, checked (CheckpointError if wrong)."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
+    problem = tokenizer_problem(tok, file)
+    if problem is not None:
+        raise CheckpointError(f"transformers {transformers.__version__} rebuilds the tokenizer of {file.name} wrongly: "
+                              f"{problem}. Install transformers>=5.18 (docs/DEPENDENCIES.md), or give a model dir that "
+                              "ships its own tokenizer files")
+    return tok
 
 
 def linear_block_format(file: str | os.PathLike) -> str | None:
@@ -134,9 +170,7 @@ def convert_gguf(file: str | os.PathLike, out_dir: str | os.PathLike) -> None:
     (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2))
     _write_tensors(reader, arch, config, out_dir)
     if meta.get("tokenizer.ggml.model") is not None:
-        from transformers import AutoTokenizer
-        tok = AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
-        tok.save_pretrained(str(out_dir))
+        _gguf_tokenizer(file).save_pretrained(str(out_dir))
 
 
 def read_gguf(file: Path) -> Any:

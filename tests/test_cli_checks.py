@@ -9,8 +9,8 @@ import time
 import pytest
 
 from cli_helpers import write_jsonl
-from rrm_engine import cli
-from rrm_engine.cli import main
+from rrm_engine.cli import main as cli
+from rrm_engine.cli.main import main
 
 
 @pytest.fixture
@@ -77,9 +77,9 @@ def test_the_cpp_build_and_the_gguf_conversion_are_named():
     """The two steps of a first run that take a minute each, named by where the thread is (code compiled
     under the file names of torch's JIT builder and of the GGUF converter)."""
     for filename, function, want in [("/x/torch/utils/cpp_extension.py", "load", "building the C++ CPU ops"),
-                                     ("/x/rrm_engine/gguf_loader.py", "_write_tensors", "converting the .gguf"),
-                                     ("/x/rrm_engine/gguf_loader.py", "_content_hash", "hashing the .gguf"),
-                                     ("/x/rrm_engine/loader.py", "load_hf", "reading the weights")]:
+                                     ("/x/rrm_engine/model/gguf_loader.py", "_write_tensors", "converting the .gguf"),
+                                     ("/x/rrm_engine/model/gguf_loader.py", "_content_hash", "hashing the .gguf"),
+                                     ("/x/rrm_engine/model/hf_loader.py", "load_hf", "reading the weights")]:
         inside, release = threading.Event(), threading.Event()
         code = compile(f"def {function}(inside, release):\n    inside.set()\n    release.wait(10)\n", filename, "exec")
         scope: dict = {}

@@ -9,8 +9,8 @@ import shutil
 import pytest
 
 from cli_helpers import read_jsonl, write_jsonl
-from rrm_engine import cli
-from rrm_engine.cli import main
+from rrm_engine.cli import main as cli
+from rrm_engine.cli.main import main
 from rrm_engine.judge.results import Comparison
 from rrm_engine.cli.results_file import ResultsFile
 

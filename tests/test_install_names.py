@@ -50,7 +50,10 @@ def _probe(cwd: Path, python: str = sys.executable, extra_env: dict | None = Non
 def test_transformers_hf_kernels_and_rrm_engine_import_together(where, tmp_path):
     cwd = ROOT if where == "repo root" else tmp_path
     got = _probe(cwd)
-    assert Path(got["rrm_engine"]).resolve().is_relative_to(ROOT)  # this checkout (editable install or the cwd)
+    engine_root = Path(got["rrm_engine"]).resolve().parent.parent
+    if where == "repo root":
+        assert engine_root == ROOT  # the cwd comes first
+    assert Path(got["rrm_kernels"]).resolve().parent.parent == engine_root  # one install, both packages
     assert got["csrc_ok"], got
     if got["kernels"] is not None:  # HF kernels installed (transformers >= 5.25 brings it): it must be theirs
         assert not Path(got["kernels"]).resolve().is_relative_to(ROOT), got

@@ -297,7 +297,7 @@ LOADING_STEPS: tuple[tuple[str, str, str], ...] = (
     ("/weight_formats.py", "", "packing the weights into GGUF blocks"),
     ("/tokenization_", "", "loading the tokenizer"),
     ("/safetensors/", "", "reading the weights"),
-    ("/loader.py", "", "reading the weights"),
+    ("/hf_loader.py", "", "reading the weights"),
     ("/memory_profile.py", "", "planning memory"),
 )
 

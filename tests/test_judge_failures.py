@@ -37,13 +37,18 @@ def test_failed_forced_continuation_fails_the_comparison(make_llm):  # noqa: F81
     assert c.error is not None and "forced continuation of vote" in c.error and "InjectedFault" in c.error
     assert (c.winner, c.votes, c.p_first, c.counts) == (None, [], None, (0, 0))
     assert any("InjectedFault" in e for e in j.errors)
-    with pytest.raises(RuntimeError, match="forced continuation"):  # compare() raises it
-        fault.fired, fault.calls = False, 0
-        handle = eng.model.model.layers[1].register_forward_hook(fault.hook)
+    # compare() raises it; on an engine of its own, so that nothing the first comparison left in
+    # flight (its other votes' continuations, aborted when it failed) can be the request that fails
+    llm = make_llm(RAMBLE)
+    j, eng = judge(llm, max_tokens=5), llm.engine
+    fault = Fault(eng, None, at=1, when=lambda: forced_request_in_step(eng))
+    handle = eng.model.model.layers[1].register_forward_hook(fault.hook)
+    with pytest.raises(RuntimeError, match="forced continuation"):
         try:
             j.compare(Q, A, B)
         finally:
             handle.remove()
+    assert fault.fired
     # the fault is gone: the same comparison answers from all three forced votes
     ok = j.compare(Q, A, B)
     assert ok.error is None and (ok.forced, ok.invalid, ok.winner) == (3, 0, 1)

@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +17,7 @@ from urllib.parse import urlparse
 import pytest
 import torch
 from approx_results import approx_fields
-from live_server import free_port, live_server
+from live_server import free_port, live_server, serve_process
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
@@ -42,36 +40,16 @@ def srv(tiny_qwen2_dir, smollm2_tokenizer):
     """`python -m rrm_engine serve` with the limits above, in a process of its own: the attackers'
     client threads here must not share the server's interpreter lock, as no real client does."""
     port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("RRM_API_KEY", None)
-    cmd = [sys.executable, "-m", "rrm_engine", "serve", "--model", str(tiny_qwen2_dir), "--port", str(port),
-           "--device", "cpu", "--dtype", "float32", "--kv-cache-tokens", "16384", "--votes", "2", "--max-tokens", "16",
-           "--temperature", "0.6", "--seed", "3", "--served-model-name", "tiny", "--log-level", "warning"]
+    args = ["--model", str(tiny_qwen2_dir), "--device", "cpu", "--dtype", "float32", "--kv-cache-tokens", "16384",
+            "--votes", "2", "--max-tokens", "16", "--temperature", "0.6", "--seed", "3", "--served-model-name", "tiny",
+            "--log-level", "warning"]
     for name, value in vars(LIMITS).items():
-        cmd += [f"--{name.replace('_', '-')}", str(value)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        args += [f"--{name.replace('_', '-')}", str(value)]
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "serve did not come up"
-            time.sleep(0.3)
-        with httpx.Client(base_url=url, timeout=60) as client:
-            yield SimpleNamespace(url=url, http=client)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+    with serve_process(args, port, env=env), httpx.Client(base_url=url, timeout=60) as client:
+        yield SimpleNamespace(url=url, http=client)
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +205,8 @@ EXPECTED = {  # the status and the field each attack is refused with
 
 def flood(url: str) -> list:
     """16 requests of 1000 tokens of work each at once, against a bound of 4000: most are refused with
-    429 and a Retry-After at once; the few admitted are given up after 3 s (the server aborts them)."""
+    429 and a Retry-After at once; the few admitted are given up after 3 s (the server aborts them)
+    unless they are done by then."""
     def one():
         t0 = time.perf_counter()
         try:
@@ -273,7 +252,8 @@ def test_hostile_clients_get_4xx_and_ordinary_ones_their_quiet_results(srv):
     assert {name: (status, param) for name, (status, param, _) in hits.items()} == EXPECTED
     assert max(seconds for _, _, seconds in hits.values()) < 5, {n: round(s, 2) for n, (_, _, s) in hits.items()}
     refused = [x for x in flooded if x[0] == 429]
-    assert len(refused) >= 8 and all(s in (429, "admitted") for s, _, _ in flooded), flooded
+    # refused at once, or admitted (given up by the client after 3 s, or done by then on a fast machine)
+    assert len(refused) >= 8 and all(s in (429, 200, "admitted") for s, _, _ in flooded), flooded
     assert all(int(after) >= 1 and seconds < 5 for _, after, seconds in refused), refused
     assert loaded == quiet  # the same tokens, texts and verdicts as with nobody else there
     assert health and all(code == 200 for _, code in health)

@@ -186,51 +186,34 @@ def test_a_completion_whose_replica_dies_is_resubmitted(dp):
         timeout=120)
     assert [c["text"] for c in r.json()["choices"]] == [o.text for o in want.outputs]
 
-def _serve(args: list[str]) -> "subprocess.Popen":
+def _env() -> dict:
     import os
-    import subprocess
-    import sys
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
+    env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)  # its own local Ray
-    return subprocess.Popen([sys.executable, "-m", "rrm_engine", "serve", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
+    return env
 
 
 @pytest.mark.slow  # its own Ray and 2 replicas in a subprocess: ~1-2 min on 2 busy cores
 def test_serve_command_with_two_replicas(tiny_qwen2_dir, smollm2_tokenizer, tmp_path):
     from live_server import free_port
+    from live_server import serve_process
     port = free_port()
-    proc = _serve(["--model", str(tiny_qwen2_dir), "--port", str(port), "--device", "cpu", "--kv-cache-tokens", "4096",
-                   "--votes", "1", "--max-tokens", "3", "--log-level", "warning", "--data-parallel-size", "2",
-                   "--replica-cpus", "0.5"])
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "serve did not come up"
-            time.sleep(0.5)
+    args = ["--model", str(tiny_qwen2_dir), "--device", "cpu", "--kv-cache-tokens", "4096", "--votes", "1",
+            "--max-tokens", "3", "--log-level", "warning", "--data-parallel-size", "2", "--replica-cpus", "0.5"]
+    with serve_process(args, port, start_timeout=240, env=_env()):
         r = httpx.post(f"http://127.0.0.1:{port}/v1/judge/compare", json={"items": ITEMS}, timeout=120)
         assert r.status_code == 200 and all(len(c["votes"]) == 1 for c in r.json()["results"])
         import subprocess
         ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
         assert sum("ray::ReplicaActor" in line for line in ps.splitlines()) >= 2, ps[-2000:]
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except Exception:
-            proc.kill()
-            proc.wait(timeout=10)
     # a replica that cannot start fails serve at start-up with its error (exit 2, one line)
     bad = tmp_path / "not-a-model"
     bad.mkdir()
     (bad / "config.json").write_text("{}")
-    proc = _serve(["--model", str(bad), "--port", str(free_port()), "--device", "cpu", "--data-parallel-size", "2",
-                   "--replica-cpus", "0.5"])
+    import subprocess
+    import sys
+    proc = subprocess.Popen([sys.executable, "-m", "rrm_engine", "serve", "--model", str(bad), "--port", str(free_port()),
+                             "--device", "cpu", "--data-parallel-size", "2", "--replica-cpus", "0.5"], env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     out = proc.communicate(timeout=240)[0].decode()
     assert proc.returncode == 2 and "failed to start" in out, out[-2000:]

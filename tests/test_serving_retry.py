@@ -27,7 +27,7 @@ import pytest
 import torch
 
 httpx = pytest.importorskip("httpx")
-uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("uvicorn")
 
 import rrm_engine as rrm  # noqa: E402
 from rrm_engine.judge import Judge  # noqa: E402
@@ -35,36 +35,20 @@ from rrm_engine.judge.results import comparison_to_dict  # noqa: E402
 from rrm_engine.serving import JudgeClient  # noqa: E402
 from rrm_engine.serving.idempotency import Judgments  # noqa: E402
 from rrm_engine.serving.server import build_app  # noqa: E402
+from live_server import live_server  # noqa: E402
 
 Q = "What is the capital of France?"
 GRACE = 3.0  # seconds a keyed judgment outlives its client (the server's setting in these tests)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def srv(tiny_qwen2_dir, smollm2_tokenizer):
     llm = rrm.LLM(str(tiny_qwen2_dir), device="cpu", dtype=torch.float32, kv_cache_tokens=16384)
     judge = Judge(llm, votes=2, max_tokens=400, temperature=0.6, seed=3)  # random weights: votes run to 400
-    port = free_port()
     judgments = Judgments(ttl=60.0, grace=GRACE)
     app = build_app(judge, "tiny", judgments=judgments)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started, "server did not start"
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
-    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", http=client, llm=llm, judge=judge, judgments=judgments)
-    client.close()
-    server.should_exit = True
-    thread.join(timeout=30)
+    with live_server(app) as url, httpx.Client(base_url=url, timeout=120) as client:
+        yield SimpleNamespace(url=url, http=client, llm=llm, judge=judge, judgments=judgments)
     judge.engine.shutdown()
 
 
@@ -172,9 +156,9 @@ def test_replay_conflict_and_failures(srv):
 
 
 def test_a_judgment_nobody_comes_back_for_is_cancelled_after_the_grace(srv, monkeypatch):
-    grace = 1.0  # well inside the judgment (4 votes of 400 tokens: several seconds)
+    grace = 0.5  # well inside the judgment (8 votes of 400 tokens: seconds even on a quiet machine)
     monkeypatch.setattr(srv.judgments, "grace", grace)
-    b = body((Q, "Madrid.", "Paris."), votes=4)
+    b = body((Q, "Madrid.", "Paris."), votes=8)
     m0 = metrics(srv)
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{srv.url}/v1/judge/compare", json=b, headers={"Idempotency-Key": "gone-1"},
@@ -187,7 +171,7 @@ def test_a_judgment_nobody_comes_back_for_is_cancelled_after_the_grace(srv, monk
     settled = metrics(srv)["generated"]
     time.sleep(0.3)
     assert metrics(srv)["generated"] == settled  # aborted: nothing still generating
-    assert settled - m0["generated"] < 4 * 400  # stopped early, not run to the end
+    assert settled - m0["generated"] < 8 * 400  # stopped early, not run to the end
     assert metrics(srv)["running"] == 0 and not srv.llm.has_unfinished()
     m1 = metrics(srv)  # the key is free again: the same request starts a new judgment
     assert srv.http.post("/v1/judge/compare", json=b, headers={"Idempotency-Key": "gone-1"}).status_code == 200
@@ -215,10 +199,11 @@ def test_openrlhf_retries_join_the_judgment_by_the_body_hash(srv):
     payload = {"query": [prompt + "Paris.<|im_end|>"], "prompts": [prompt], "labels": ["Berlin."]}
     m0 = metrics(srv)
     t0 = time.monotonic()
-    out = asyncio.run(openrlhf_post(f"{srv.url}/get_reward", payload, total=1.0))
+    # tries of 0.3 s against a judgment of ~1 s (longer on a busy machine): the first try gives up
+    out = asyncio.run(openrlhf_post(f"{srv.url}/get_reward", payload, total=0.3, try_max_times=40))
     took = time.monotonic() - t0
     d = delta(metrics(srv), m0)
-    assert took > 1.0 and d["started"] == 1 and d["joined"] + d["replayed"] >= 1  # at least one try gave up
+    assert took > 0.3 and d["started"] == 1 and d["joined"] + d["replayed"] >= 1  # at least one try gave up
     want = srv.judge.compare_batch([(prompt, "Paris.", "Berlin.")])[0]  # in process: one judgment's engine work
     alone = delta(metrics(srv), m0)
     assert alone["requests"] - d["requests"] == d["requests"]

@@ -5,11 +5,6 @@ bad bodies, and a client that goes away. One test starts `python -m rrm_engine s
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import threading
 import time
 from types import SimpleNamespace
 
@@ -18,41 +13,25 @@ import torch
 from approx_results import approx_fields
 
 httpx = pytest.importorskip("httpx")
-uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("uvicorn")
 
 import rrm_engine as rrm  # noqa: E402
 from rrm_engine.judge import Judge  # noqa: E402
 from rrm_engine.judge.results import comparison_from_dict, ranking_from_dict  # noqa: E402
 from rrm_engine.judge.rewards import ranking_rewards  # noqa: E402
 from rrm_engine.serving.server import build_app  # noqa: E402
+from live_server import free_port, live_server, serve_process  # noqa: E402
 
 Q = "What is the capital of France?"
 PAIRS = [(Q, "Paris.", "Berlin."), ("Name a prime.", "7", "8"), (Q, "Lyon.", "Paris, of course.")]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def srv(tiny_qwen2_dir, smollm2_tokenizer):
     llm = rrm.LLM(str(tiny_qwen2_dir), device="cpu", dtype=torch.float32, kv_cache_tokens=16384)
     judge = Judge(llm, votes=2, max_tokens=4, temperature=0.6, seed=3)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(build_app(judge, "tiny"), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started, "server did not start"
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)
-    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", http=client, llm=llm, judge=judge, tok=llm.tokenizer)
-    client.close()
-    server.should_exit = True
-    thread.join(timeout=30)
+    with live_server(build_app(judge, "tiny")) as url, httpx.Client(base_url=url, timeout=60) as client:
+        yield SimpleNamespace(url=url, http=client, llm=llm, judge=judge, tok=llm.tokenizer)
     judge.engine.shutdown()
 
 
@@ -275,30 +254,11 @@ def test_client_sync_async_and_adapters_over_http(srv):
 
 def test_serve_command(tiny_qwen2_dir, smollm2_tokenizer):
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
-    cmd = [sys.executable, "-m", "rrm_engine", "serve", "--model", str(tiny_qwen2_dir), "--port", str(port),
-           "--device", "cpu", "--kv-cache-tokens", "4096", "--votes", "1", "--max-tokens", "3", "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "serve did not come up"
-            time.sleep(0.5)
+    args = ["--model", str(tiny_qwen2_dir), "--device", "cpu", "--kv-cache-tokens", "4096", "--votes", "1",
+            "--max-tokens", "3", "--log-level", "warning"]
+    with serve_process(args, port):
         r = httpx.post(f"http://127.0.0.1:{port}/v1/judge/compare", json={"items": [list(PAIRS[0])]}, timeout=60)
         assert r.status_code == 200 and len(r.json()["results"][0]["votes"]) == 1
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
 
 
 def test_a_failed_engine_step_answers_500_and_the_server_goes_on(srv):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 from approx_results import approx_fields
+from live_server import free_port, live_server, serve_process
 
 from rrm_engine import LLM, AsyncLLM, SamplingParams
 from rrm_engine.distributed.tp_workers import WorkerEngine
@@ -123,33 +123,14 @@ def test_judge_over_two_ranks_equals_one(one, two):
     assert all(len(v.token_ids) > 0 for c in got for v in c.votes)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def served(judge: Judge):
-    uvicorn = pytest.importorskip("uvicorn")
+    pytest.importorskip("uvicorn")
     httpx = pytest.importorskip("httpx")
     from rrm_engine.serving.server import build_app
 
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(build_app(judge, "tiny"), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started, "server did not start"
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
-            yield client
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+    with live_server(build_app(judge, "tiny")) as url, httpx.Client(base_url=url, timeout=120) as client:
+        yield client
 
 
 def test_server_over_two_ranks_answers_like_one(one, two):
@@ -205,30 +186,15 @@ def test_serve_command_with_two_ranks(one, tiny_qwen2_dir):
     one process; SIGTERM stops the server and its ranks."""
     import os
     import signal
-    import subprocess
-    import sys
 
     from test_tp_plain_script import running
 
     httpx = pytest.importorskip("httpx")
     pytest.importorskip("uvicorn")
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
-    cmd = [sys.executable, "-m", "rrm_engine", "serve", "--model", str(tiny_qwen2_dir), "--port", str(port),
-           "--device", "cpu", "--dtype", "float32", "--kv-cache-tokens", "4096", "--votes", "2", "--max-tokens", "4",
-           "--seed", "5", "--tensor-parallel-size", "2", "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "serve did not come up"
-            time.sleep(0.5)
+    args = ["--model", str(tiny_qwen2_dir), "--device", "cpu", "--dtype", "float32", "--kv-cache-tokens", "4096",
+            "--votes", "2", "--max-tokens", "4", "--seed", "5", "--tensor-parallel-size", "2", "--log-level", "warning"]
+    with serve_process(args, port, start_timeout=180) as proc:
         with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
             workers = [int(pid) for pid in f.read().split()]
         r = httpx.post(f"http://127.0.0.1:{port}/v1/judge/compare", json={"items": [list(p) for p in PAIRS]},
@@ -239,14 +205,10 @@ def test_serve_command_with_two_ranks(one, tiny_qwen2_dir):
                 == [approx_fields(c, 1e-5) for c in want])
         proc.terminate()
         assert proc.wait(timeout=60) in (0, -signal.SIGTERM)  # uvicorn re-raises SIGTERM once it has stopped
-        deadline = time.monotonic() + 30  # no exit handler ran: the ranks leave when they see their parent gone
-        while alive := [pid for pid in workers if running(pid)]:
-            if time.monotonic() > deadline:
-                for pid in alive:
-                    os.kill(pid, signal.SIGKILL)
-                pytest.fail(f"ranks {alive} outlived serve")
-            time.sleep(0.2)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
+    deadline = time.monotonic() + 30  # no exit handler ran: the ranks leave when they see their parent gone
+    while alive := [pid for pid in workers if running(pid)]:
+        if time.monotonic() > deadline:
+            for pid in alive:
+                os.kill(pid, signal.SIGKILL)
+            pytest.fail(f"ranks {alive} outlived serve")
+        time.sleep(0.2)

@@ -44,6 +44,7 @@ from ..sampling_params import SamplingParams
 from .background_loop import background_loop, run_sync
 from .judge import Judge
 from .results import Comparison, Ranking
+from ..async_engine.tasks import all_or_none
 
 STICKY_QUERIES = 100_000  # queries remembered by the router (least recently used dropped)
 
@@ -342,7 +343,7 @@ class JudgePool:
         while pending:
             await self._wait_for_live()
             assigned = self._assign(pending)
-            outcomes = await _all_or_none([self._call(rep, gs, send, results) for rep, gs in assigned.values()])
+            outcomes = await all_or_none([self._call(rep, gs, send, results) for rep, gs in assigned.values()])
             pending = [g for lost in outcomes for g in lost]
             self.stats.resubmitted_items += sum(len(g.indices) for g in pending)
 
@@ -625,14 +626,3 @@ class _PoolStream:
         self._release()
 
 
-async def _all_or_none(coros: list[Any]) -> list[Any]:
-    """asyncio.gather, but the first failure cancels the others (their replica calls cancelled) first."""
-    tasks = [asyncio.ensure_future(c) for c in coros]
-    try:
-        return list(await asyncio.gather(*tasks))
-    finally:
-        pending = [t for t in tasks if not t.done()]
-        for t in pending:
-            t.cancel()
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)

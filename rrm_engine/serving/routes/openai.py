@@ -19,7 +19,8 @@ from ...sampling_params import SamplingParams
 from ..limits import BadField, Ticket, cap, check_chars, check_sampling, fit_budget
 from ..openai_api import (ChatRequest, CompletionRequest, chat_logprobs, chat_response, completion_logprobs,
                           completion_response, new_id)
-from ..state import ServerState, all_or_none, arrival, state_of, watch
+from ...async_engine.tasks import all_or_none
+from ..state import ServerState, arrival, state_of, watch
 from .sse import sse
 
 router = APIRouter(tags=["openai"])

@@ -61,13 +61,20 @@ def count(st: ServerState, comparisons: list[Any]) -> dict:
     return stats
 
 
-@router.post("/v1/judge/compare")
-async def judge_compare(body: CompareBody, request: Request) -> dict:
+def admit_judge_body(request: Request, body: CompareBody | RankBody) -> tuple[ServerState, int]:
+    """(the server's state, the votes each comparison takes) once the engine is alive and the body's
+    items and votes are within the server's caps."""
     st = state_of(request)
     st.check_alive()
     cap("items", len(body.items), st.limits.max_items, "--max-items")
     votes = st.judge.votes if body.votes is None else body.votes
     cap("votes", votes, st.limits.max_votes, "--max-votes")
+    return st, votes
+
+
+@router.post("/v1/judge/compare")
+async def judge_compare(body: CompareBody, request: Request) -> dict:
+    st, votes = admit_judge_body(request, body)
     items = body.triples()
     keep, refused = screen(st, items, lambda x: _chars(*x), body.errors)
     with st.admission.reserve(len(keep) * comparison_cost(st, votes), "judge request"):
@@ -83,11 +90,7 @@ async def judge_compare(body: CompareBody, request: Request) -> dict:
 
 @router.post("/v1/judge/rank")
 async def judge_rank(body: RankBody, request: Request) -> dict:
-    st = state_of(request)
-    st.check_alive()
-    cap("items", len(body.items), st.limits.max_items, "--max-items")
-    votes = st.judge.votes if body.votes is None else body.votes
-    cap("votes", votes, st.limits.max_votes, "--max-votes")
+    st, votes = admit_judge_body(request, body)
     items = body.pairs()
     for n, (_, cands) in enumerate(items):
         if isinstance(cands, (list, tuple)) and len(cands) > st.limits.max_candidates:
